@@ -1,0 +1,260 @@
+"""``busi`` command line: parse arguments, load the config, call the library.
+
+Kept thin on purpose: every command is a few lines that hand over to the
+module that owns the work, so the same work is reachable from Python. A
+:class:`~busi.errors.BusiError` anywhere becomes one message and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+from busi import __version__
+from busi.errors import EXIT_USAGE, BusiError
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
+
+
+def _examples(text: str) -> str:
+    return "examples:\n" + textwrap.indent(textwrap.dedent(text).strip(), "  ")
+
+
+def _add_config_args(p: argparse.ArgumentParser, default: str | None = "paper") -> None:
+    p.add_argument("--config", "-c", default=default,
+                   help="YAML config: a path, or a name in configs/ (paper, cpu, demo); "
+                        f"default: {default}")
+    p.add_argument("--data", help="data folder in the BUSI layout (overrides data.root)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config value, e.g. --set training.seg.epochs=5 "
+                        "(repeatable)")
+
+
+def load_cli_config(args: argparse.Namespace):
+    """Config from --config, then --set, then --data (the most specific wins)."""
+    from busi.config import find_config, load_config
+
+    overrides = list(args.overrides)
+    if getattr(args, "data", None):
+        overrides.append(f"data.root={args.data}")
+    path = find_config(args.config) if args.config else None
+    return load_config(path, overrides)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from busi.check import check_dataset, format_markdown, format_report
+
+    cfg = load_cli_config(args)
+    report = check_dataset(cfg.data.root, tuple(cfg.data.classes),
+                           near_distance=cfg.split.near_duplicate_distance,
+                           cache_dir=cfg.data.cache_dir, size=tuple(cfg.data.image_size))
+    print(format_report(report, limit=10**9 if args.all else 20))
+    if args.markdown:
+        from busi.runs import atomic_write
+
+        atomic_write(args.markdown, format_markdown(report))
+        print(f"Markdown summary written to {args.markdown}")
+    if args.strict and report.n_problems:
+        print(f"busi: error: {report.n_problems} problem(s) found and --strict is set -- fix: "
+              "repair or remove the files listed above", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from busi.synth import SynthSpec, write_dataset
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise BusiError("output folder exists and is not empty", where=str(out),
+                        fix="choose a new --out folder; busi never overwrites data")
+    counts = write_dataset(out, SynthSpec(per_class=args.per_class, seed=args.seed))
+    print(f"Wrote a synthetic BUSI-layout data set to {out}: "
+          + ", ".join(f"{c} {n}" for c, n in counts.items()))
+    return 0
+
+
+def cmd_data_split(args: argparse.Namespace) -> int:
+    from busi.data import dataset_from_config
+    from busi.split import get_manifest, summarise
+
+    cfg = load_cli_config(args)
+    ds = dataset_from_config(cfg)
+    manifest = get_manifest(ds, cfg.split, cfg.runtime.seed)
+    print(f"Split manifest: {manifest.path}")
+    if manifest.fold is not None:
+        print(f"{manifest.n_folds} folds; fold 0 shown")
+    print(summarise(manifest))
+    return 0
+
+
+def cmd_train_seg(args: argparse.Namespace) -> int:
+    from busi.train import train_segmentation
+
+    cfg = load_cli_config(args)
+    train_segmentation(cfg, resume=args.resume, config_source=args.config)
+    return 0
+
+
+def cmd_train_cls(args: argparse.Namespace) -> int:
+    from busi.train import train_classifier
+
+    if args.model:
+        args.overrides.append(f"model.classifier.name={args.model}")
+    cfg = load_cli_config(args)
+    train_classifier(cfg, seg_run=args.seg_run, resume=args.resume, config_source=args.config)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from busi.evaluate import evaluate_command
+
+    evaluate_command(runs=args.runs, seg_run=args.seg_run, outputs_root=args.outputs)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from busi.predict import predict_command
+
+    predict_command(args.inputs, seg_run=args.seg_run, cls_run=args.cls_run, out=args.out)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from busi.demo import run_demo
+
+    run_demo(workdir=Path(args.workdir), per_class=args.per_class, overrides=args.overrides)
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="busi", formatter_class=fmt,
+        description="Breast-ultrasound tumour segmentation (U-Net) and benign/malignant/normal "
+                    "classification (CNN, VGG19, MobileNet) on BUSI-layout data.",
+        epilog=_examples("""
+            busi demo                                   # whole pipeline on synthetic data
+            busi data check --data data/Dataset_BUSI_with_GT
+            busi train-seg --config configs/cpu.yaml --data data/Dataset_BUSI_with_GT
+            busi train-cls --model vgg19 --config configs/cpu.yaml
+            busi evaluate
+        """))
+    parser.add_argument("--version", action="version", version=f"busi {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("train-seg", help="train the U-Net that segments the tumour",
+                       formatter_class=fmt, epilog=_examples("""
+            busi train-seg --config configs/paper.yaml --data data/Dataset_BUSI_with_GT
+            busi train-seg --config cpu --set training.seg.epochs=5
+            busi train-seg --config cpu --resume outputs/seg/20261124-101500
+        """))
+    _add_config_args(p)
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    p.set_defaults(func=cmd_train_seg)
+
+    p = sub.add_parser("train-cls", help="train a classifier on images masked by the U-Net",
+                       formatter_class=fmt, epilog=_examples("""
+            busi train-cls --model vgg19 --config configs/cpu.yaml
+            busi train-cls --model cnn --seg-run outputs/seg/20261124-101500
+            busi train-cls --model cnn --set model.classifier.masks=none   # no-mask baseline
+        """))
+    _add_config_args(p)
+    p.add_argument("--model", choices=["cnn", "vgg19", "mobilenet"],
+                   help="classifier (overrides model.classifier.name)")
+    p.add_argument("--seg-run", metavar="RUN_DIR",
+                   help="segmentation run whose predicted masks to use (default: the latest)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    p.set_defaults(func=cmd_train_cls)
+
+    p = sub.add_parser("evaluate", help="per-class precision/recall/F1 tables of classifier runs",
+                       formatter_class=fmt, epilog=_examples("""
+            busi evaluate                                 # every classifier run of the latest split
+            busi evaluate outputs/cls/vgg19/20261124-120000
+            busi evaluate --seg-run outputs/seg/20261124-101500
+        """))
+    p.add_argument("runs", nargs="*", metavar="RUN_DIR", help="classifier run folders")
+    p.add_argument("--seg-run", metavar="RUN_DIR", help="also report this U-Net's Dice/IoU/HD95")
+    p.add_argument("--outputs", default="outputs", help="outputs root (default: outputs)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="mask and class probabilities for new images",
+                       formatter_class=fmt, epilog=_examples("""
+            busi predict scan1.png scans/ --seg-run outputs/seg/A --cls-run outputs/cls/cnn/B
+        """))
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    p.add_argument("--seg-run", metavar="RUN_DIR", help="U-Net run (default: the latest)")
+    p.add_argument("--cls-run", metavar="RUN_DIR", help="classifier run (default: the latest)")
+    p.add_argument("--out", help="output folder (default: outputs/predict/<timestamp>)")
+    p.set_defaults(func=cmd_predict)
+
+    data = sub.add_parser("data", help="inspect, split or synthesise data",
+                          formatter_class=fmt, epilog=_examples("""
+            busi data check --data data/Dataset_BUSI_with_GT
+            busi data split --config paper --data data/Dataset_BUSI_with_GT
+            busi data synth --out data/synthetic --per-class 50 --seed 0
+        """))
+    dsub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    p = dsub.add_parser("check", help="counts, unreadable files, missing masks, duplicates",
+                        formatter_class=fmt, epilog=_examples("""
+            busi data check --data data/Dataset_BUSI_with_GT
+            busi data check --data data/Dataset_BUSI_with_GT --strict --markdown docs/DATA.md
+        """))
+    _add_config_args(p)
+    p.add_argument("--strict", action="store_true", help="exit 2 if any file is unusable")
+    p.add_argument("--all", action="store_true", help="list every file, not the first 20")
+    p.add_argument("--markdown", metavar="FILE", help="also write a Markdown summary")
+    p.set_defaults(func=cmd_data_check)
+    p = dsub.add_parser("split", help="write (or show) the split manifest", formatter_class=fmt,
+                        epilog=_examples("""
+            busi data split --config paper --data data/Dataset_BUSI_with_GT
+            busi data split --config paper --set split.scheme=kfold --set split.folds=5
+        """))
+    _add_config_args(p)
+    p.set_defaults(func=cmd_data_split)
+    p = dsub.add_parser("synth", help="write a synthetic BUSI-layout data set",
+                        formatter_class=fmt, epilog=_examples("""
+            busi data synth --out data/synthetic --per-class 50 --seed 0
+        """))
+    p.add_argument("--out", required=True, help="new folder to write into")
+    p.add_argument("--per-class", type=int, default=40, help="images per class (default 40)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.set_defaults(func=cmd_data_synth)
+
+    p = sub.add_parser("demo", help="the whole pipeline on synthetic data, in minutes on a CPU",
+                       formatter_class=fmt, epilog=_examples("""
+            busi demo
+            busi demo --workdir outputs/demo --per-class 40
+        """))
+    p.add_argument("--workdir", default="outputs/demo", help="where the demo writes everything")
+    p.add_argument("--per-class", type=int, default=40, help="synthetic images per class")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a value of configs/demo.yaml")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except BusiError as exc:
+        print(f"busi: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("busi: interrupted; completed files are kept and a training run can be continued "
+              "with --resume RUN_DIR", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

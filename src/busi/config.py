@@ -1,0 +1,361 @@
+"""Typed run configuration, read from YAML.
+
+The shape follows TF Model Garden: one dataclass per section (data, split,
+augmentation, model, training, runtime, outputs). Defaults are the paper's
+numbers, so a YAML file only has to say what differs; ``configs/paper.yaml``
+still spells every number out so a reader can check it against the paper.
+
+Validation is strict because a typo in a config silently falling back to a
+default is the worst kind of irreproducibility: an unknown key, a wrong type or
+an out-of-range value is one :class:`~busi.errors.BusiError` naming the key,
+the file and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from busi.errors import BusiError
+
+CLASSES = ("benign", "malignant", "normal")
+
+
+def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
+           hi_open: bool = False) -> dict[str, Any]:
+    """Field metadata for a numeric range check (closed unless told otherwise)."""
+    return {"range": (lo, hi, lo_open, hi_open)}
+
+
+@dataclass
+class DataConfig:
+    """Where the images are and how they are decoded."""
+
+    root: str = "data/Dataset_BUSI_with_GT"
+    classes: list[str] = field(default_factory=lambda: list(CLASSES))
+    image_size: list[int] = field(default_factory=lambda: [128, 128],
+                                  metadata={**_range(16, 4096), "length": 2})
+    on_bad_file: Literal["error", "skip"] = "error"
+    cache_dir: str = "data/cache"
+    workers: int = field(default=0, metadata=_range(0, 256))
+
+
+@dataclass
+class SplitConfig:
+    """How images are divided into train/val/test (or folds)."""
+
+    scheme: Literal["holdout", "kfold"] = "holdout"
+    test_size: float = field(default=0.1, metadata=_range(0, 1, lo_open=True, hi_open=True))
+    val_size: float = field(default=0.1, metadata=_range(0, 1, hi_open=True))
+    folds: int = field(default=5, metadata=_range(2, 100))
+    stratify: bool = False
+    group_duplicates: bool = True
+    near_duplicate_distance: int = field(default=6, metadata=_range(0, 64))
+    manifest_dir: str = "outputs/splits"
+
+
+@dataclass
+class AugmentationConfig:
+    """The paper's ImageDataGenerator settings; shifts are in pixels."""
+
+    engine: Literal["image_data_generator", "layers", "none"] = "image_data_generator"
+    horizontal_flip: bool = True
+    rotation_range: float = field(default=15.0, metadata=_range(0, 180))
+    width_shift_range: float = field(default=10.0, metadata=_range(0))
+    height_shift_range: float = field(default=10.0, metadata=_range(0))
+    zoom_range: list[float] = field(default_factory=lambda: [0.8, 1.0],
+                                    metadata={**_range(0.1, 10), "length": 2})
+    fill_mode: Literal["nearest", "constant", "reflect", "wrap"] = "nearest"
+
+
+@dataclass
+class UNetConfig:
+    """The paper's U-Net; width and depth are knobs so CPU runs can be narrower."""
+
+    base_filters: int = field(default=64, metadata=_range(1, 1024))
+    depth: int = field(default=4, metadata=_range(1, 6))
+    encoder_dropout: float = field(default=0.2, metadata=_range(0, 1, hi_open=True))
+    decoder_dropout: float = field(default=0.1, metadata=_range(0, 1, hi_open=True))
+
+
+@dataclass
+class ClassifierConfig:
+    """Which classifier, its weights, and how the segmentation masks feed it."""
+
+    name: Literal["cnn", "vgg19", "mobilenet"] = "cnn"
+    weights: str = "imagenet"
+    masks: Literal["predicted", "ground_truth", "none"] = "predicted"
+    mask_mode: Literal["multiply", "crop", "none"] = "multiply"
+    crop_margin: float = field(default=0.15, metadata=_range(0, 2))
+    freeze_base: bool = False
+    fine_tune_blocks: int = field(default=0, metadata=_range(0, 100))
+    fine_tune_learning_rate: float = field(default=1e-5, metadata=_range(0, lo_open=True))
+    fine_tune_epochs: int = field(default=0, metadata=_range(0))
+    class_weights: bool = False
+
+
+@dataclass
+class ModelConfig:
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+
+
+@dataclass
+class TrainConfig:
+    """One training loop's optimiser, loss and schedule."""
+
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    learning_rate: float = field(default=5e-5, metadata=_range(0, lo_open=True))
+    loss: str = "mse"
+    batch_size: int = field(default=64, metadata=_range(1))
+    epochs: int = field(default=100, metadata=_range(1))
+    early_stopping_patience: int = field(default=0, metadata=_range(0))
+    tensorboard: bool = False
+    threshold: float = field(default=0.5, metadata=_range(0, 1, lo_open=True, hi_open=True))
+    tune_threshold: bool = False
+    out_of_fold_masks: int = field(default=0, metadata=_range(0, 20))
+    steps_per_epoch: int = field(default=0, metadata=_range(0))
+
+
+def _cls_training() -> TrainConfig:
+    return TrainConfig(learning_rate=1e-4, loss="categorical_crossentropy", batch_size=32,
+                       epochs=100)
+
+
+@dataclass
+class TrainingConfig:
+    seg: TrainConfig = field(default_factory=TrainConfig)
+    cls: TrainConfig = field(default_factory=_cls_training)
+
+
+@dataclass
+class RuntimeConfig:
+    """How the run executes: randomness, numeric precision, devices."""
+
+    seed: int = 42
+    precision: Literal["float32", "mixed_bfloat16", "mixed_float16"] = "float32"
+    distribution: Literal["none", "mirrored", "data_parallel"] = "none"
+    deterministic: bool = False
+
+
+@dataclass
+class OutputsConfig:
+    root: str = "outputs"
+    run_name: str = ""
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    outputs: OutputsConfig = field(default_factory=OutputsConfig)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _describe(tp: Any) -> str:
+    """Human description of a type annotation, for error messages."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        (inner, *_) = typing.get_args(tp) or (Any,)
+        return f"a list of {_describe(inner)}s"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string",
+            type(None): "null"}.get(tp, str(tp))
+
+
+def _check_range(value: float, meta: dict[str, Any]) -> str | None:
+    if "range" not in meta:
+        return None
+    lo, hi, lo_open, hi_open = meta["range"]
+    bad = (lo is not None and (value <= lo if lo_open else value < lo)) or (
+        hi is not None and (value >= hi if hi_open else value > hi))
+    if not bad:
+        return None
+    parts = []
+    if lo is not None:
+        parts.append(f"{'>' if lo_open else '>='} {lo:g}")
+    if hi is not None:
+        parts.append(f"{'<' if hi_open else '<='} {hi:g}")
+    return " and ".join(parts)
+
+
+def _convert(value: Any, tp: Any, key: str, where: str, meta: dict[str, Any]) -> Any:
+    """Check ``value`` against annotation ``tp``; return the typed value or raise."""
+
+    original = value
+
+    def fail(allowed: str) -> BusiError:
+        return BusiError(f"'{key}' must be {allowed}, got {original!r}", where=where)
+
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise fail("a mapping of settings")
+        return _build(tp, value, where, prefix=key + ".")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise fail(_describe(tp))
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _convert(value, option, key, where, meta)
+            except BusiError:
+                continue
+        raise fail(_describe(tp))
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise fail(_describe(tp))
+        if "length" in meta and len(value) != meta["length"]:
+            raise fail(f"a list of exactly {meta['length']} {_describe(inner)}s")
+        return [_convert(v, inner, key, where, meta) for v in value]
+    if tp is type(None):
+        if value is not None:
+            raise fail("null")
+        return None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise fail("true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise fail("an integer")
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise fail("a number")
+        value = float(value)
+    elif tp is str:
+        if not isinstance(value, str):
+            raise fail("a string")
+        return value
+    allowed = _check_range(value, meta)
+    if allowed:
+        raise fail(f"{_describe(tp)} {allowed}")
+    return value
+
+
+def _build(cls: type, raw: dict[str, Any], where: str, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"did you mean '{prefix}{close[0]}'? " if close else ""
+            raise BusiError(
+                f"unknown key '{prefix}{key}'", where=where,
+                fix=f"{hint}allowed keys under '{prefix.rstrip('.') or 'top level'}': "
+                    + ", ".join(fields))
+    kwargs = {name: _convert(raw[name], hints[name], prefix + name, where, f.metadata)
+              for name, f in fields.items() if name in raw}
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise BusiError("config file not found", where=str(path),
+                        fix="pass an existing file to --config, e.g. configs/paper.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise BusiError(f"YAML syntax error{line}: {problem}", where=str(path),
+                        fix="correct the YAML syntax at that line") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise BusiError("a config file must be a mapping of sections (data:, split:, ...)",
+                        where=str(path), fix="see configs/paper.yaml for the layout")
+    return raw
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """Turn ``training.seg.epochs=5`` into ``{"training": {"seg": {"epochs": 5}}}``.
+
+    The value is parsed as YAML so ``true``, ``1e-4`` and ``[64, 64]`` get their
+    natural types; the type check then happens in the same place as for files.
+    """
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise BusiError(f"--set expects KEY=VALUE, got {text!r}",
+                        fix="write e.g. --set training.seg.epochs=5")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    node: dict[str, Any] = {}
+    cur = node
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        cur[part] = {}
+        cur = cur[part]
+    cur[parts[-1]] = parsed
+    return node
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                ) -> Config:
+    """Defaults <- YAML file <- ``--set`` overrides, validated at each layer.
+
+    Each layer is validated on its own first so an error names the layer that
+    caused it (the file, or the ``--set`` argument).
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        raw = _read_yaml(path)
+        _build(Config, raw, str(path))
+    for text in overrides:
+        extra = parse_override(text)
+        _build(Config, extra, f"--set {text}")
+        raw = _merge(raw, extra)
+    return _build(Config, raw, str(path) if path else "--set")
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config) -> str:
+    """The resolved config as YAML: what a run directory stores for reruns."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+
+
+def find_config(name_or_path: str) -> Path:
+    """Accept a path, or a bare name (``paper``) looked up in ./configs and the package."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        return p
+    for candidate in (Path("configs") / f"{name_or_path}.yaml",
+                      Path(__file__).parent / "configs" / f"{name_or_path}.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise BusiError(f"no config named {name_or_path!r}", where="--config",
+                    fix="pass a YAML path, or one of: paper, cpu, demo")

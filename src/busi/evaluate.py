@@ -1,0 +1,261 @@
+"""``busi evaluate``: the paper's per-class tables, and the figures it left out.
+
+Everything is computed by scikit-learn from a run's saved ``predictions.csv``
+(file, true class, predicted class, one probability per class), so the numbers
+in the files can always be recomputed from the predictions -- a test checks it.
+On a 78-image test set accuracy moves 1.3 points per image, so each run also
+gets 95% bootstrap intervals for accuracy and macro-F1.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import (
+    accuracy_score,
+    classification_report,
+    confusion_matrix,
+    f1_score,
+    roc_auc_score,
+)
+
+from busi.errors import BusiError
+from busi.runs import atomic_write, list_runs, new_run_dir, write_json
+
+PAPER = {  # Tables 1-3 of the paper: accuracy and macro-F1 on its 78 test images
+    "cnn": {"accuracy": 0.82, "macro_f1": 0.82},
+    "mobilenet": {"accuracy": 0.88, "macro_f1": 0.88},
+    "vgg19": {"accuracy": 0.91, "macro_f1": 0.91},
+}
+N_BOOTSTRAP = 2000
+
+
+def write_predictions(path: Path, files: list[str], labels: np.ndarray, probs: np.ndarray,
+                      classes: tuple[str, ...] | list[str]) -> None:
+    rows = ["file,true,pred," + ",".join(f"p_{c}" for c in classes)]
+    for f, t, p in zip(files, labels, probs, strict=True):
+        name = f'"{f}"' if "," in f else f
+        rows.append(f"{name},{classes[t]},{classes[int(np.argmax(p))]},"
+                    + ",".join(f"{v:.6f}" for v in p))
+    atomic_write(path, "\n".join(rows) + "\n")
+
+
+def read_predictions(path: Path) -> tuple[list[str], list[str], list[str], np.ndarray, list[str]]:
+    if not path.is_file():
+        raise BusiError("run has no predictions.csv (did it finish?)", where=str(path.parent),
+                        fix="finish it with --resume, or pick a finished run")
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+        classes = [c[2:] for c in (reader.fieldnames or []) if c.startswith("p_")]
+    probs = np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows])
+    return ([r["file"] for r in rows], [r["true"] for r in rows], [r["pred"] for r in rows],
+            probs, classes)
+
+
+def bootstrap_ci(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str], seed: int = 0,
+                 n: int = N_BOOTSTRAP) -> dict[str, list[float]]:
+    """95% percentile intervals for accuracy and macro-F1, resampling test images."""
+    rng = np.random.default_rng(seed)
+    acc, f1 = [], []
+    for _ in range(n):
+        i = rng.integers(0, len(y_true), len(y_true))
+        acc.append(accuracy_score(y_true[i], y_pred[i]))
+        f1.append(f1_score(y_true[i], y_pred[i], labels=labels, average="macro",
+                           zero_division=0))
+    return {"accuracy": np.percentile(acc, [2.5, 97.5]).round(4).tolist(),
+            "macro_f1": np.percentile(f1, [2.5, 97.5]).round(4).tolist()}
+
+
+def _order(classes: list[str]) -> list[str]:
+    """The paper's row order: benign, normal, malignant (then any others)."""
+    paper = [c for c in ("benign", "normal", "malignant") if c in classes]
+    return paper + [c for c in classes if c not in paper]
+
+
+def compute(files: list[str], y_true: list[str], y_pred: list[str], probs: np.ndarray,
+            classes: list[str]) -> dict:
+    labels = _order(classes)
+    t, p = np.array(y_true), np.array(y_pred)
+    rep = classification_report(t, p, labels=labels, output_dict=True, zero_division=0)
+    text = classification_report(t, p, labels=labels, digits=2, zero_division=0)
+    cm = confusion_matrix(t, p, labels=labels)
+    present = sorted(set(y_true))
+    auc: dict[str, float | None] = {}
+    for k, c in enumerate(classes):
+        onehot = (t == c).astype(int)
+        auc[c] = float(roc_auc_score(onehot, probs[:, k])) if 0 < onehot.sum() < len(t) else None
+    macro_auc = (float(np.mean([v for v in auc.values() if v is not None]))
+                 if any(v is not None for v in auc.values()) else None)
+    return {"n": len(files), "labels": labels, "present": present, "report": rep,
+            "report_text": text, "accuracy": float(accuracy_score(t, p)),
+            "macro_f1": float(f1_score(t, p, labels=labels, average="macro", zero_division=0)),
+            "confusion_matrix": cm.tolist(), "roc_auc_ovr": auc, "roc_auc_macro": macro_auc,
+            "ci95": bootstrap_ci(t, p, labels)}
+
+
+def _markdown_table(r: dict, title: str) -> str:
+    rep = r["report"]
+    lines = [f"### {title}", "", "| | Precision | Recall | F1-score | Support |",
+             "|---|---:|---:|---:|---:|"]
+    for c in r["labels"]:
+        e = rep[c]
+        lines.append(f"| {c.capitalize()} | {e['precision']:.2f} | {e['recall']:.2f} | "
+                     f"{e['f1-score']:.2f} | {int(e['support'])} |")
+    lines.append(f"| Accuracy | | | {r['accuracy']:.2f} | {r['n']} |")
+    for key, name in (("macro avg", "Macro avg."), ("weighted avg", "Weighted avg.")):
+        e = rep[key]
+        lines.append(f"| {name} | {e['precision']:.2f} | {e['recall']:.2f} | "
+                     f"{e['f1-score']:.2f} | {int(e['support'])} |")
+    ci = r["ci95"]
+    auc = "n/a" if r["roc_auc_macro"] is None else f"{r['roc_auc_macro']:.3f}"
+    lines += ["", f"Accuracy {r['accuracy']:.3f} (95% CI {ci['accuracy'][0]:.3f}-"
+                  f"{ci['accuracy'][1]:.3f}); macro-F1 {r['macro_f1']:.3f} (95% CI "
+                  f"{ci['macro_f1'][0]:.3f}-{ci['macro_f1'][1]:.3f}); one-vs-rest ROC AUC "
+                  f"(macro) {auc}.", "",
+              "Confusion matrix (rows: true, columns: predicted):", "",
+              "| true \\ pred | " + " | ".join(r["labels"]) + " |",
+              "|---|" + "---:|" * len(r["labels"])]
+    for c, row in zip(r["labels"], r["confusion_matrix"], strict=True):
+        lines.append(f"| {c} | " + " | ".join(str(v) for v in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _csv_table(r: dict) -> str:
+    rows = ["class,precision,recall,f1,support"]
+    for c in [*r["labels"], "macro avg", "weighted avg"]:
+        e = r["report"][c]
+        rows.append(f"{c},{e['precision']:.4f},{e['recall']:.4f},{e['f1-score']:.4f},"
+                    f"{int(e['support'])}")
+    rows.append(f"accuracy,,,{r['accuracy']:.4f},{r['n']}")
+    return "\n".join(rows) + "\n"
+
+
+def _plot_confusion(r: dict, out: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = np.array(r["confusion_matrix"])
+    fig, ax = plt.subplots(figsize=(4.2, 3.8), dpi=120)
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(len(r["labels"])), r["labels"])
+    ax.set_yticks(range(len(r["labels"])), r["labels"])
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(j, i, str(v), ha="center", va="center",
+                color="white" if v > cm.max() / 2 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(out)
+
+
+def _run_title(run_dir: Path) -> str:
+    cfg = run_dir / "config.yaml"
+    if cfg.is_file():
+        import yaml
+
+        c = yaml.safe_load(cfg.read_text())["model"]["classifier"]
+        return f"{c['name']} (masks: {c['masks']}, {c['mask_mode']}) -- {run_dir.name}"
+    return run_dir.name
+
+
+def evaluate_run(run_dir: str | Path) -> dict:
+    """Compute and write the report files of one classifier run; return them."""
+    run_dir = Path(run_dir)
+    files, y_true, y_pred, probs, classes = read_predictions(run_dir / "predictions.csv")
+    r = compute(files, y_true, y_pred, probs, classes)
+    title = _run_title(run_dir)
+    r["title"] = title
+    r["text"] = f"{title}\n{r['report_text']}" + (
+        f"accuracy {r['accuracy']:.3f} (95% CI {r['ci95']['accuracy'][0]:.3f}-"
+        f"{r['ci95']['accuracy'][1]:.3f}), macro-F1 {r['macro_f1']:.3f} (95% CI "
+        f"{r['ci95']['macro_f1'][0]:.3f}-{r['ci95']['macro_f1'][1]:.3f})")
+    atomic_write(run_dir / "classification_report.txt", r["text"] + "\n")
+    atomic_write(run_dir / "classification_report.md", _markdown_table(r, title))
+    atomic_write(run_dir / "classification_report.csv", _csv_table(r))
+    write_json(run_dir / "classification_report.json",
+               {k: v for k, v in r.items() if k not in ("text", "report_text")})
+    cm_rows = ["true\\pred," + ",".join(r["labels"])]
+    cm_rows += [f"{c}," + ",".join(map(str, row))
+                for c, row in zip(r["labels"], r["confusion_matrix"], strict=True)]
+    atomic_write(run_dir / "confusion_matrix.csv", "\n".join(cm_rows) + "\n")
+    _plot_confusion(r, run_dir / "confusion_matrix.png", title.split(" -- ")[0])
+    return r
+
+
+def _model_of(run_dir: Path) -> str:
+    return run_dir.parent.name
+
+
+def find_classifier_runs(outputs_root: str | Path) -> list[Path]:
+    """Finished classifier runs of the most recent split (the newest run's manifest)."""
+    root = Path(outputs_root) / "cls"
+    runs = [r for m in sorted(root.glob("*")) for r in list_runs(m)
+            if (r / "predictions.csv").is_file()]
+    if not runs:
+        raise BusiError(f"no finished classifier run under {root}",
+                        fix="train one first: busi train-cls --model cnn --config <config>")
+    def manifest(r: Path) -> str:
+        return json.loads((r / "split.json").read_text()).get("manifest", "")
+
+    newest = max(runs, key=lambda r: r.name)
+    return [r for r in runs if manifest(r) == manifest(newest)]
+
+
+def comparison_markdown(results: list[dict], runs: list[Path]) -> str:
+    lines = ["| model | run | n | accuracy (95% CI) | macro-F1 (95% CI) | ROC AUC | "
+             "recall benign | recall malignant | recall normal | paper accuracy |",
+             "|---|---|---:|---|---|---:|---:|---:|---:|---:|"]
+    for r, run in zip(results, runs, strict=True):
+        m = _model_of(run)
+        ci = r["ci95"]
+        rec = {c: r["report"].get(c, {}).get("recall") for c in ("benign", "malignant", "normal")}
+        rec_s = [("n/a" if v is None else f"{v:.2f}") for v in rec.values()]
+        auc = "n/a" if r["roc_auc_macro"] is None else f"{r['roc_auc_macro']:.3f}"
+        paper = PAPER.get(m, {}).get("accuracy")
+        lines.append(f"| {m} | {run.name} | {r['n']} | {r['accuracy']:.3f} "
+                     f"({ci['accuracy'][0]:.2f}-{ci['accuracy'][1]:.2f}) | {r['macro_f1']:.3f} "
+                     f"({ci['macro_f1'][0]:.2f}-{ci['macro_f1'][1]:.2f}) | {auc} | "
+                     + " | ".join(rec_s) + f" | {paper if paper is not None else ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def evaluate_command(runs: list[str] | None = None, seg_run: str | None = None,
+                     outputs_root: str = "outputs") -> Path:
+    run_dirs = [Path(r) for r in runs] if runs else find_classifier_runs(outputs_root)
+    for r in run_dirs:
+        if not r.is_dir():
+            raise BusiError("run folder not found", where=str(r),
+                            fix="pass a folder under outputs/cls/<model>/")
+    results = [evaluate_run(r) for r in run_dirs]
+    out = new_run_dir(Path(outputs_root) / "eval")
+    parts = [f"# Evaluation, {time.strftime('%Y-%m-%d %H:%M')}", ""]
+    if seg_run:
+        seg = Path(seg_run) / "metrics.md"
+        if not seg.is_file():
+            raise BusiError("segmentation run has no metrics.md", where=str(seg_run),
+                            fix="pass a finished segmentation run")
+        print(seg.read_text())
+        parts += [seg.read_text().replace("# Segmentation", "## Segmentation"), ""]
+    for r in results:
+        print(r["text"], end="\n\n")
+        parts.append(_markdown_table(r, r["title"]))
+    table = comparison_markdown(results, run_dirs)
+    print("Side by side:\n" + table)
+    parts += ["## Side by side", "", table]
+    atomic_write(out / "evaluation.md", "\n".join(parts))
+    write_json(out / "evaluation.json",
+               [{"run": str(d), **{k: v for k, v in r.items() if k not in ("text",)}}
+                for r, d in zip(results, run_dirs, strict=True)])
+    print(f"reports: {out}/evaluation.md (and classification_report.* in each run folder)")
+    return out

@@ -1,0 +1,97 @@
+"""Segmentation metrics per image on the test split: Dice, IoU and HD95.
+
+Conventions (stated because papers differ): a prediction is binarised at the
+threshold; for lesion images Dice/IoU are 0 when the prediction is empty; HD95
+is the 95th percentile of the symmetric surface distances, in pixels of the
+model's input grid, and undefined (NaN, counted separately) when either mask is
+empty. Normal images have no lesion, so for them the one honest number is the
+fraction predicted empty.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+
+def dice(t: np.ndarray, p: np.ndarray) -> float:
+    total = t.sum() + p.sum()
+    return 1.0 if total == 0 else float(2.0 * np.logical_and(t, p).sum() / total)
+
+
+def iou(t: np.ndarray, p: np.ndarray) -> float:
+    union = np.logical_or(t, p).sum()
+    return 1.0 if union == 0 else float(np.logical_and(t, p).sum() / union)
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    return mask & ~ndimage.binary_erosion(mask, border_value=0)
+
+
+def hd95(t: np.ndarray, p: np.ndarray) -> float:
+    """95th-percentile symmetric Hausdorff distance (pixels); NaN if a mask is empty."""
+    t, p = t.astype(bool), p.astype(bool)
+    if not t.any() or not p.any():
+        return float("nan")
+    st, sp = _surface(t), _surface(p)
+    to_t = ndimage.distance_transform_edt(~st)
+    to_p = ndimage.distance_transform_edt(~sp)
+    distances = np.concatenate([to_p[st], to_t[sp]])
+    return float(np.percentile(distances, 95))
+
+
+def per_image(truth: np.ndarray, prob: np.ndarray, threshold: float = 0.5) -> dict[str, np.ndarray]:
+    """Dice, IoU, HD95 and "predicted empty" for each image of (N, H, W) arrays."""
+    pred = prob > threshold
+    truth = truth > 0
+    out = {"dice": [], "iou": [], "hd95": [], "pred_empty": [], "true_empty": []}
+    for t, p in zip(truth, pred, strict=True):
+        out["dice"].append(dice(t, p))
+        out["iou"].append(iou(t, p))
+        out["hd95"].append(hd95(t, p))
+        out["pred_empty"].append(not p.any())
+        out["true_empty"].append(not t.any())
+    return {k: np.array(v) for k, v in out.items()}
+
+
+def _stats(values: np.ndarray) -> dict[str, float | int]:
+    finite = values[np.isfinite(values)]
+    return {"mean": float(finite.mean()) if finite.size else float("nan"),
+            "std": float(finite.std()) if finite.size else float("nan"),
+            "median": float(np.median(finite)) if finite.size else float("nan"),
+            "n": int(finite.size)}
+
+
+def summarise(scores: dict[str, np.ndarray], labels: np.ndarray,
+              classes: tuple[str, ...] | list[str]) -> dict:
+    """Mean ± std per class and over all lesion images; empty-rate for lesion-free images."""
+    lesion = ~scores["true_empty"]
+    result: dict = {"lesion_images": {m: _stats(scores[m][lesion])
+                                      for m in ("dice", "iou", "hd95")}}
+    result["lesion_images"]["hd95_undefined"] = int(np.isnan(scores["hd95"][lesion]).sum())
+    result["per_class"] = {}
+    for k, name in enumerate(classes):
+        sel = labels == k
+        if not sel.any():
+            continue
+        entry: dict = {"n": int(sel.sum())}
+        if (sel & lesion).any():
+            entry.update({m: _stats(scores[m][sel & lesion]) for m in ("dice", "iou", "hd95")})
+        if (sel & ~lesion).any():
+            entry["fraction_predicted_empty"] = float(scores["pred_empty"][sel & ~lesion].mean())
+        result["per_class"][name] = entry
+    empty = ~lesion
+    result["lesion_free_images"] = {
+        "n": int(empty.sum()),
+        "fraction_predicted_empty": float(scores["pred_empty"][empty].mean()) if empty.any()
+        else float("nan")}
+    return result
+
+
+def tune_threshold(truth: np.ndarray, prob: np.ndarray,
+                   candidates: np.ndarray | None = None) -> float:
+    """Threshold that maximises pooled Dice on (validation) images."""
+    candidates = np.linspace(0.1, 0.9, 17) if candidates is None else candidates
+    t = truth > 0
+    best = max(candidates, key=lambda c: dice(t, prob > c))
+    return float(best)

@@ -1,0 +1,80 @@
+"""The paper's three classifiers (section 3.5): a small CNN, VGG19 and MobileNet.
+
+``cnn``: four conv blocks (32/64/128/256) with batch norm, LeakyReLU, max-pool and
+dropout; flatten; dense 32 LeakyReLU; dense softmax. ``vgg19`` / ``mobilenet``:
+the Keras application without its top at 128x128x3 (the gray image copied to
+three channels), flatten, dense 256 ReLU, dense softmax. Each family's own
+``preprocess_input`` is part of the model, so a saved model takes raw 0..255
+gray images and nothing can be forgotten at prediction time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+from keras import layers
+
+from busi.errors import BusiError
+from busi.models.layers import ImagenetPreprocess
+
+FAMILIES = ("cnn", "vgg19", "mobilenet")
+
+
+def _cnn_body(x, dropout: float = 0.25):
+    x = layers.Rescaling(1.0 / 255, name="rescale")(x)
+    for i, filters in enumerate((32, 64, 128, 256), start=1):
+        x = layers.Conv2D(filters, 3, padding="same", name=f"block{i}_conv")(x)
+        x = layers.BatchNormalization(name=f"block{i}_bn")(x)
+        x = layers.LeakyReLU(negative_slope=0.1, name=f"block{i}_act")(x)
+        x = layers.MaxPooling2D(2, name=f"block{i}_pool")(x)
+        x = layers.Dropout(dropout, name=f"block{i}_dropout")(x)
+    x = layers.Flatten(name="flatten")(x)
+    x = layers.Dense(32, name="fc")(x)
+    x = layers.LeakyReLU(negative_slope=0.1, name="fc_act")(x)
+    return layers.Dropout(0.5, name="fc_dropout")(x)
+
+
+def _base(family: str, input_shape: tuple[int, int, int], weights: str | None):
+    app = {"vgg19": keras.applications.VGG19, "mobilenet": keras.applications.MobileNet}[family]
+    kwargs = {"include_top": False, "input_shape": input_shape}
+    if family == "mobilenet":
+        kwargs["alpha"] = 1.0
+    try:
+        return app(weights=weights, **kwargs)
+    except Exception as exc:  # network refused, truncated download, wrong file
+        if weights != "imagenet":
+            raise BusiError(f"cannot load weights file: {exc}", where=str(weights),
+                            fix="pass a weights file made for this model without its top "
+                                "(include_top=False)") from None
+        raise BusiError(
+            f"ImageNet weights for {family} could not be downloaded ({type(exc).__name__})",
+            where="model.classifier.weights",
+            fix=f"on a machine with internet run `python -c \"import keras; "
+                f"keras.applications.{app.__name__}(include_top=False, weights='imagenet')\"`, "
+                f"copy the file from ~/.keras/models/ and pass its path: "
+                f"--set model.classifier.weights=/path/to/file.h5 "
+                f"(or use weights: none to train from scratch)") from None
+
+
+def build_classifier(family: str, input_size: tuple[int, int] = (128, 128), n_classes: int = 3,
+                     weights: str = "imagenet") -> keras.Model:
+    """Build one of the paper's classifiers; inputs are (H, W, 1) gray images in 0..255."""
+    if family not in FAMILIES:
+        raise BusiError(f"unknown classifier {family!r}", fix=f"use one of {', '.join(FAMILIES)}")
+    inputs = keras.Input((*input_size, 1), name="image")
+    if family == "cnn":
+        x = _cnn_body(inputs)
+    else:
+        w = None if weights in ("none", "", None) else weights
+        if w not in (None, "imagenet") and not Path(w).is_file():
+            raise BusiError("weights file not found", where=str(w),
+                            fix="pass an existing .h5/.weights.h5 file, 'imagenet' or 'none'")
+        rgb = layers.Concatenate(name="gray_to_rgb")([inputs, inputs, inputs])
+        x = ImagenetPreprocess(family, name="preprocess")(rgb)
+        base = _base(family, (*input_size, 3), w)
+        x = base(x)
+        x = layers.Flatten(name="flatten")(x)
+        x = layers.Dense(256, activation="relu", name="fc")(x)
+    outputs = layers.Dense(n_classes, activation="softmax", dtype="float32", name="probs")(x)
+    return keras.Model(inputs, outputs, name=family)

@@ -1,0 +1,66 @@
+"""Input pipeline: batches for ``model.fit`` as a ``keras.utils.PyDataset``.
+
+PyDataset runs on every Keras backend (no tf.data), and with ``workers > 1``
+prepares the next batches in threads while the model trains, so augmentation
+does not stall the step. Each batch's random transform is seeded from
+(seed, epoch, batch), so a run is reproducible whatever the thread timing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+
+from busi.augment import Augment
+
+
+class Batches(keras.utils.PyDataset):
+    """(x, y) batches from in-memory arrays, shuffled per epoch, optionally augmented.
+
+    ``x``: uint8 images (N, H, W), scaled by ``x_scale`` (1/255 for the U-Net, 1
+    for classifiers, whose models rescale themselves). ``y``: masks (N, H, W),
+    transformed with the images, or one-hot labels (N, C), left alone.
+    """
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, *,
+                 augment: Augment | None = None, shuffle: bool = False, seed: int = 0,
+                 x_scale: float = 1.0 / 255, steps: int = 0, workers: int = 1):
+        super().__init__(workers=workers, use_multiprocessing=False,
+                         max_queue_size=max(4, 2 * workers))
+        self.x, self.y = x, y
+        self.batch_size = batch_size
+        self.augment, self.shuffle, self.seed, self.x_scale = augment, shuffle, seed, x_scale
+        self.y_is_mask = y.ndim == 3
+        self.steps = steps or math.ceil(len(x) / batch_size)
+        self.epoch = 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        n = len(self.x)
+        reps = math.ceil(self.steps * self.batch_size / n) if n else 1
+        if not self.shuffle:
+            return np.tile(np.arange(n), reps)
+        rng = np.random.default_rng([self.seed, epoch])
+        return np.concatenate([rng.permutation(n) for _ in range(reps)])
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, i: int):
+        idx = self._order[i * self.batch_size:(i + 1) * self.batch_size]
+        x = self.x[idx][..., None].astype("float32") * self.x_scale
+        y = self.y[idx][..., None].astype("float32") if self.y_is_mask else self.y[idx]
+        if self.augment is not None:
+            seed = int(np.random.default_rng([self.seed, self.epoch, i]).integers(2**31 - 1))
+            if self.y_is_mask:
+                x, y = self.augment(x, y, seed)
+                y = (y > 0.5).astype("float32")
+            else:
+                x, _ = self.augment(x, None, seed)
+        return x, y
+
+    def on_epoch_end(self) -> None:
+        self.epoch += 1
+        self._order = self._permutation(self.epoch)

@@ -1,0 +1,113 @@
+"""``busi predict``: lesion mask and class probabilities for new images.
+
+Uses exactly the preprocessing of training (gray, area resize, the classifier
+run's mask mode), so a prediction here equals what ``evaluate`` measured. A bad
+image is reported and skipped; the others still get results.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from busi import runtime
+from busi.config import load_config
+from busi.data import IMAGE_EXTENSIONS, MASK_RE, decode, resize_image, to_gray
+from busi.errors import BusiError
+from busi.runs import atomic_write, latest_run, new_run_dir, write_json
+
+
+def _images(inputs: list[str]) -> list[Path]:
+    found: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found += sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_EXTENSIONS
+                            and not MASK_RE.match(q.stem))
+        elif p.is_file():
+            found.append(p)
+        else:
+            print(f"busi: warning: {p}: not found, skipped", file=sys.stderr)
+    if not found:
+        raise BusiError("no image to predict", where=" ".join(inputs),
+                        fix="pass image files or folders that contain images")
+    return found
+
+
+def _latest_cls(outputs_root: str) -> Path:
+    runs = [r for m in sorted((Path(outputs_root) / "cls").glob("*"))
+            if (r := latest_run(m, require="best.keras"))]
+    if not runs:
+        raise BusiError("no classifier run found", fix="train one: busi train-cls --model cnn")
+    return max(runs, key=lambda r: r.name)
+
+
+def predict_command(inputs: list[str], seg_run: str | None = None, cls_run: str | None = None,
+                    out: str | None = None, outputs_root: str = "outputs") -> Path:
+    from busi.train import masked_inputs, resolve_seg_run
+
+    keras = runtime.import_keras()
+    seg = resolve_seg_run(seg_run, outputs_root)
+    cls = Path(cls_run) if cls_run else _latest_cls(outputs_root)
+    if not (cls / "best.keras").is_file():
+        raise BusiError("classifier run has no best.keras", where=str(cls),
+                        fix="pass a finished run under outputs/cls/<model>/")
+    cfg = load_config(cls / "config.yaml")
+    c = cfg.model.classifier
+    size = tuple(cfg.data.image_size)
+    threshold = float(json.loads((seg / "metrics.json").read_text()).get("threshold", 0.5))
+    unet = keras.models.load_model(seg / "best.keras")
+    clf = keras.models.load_model(cls / "best.keras")
+    if tuple(unet.input_shape[1:3]) != size:
+        raise BusiError(f"U-Net input {unet.input_shape[1:3]} differs from the classifier's "
+                        f"{size}", where=str(seg), fix="use runs trained at the same image size")
+    out_dir = Path(out) if out else new_run_dir(Path(outputs_root) / "predict")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    classes = list(cfg.data.classes)
+    rows, skipped = [], []
+    for path in _images(inputs):
+        try:
+            raw = decode(path.read_bytes())
+        except OSError as exc:
+            raw, why = None, exc.strerror
+        else:
+            why = "cannot decode image (corrupt file, or not an image)"
+        if raw is None:
+            print(f"busi: warning: {path}: {why}; skipped", file=sys.stderr)
+            skipped.append({"file": str(path), "problem": why})
+            continue
+        gray = to_gray(raw)
+        small = resize_image(gray, size)
+        prob = unet.predict(small[None, ..., None].astype("float32") / 255.0, verbose=0)[0, ..., 0]
+        mask = (prob > threshold).astype(np.uint8)
+        use_mask = None if c.masks == "none" else mask[None]
+        x = masked_inputs(small[None], use_mask, c.mask_mode, c.crop_margin)
+        p = clf.predict(x[..., None].astype("float32"), verbose=0)[0]
+        full = cv2.resize(mask, (gray.shape[1], gray.shape[0]), interpolation=cv2.INTER_NEAREST)
+        stem = path.stem.replace(" ", "_")
+        ok, buf = cv2.imencode(".png", full * 255)
+        atomic_write(out_dir / f"{stem}_mask.png", buf.tobytes())
+        view = cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR)
+        contours, _ = cv2.findContours(full, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        cv2.drawContours(view, contours, -1, (0, 0, 255), 2)
+        ok, buf = cv2.imencode(".png", view)
+        atomic_write(out_dir / f"{stem}_overlay.png", buf.tobytes())
+        rows.append({"file": str(path), "pred": classes[int(np.argmax(p))],
+                     **{f"p_{k}": round(float(v), 6) for k, v in zip(classes, p, strict=True)},
+                     "lesion_pixels": int(mask.sum())})
+    header = ["file", "pred", *[f"p_{k}" for k in classes], "lesion_pixels"]
+    lines = [",".join(header)] + [",".join(f'"{r[h]}"' if h == "file" else str(r[h])
+                                           for h in header) for r in rows]
+    atomic_write(out_dir / "predictions.csv", "\n".join(lines) + "\n")
+    write_json(out_dir / "predictions.json", {"seg_run": str(seg), "cls_run": str(cls),
+                                              "threshold": threshold, "predictions": rows,
+                                              "skipped": skipped})
+    for r in rows:
+        probs = ", ".join(f"{k} {r[f'p_{k}']:.3f}" for k in classes)
+        print(f"{r['file']}: {r['pred']} ({probs})")
+    print(f"{len(rows)} image(s) predicted, {len(skipped)} skipped; outputs: {out_dir}")
+    return out_dir

@@ -1,0 +1,136 @@
+"""Human-facing outputs: loss curves, overlay panels, metric tables as text and Markdown."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import cv2
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on servers
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from busi.runs import atomic_write  # noqa: E402
+
+
+def read_history(path: Path) -> dict[str, list[float]]:
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        return {}
+    return {k: [float(r[k]) for r in rows] for k in rows[0]}
+
+
+def plot_history(history_csv: Path, out: Path, title: str) -> Path | None:
+    """Training and validation loss per epoch, like the paper's Figs. 7 and 10-12."""
+    if not Path(history_csv).is_file():
+        return None
+    h = read_history(history_csv)
+    if not h.get("loss"):
+        return None
+    epochs = [int(e) + 1 for e in h["epoch"]]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    ax.plot(epochs, h["loss"], label="training loss")
+    if "val_loss" in h:
+        ax.plot(epochs, h["val_loss"], label="validation loss")
+        best = int(np.argmin(h["val_loss"]))
+        ax.axvline(epochs[best], color="gray", ls=":", lw=1,
+                   label=f"best val_loss (epoch {epochs[best]})")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(out)
+    return out
+
+
+def _panel(image: np.ndarray, truth: np.ndarray, prob: np.ndarray, threshold: float,
+           scale: int = 2) -> np.ndarray:
+    """image | ground truth (green) | prediction (red), as the paper's Figs. 4-6."""
+    def up(a: np.ndarray) -> np.ndarray:
+        return cv2.resize(a, (a.shape[1] * scale, a.shape[0] * scale),
+                          interpolation=cv2.INTER_NEAREST)
+
+    gray = cv2.cvtColor(up(image), cv2.COLOR_GRAY2BGR)
+    panels = [gray.copy()]
+    for mask, colour in ((truth > 0, (0, 200, 0)), (prob > threshold, (0, 0, 255))):
+        view = gray.copy()
+        m = up(mask.astype(np.uint8))
+        contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        overlay = view.copy()
+        overlay[m > 0] = colour
+        view = cv2.addWeighted(overlay, 0.3, view, 0.7, 0)
+        cv2.drawContours(view, contours, -1, colour, 1)
+        panels.append(view)
+    sep = np.full((gray.shape[0], 4, 3), 255, np.uint8)
+    return np.hstack([panels[0], sep, panels[1], sep, panels[2]])
+
+
+def overlay_sample(files: list[str], labels: np.ndarray, per_class: int = 3) -> list[int]:
+    """A fixed sample: the first ``per_class`` test images of each class, by name."""
+    chosen: list[int] = []
+    for k in np.unique(labels):
+        members = sorted(np.flatnonzero(labels == k), key=lambda i: files[i])
+        chosen += members[:per_class]
+    return chosen
+
+
+def save_overlays(out_dir: Path, ds, test_idx: np.ndarray, probs: np.ndarray,
+                  threshold: float, per_class: int = 3) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = [ds.files[i] for i in test_idx]
+    paths = []
+    for j in overlay_sample(files, ds.labels[test_idx], per_class):
+        i = test_idx[j]
+        name = ds.files[i].replace("/", "__").replace(" ", "_")
+        path = out_dir / name
+        ok, buf = cv2.imencode(".png", _panel(ds.images[i], ds.masks[i], probs[i], threshold))
+        if ok:
+            atomic_write(path, buf.tobytes())
+            paths.append(path)
+    return paths
+
+
+def _fmt(stat: dict) -> str:
+    return f"{stat['mean']:.3f} ± {stat['std']:.3f}"
+
+
+def segmentation_markdown(s: dict) -> str:
+    lines = ["# Segmentation on the test split", "",
+             f"Threshold {s['threshold']:.2f}; best epoch {s['best_epoch']} of "
+             f"{s['epochs_done']}; {s['n_test']} test images. HD95 in pixels of the "
+             "model's input grid.", "",
+             "| images | n | Dice | IoU | HD95 (px) |", "|---|---:|---:|---:|---:|"]
+    le = s["lesion_images"]
+    lines.append(f"| all lesion images | {le['dice']['n']} | {_fmt(le['dice'])} | "
+                 f"{_fmt(le['iou'])} | {_fmt(le['hd95'])} |")
+    for name, e in s["per_class"].items():
+        if "dice" in e:
+            lines.append(f"| {name} | {e['n']} | {_fmt(e['dice'])} | {_fmt(e['iou'])} | "
+                         f"{_fmt(e['hd95'])} |")
+    lines += ["", f"HD95 undefined (empty prediction) on {le['hd95_undefined']} lesion image(s)."]
+    lf = s["lesion_free_images"]
+    if lf["n"]:
+        lines.append(f"Lesion-free (normal) images predicted empty: "
+                     f"{lf['fraction_predicted_empty']:.3f} of {lf['n']}.")
+    return "\n".join(lines) + "\n"
+
+
+def segmentation_text(s: dict) -> str:
+    le = s["lesion_images"]
+    out = [f"test Dice {_fmt(le['dice'])}, IoU {_fmt(le['iou'])}, HD95 {_fmt(le['hd95'])} px "
+           f"on {le['dice']['n']} lesion images (threshold {s['threshold']:.2f})"]
+    for name, e in s["per_class"].items():
+        if "dice" in e:
+            out.append(f"  {name:10} Dice {_fmt(e['dice'])}  IoU {_fmt(e['iou'])}")
+    lf = s["lesion_free_images"]
+    if lf["n"]:
+        out.append(f"  normal     predicted empty: {lf['fraction_predicted_empty']:.3f} "
+                   f"of {lf['n']}")
+    return "\n".join(out)

@@ -1,0 +1,466 @@
+"""Trainers: ``train_segmentation`` (the U-Net) and ``train_classifier``.
+
+Each run lives in its own folder (``outputs/seg/<run>/``, ``outputs/cls/<model>/<run>/``)
+holding the resolved config, a pointer to the split manifest, checkpoints,
+history, curves and metrics. ``model.fit`` does the training; callbacks do the
+bookkeeping. Checkpoints are written atomically after every epoch, so a killed
+or interrupted run can be continued with ``--resume RUN_DIR``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from busi import runtime
+from busi.config import Config, dump_yaml, load_config
+from busi.data import Dataset, dataset_from_config
+from busi.errors import BusiError
+from busi.runs import atomic_write, latest_run, new_run_dir, write_json
+from busi.split import Manifest, get_manifest, read_manifest
+
+keras = runtime.import_keras()
+
+from busi import report  # noqa: E402  (after the quiet backend import)
+from busi.augment import build_augment  # noqa: E402
+from busi.losses import segmentation_loss, segmentation_metrics  # noqa: E402
+from busi.metrics import per_image, summarise, tune_threshold  # noqa: E402
+from busi.models import build_classifier, build_unet  # noqa: E402
+from busi.pipeline import Batches  # noqa: E402
+
+SEG_DIR = "seg"
+CLS_DIR = "cls"
+
+
+class RunCheckpoint(keras.callbacks.Callback):
+    """``best.keras`` (lowest val_loss), ``last.keras`` and ``state.json`` after each epoch.
+
+    Keras' ModelCheckpoint writes in place, so a Ctrl-C during the write leaves a
+    broken file; here every file goes to a temporary name and is renamed.
+    """
+
+    def __init__(self, run_dir: Path, monitor: str = "val_loss", best: float = math.inf,
+                 best_epoch: int = -1):
+        super().__init__()
+        self.run_dir, self.monitor = run_dir, monitor
+        self.best, self.best_epoch = best, best_epoch
+
+    def _save(self, name: str) -> None:
+        tmp = self.run_dir / f".{name}.tmp.keras"
+        self.model.save(tmp)
+        os.replace(tmp, self.run_dir / name)
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+        value = (logs or {}).get(self.monitor)
+        if value is not None and np.isfinite(value) and value < self.best:
+            self.best, self.best_epoch = float(value), epoch
+            self._save("best.keras")
+        self._save("last.keras")
+        write_json(self.run_dir / "state.json",
+                   {"epochs_done": epoch + 1, "best": self.best, "best_epoch": self.best_epoch,
+                    "finished": False})
+
+
+def _optimizer(name: str, lr: float):
+    return {"adam": keras.optimizers.Adam, "adamw": keras.optimizers.AdamW,
+            "sgd": keras.optimizers.SGD}[name](learning_rate=lr)
+
+
+def _callbacks(run_dir: Path, train_cfg, state: dict[str, Any]) -> list:
+    cbs = [RunCheckpoint(run_dir, best=state.get("best", math.inf),
+                         best_epoch=state.get("best_epoch", -1)),
+           keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
+           keras.callbacks.TerminateOnNaN()]
+    if train_cfg.early_stopping_patience:
+        cbs.append(keras.callbacks.EarlyStopping(patience=train_cfg.early_stopping_patience,
+                                                 monitor="val_loss"))
+    if train_cfg.tensorboard:
+        cbs.append(keras.callbacks.TensorBoard(str(run_dir / "tensorboard")))
+    return cbs
+
+
+def _start_run(cfg: Config, kind: str, resume: str | None, config_source: str | None,
+               ) -> tuple[Config, Path, dict[str, Any]]:
+    """New run folder (config saved), or an existing one to resume (its own config)."""
+    if resume:
+        run_dir = Path(resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise BusiError("not a run folder (no config.yaml)", where=str(run_dir),
+                            fix="pass a folder under outputs/seg/ or outputs/cls/<model>/")
+        state_file = run_dir / "state.json"
+        state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+        if state.get("finished"):
+            raise BusiError("this run has already finished", where=str(run_dir),
+                            fix="start a new run instead of --resume")
+        if not (run_dir / "last.keras").is_file():
+            state = {}
+        return load_config(run_dir / "config.yaml"), run_dir, state
+    parent = Path(cfg.outputs.root) / kind
+    run_dir = new_run_dir(parent, cfg.outputs.run_name)
+    atomic_write(run_dir / "config.yaml", dump_yaml(cfg))
+    argv = " ".join(shlex.quote(a) for a in ["busi", *sys.argv[1:]]) if sys.argv else ""
+    atomic_write(run_dir / "command.txt",
+                 f"{argv}\n# rerun exactly: busi {kind_command(kind)} --config "
+                 f"{run_dir / 'config.yaml'}\n")
+    return cfg, run_dir, {}
+
+
+def kind_command(kind: str) -> str:
+    return "train-seg" if kind == SEG_DIR else "train-cls"
+
+
+def _load_data(cfg: Config) -> tuple[Dataset, Manifest]:
+    ds = dataset_from_config(cfg)
+    return ds, get_manifest(ds, cfg.split, cfg.runtime.seed)
+
+
+def _fit(model, train: Batches, val: Batches, train_cfg, run_dir: Path, state: dict[str, Any],
+         resume_hint: str, class_weight: dict[int, float] | None = None):
+    initial = int(state.get("epochs_done", 0))
+    t0 = time.perf_counter()
+    try:
+        model.fit(train, validation_data=val, epochs=train_cfg.epochs, initial_epoch=initial,
+                  callbacks=_callbacks(run_dir, train_cfg, state), class_weight=class_weight,
+                  verbose=2)
+    except KeyboardInterrupt:
+        print(f"\nbusi: interrupted. Completed epochs are saved; continue with:\n  {resume_hint}",
+              file=sys.stderr)
+        raise
+    wall = time.perf_counter() - t0
+    final = json.loads((run_dir / "state.json").read_text()) if (run_dir / "state.json").is_file() \
+        else {"epochs_done": initial, "best": math.inf, "best_epoch": -1}
+    if not (run_dir / "best.keras").is_file():
+        raise BusiError("training produced no finite val_loss, so there is no best checkpoint",
+                        where=str(run_dir), fix="lower the learning rate or check the data")
+    return final, wall
+
+
+def _finish_state(run_dir: Path, state: dict[str, Any], **extra: Any) -> None:
+    write_json(run_dir / "state.json", {**state, "finished": True, **extra})
+
+
+# --------------------------------------------------------------------------- segmentation
+
+
+def _unet(cfg: Config):
+    u = cfg.model.unet
+    h, w = cfg.data.image_size
+    return build_unet((h, w, 1), u.base_filters, u.depth, u.encoder_dropout, u.decoder_dropout)
+
+
+def _seg_batches(cfg: Config, ds: Dataset, idx: np.ndarray, *, training: bool, seed: int):
+    t = cfg.training.seg
+    augment = build_augment(cfg.augmentation, tuple(cfg.data.image_size)) if training else None
+    return Batches(ds.images[idx], ds.masks[idx], t.batch_size, augment=augment,
+                   shuffle=training, seed=seed, steps=t.steps_per_epoch if training else 0,
+                   workers=2 if training and augment is not None else 1)
+
+
+def fit_unet(cfg: Config, ds: Dataset, train_idx: np.ndarray, val_idx: np.ndarray,
+             run_dir: Path, state: dict[str, Any], resume_hint: str):
+    """Train (or continue) one U-Net; return the best model, the final state and the time."""
+    t = cfg.training.seg
+    if state.get("epochs_done"):
+        model = keras.models.load_model(run_dir / "last.keras")
+    else:
+        model = _unet(cfg)
+        model.compile(optimizer=_optimizer(t.optimizer, t.learning_rate),
+                      loss=segmentation_loss(t.loss), metrics=segmentation_metrics(t.threshold))
+    train = _seg_batches(cfg, ds, train_idx, training=True, seed=cfg.runtime.seed)
+    val = _seg_batches(cfg, ds, val_idx, training=False, seed=0)
+    final, wall = _fit(model, train, val, t, run_dir, state, resume_hint)
+    return keras.models.load_model(run_dir / "best.keras"), final, wall
+
+
+def predict_masks(model, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """Lesion probabilities (N, H, W) float32 for uint8 images (N, H, W)."""
+    if len(images) == 0:
+        return np.zeros(images.shape, np.float32)
+    x = images[..., None].astype("float32") / 255.0
+    return model.predict(x, batch_size=batch_size, verbose=0)[..., 0].astype(np.float32)
+
+
+def _out_of_fold(cfg: Config, ds: Dataset, pool: np.ndarray, run_dir: Path, k: int,
+                 probs: np.ndarray, source: np.ndarray) -> None:
+    """Replace the masks of training images by those of k U-Nets that never saw them.
+
+    A classifier trained on masks the U-Net drew for its own training images sees
+    cleaner masks than it will at test time; out-of-fold masks are as imperfect
+    as test masks. Folds keep duplicate groups together, as the split does.
+    """
+    from sklearn.model_selection import GroupKFold
+
+    from busi.split import duplicate_groups
+
+    groups = (duplicate_groups(ds, cfg.split.near_duplicate_distance)
+              if cfg.split.group_duplicates else np.arange(len(ds)))
+    folds = GroupKFold(n_splits=k).split(pool, groups=groups[pool])
+    for fold, (fit_part, held_part) in enumerate(folds):
+        held = pool[held_part]
+        sub = run_dir / "oof" / f"fold{fold}"
+        sub.mkdir(parents=True, exist_ok=True)
+        perm = np.random.default_rng([cfg.runtime.seed, fold]).permutation(pool[fit_part])
+        n_val = max(1, round(len(perm) * cfg.split.val_size))
+        print(f"out-of-fold masks: fold {fold + 1}/{k} ({len(held)} images held out)")
+        model, _, _ = fit_unet(cfg, ds, perm[n_val:], perm[:n_val], sub, {},
+                               f"(out-of-fold fold {fold} restarts with the run)")
+        probs[held] = predict_masks(model, ds.images[held])
+        source[held] = f"oof{fold}"
+
+
+def train_segmentation(cfg: Config, *, resume: str | None = None,
+                       config_source: str | None = None, fold: int | None = None) -> Path:
+    """Train the U-Net on the manifest's train part, evaluate on its test part.
+
+    Writes to a new ``outputs/seg/<run>/``: config.yaml, split.json, best.keras,
+    last.keras, history.csv, loss_curve.png, metrics.json/.md, overlays/, and
+    masks.npz (the predicted mask of every image, which ``train-cls`` reads).
+    """
+    cfg, run_dir, state = _start_run(cfg, SEG_DIR, resume, config_source)
+    runtime.setup(cfg.runtime.seed, cfg.runtime.precision, cfg.runtime.deterministic)
+    ds, manifest = _load_data(cfg)
+    if fold is None and (run_dir / "split.json").is_file():  # resuming: keep the run's fold
+        fold = json.loads((run_dir / "split.json").read_text()).get("fold")
+    parts = manifest.partition(fold)
+    idx = {k: ds.index(v) for k, v in parts.items()}
+    write_json(run_dir / "split.json", {"manifest": str(manifest.path), "fold": fold,
+                                        **{k: len(v) for k, v in idx.items()}})
+    print(f"busi train-seg: run {run_dir}\n  data {cfg.data.root}: train {len(idx['train'])}, "
+          f"val {len(idx['val'])}, test {len(idx['test'])} (manifest {manifest.path})")
+    if not len(idx["val"]):
+        raise BusiError("the split has no validation images", where="split.val_size",
+                        fix="set split.val_size > 0 (e.g. 0.1)")
+
+    hint = f"busi train-seg --resume {run_dir}"
+    model, final, wall = fit_unet(cfg, ds, idx["train"], idx["val"], run_dir, state, hint)
+    t = cfg.training.seg
+
+    probs = predict_masks(model, ds.images)
+    source = np.array(["final"] * len(ds), dtype=object)
+    threshold = t.threshold
+    if t.tune_threshold:
+        threshold = tune_threshold(ds.masks[idx["val"]], probs[idx["val"]])
+    scores = per_image(ds.masks[idx["test"]], probs[idx["test"]], threshold)
+    summary = summarise(scores, ds.labels[idx["test"]], ds.classes)
+    summary.update({"threshold": threshold, "best_epoch": final.get("best_epoch", -1) + 1,
+                    "epochs_done": final.get("epochs_done"), "train_seconds": round(wall, 1),
+                    "n_test": int(len(idx["test"]))})
+    if t.out_of_fold_masks > 1:
+        pool = np.concatenate([idx["train"], idx["val"]])
+        _out_of_fold(cfg, ds, pool, run_dir, t.out_of_fold_masks, probs, source)
+    write_json(run_dir / "metrics.json", summary)
+    atomic_write(run_dir / "metrics.md", report.segmentation_markdown(summary))
+    per_file = {f: {m: float(scores[m][i]) for m in ("dice", "iou", "hd95")}
+                for i, f in enumerate(parts["test"])}
+    write_json(run_dir / "test_scores.json", per_file)
+    _save_masks(run_dir / "masks.npz", ds.files, probs, source, threshold)
+    report.plot_history(run_dir / "history.csv", run_dir / "loss_curve.png",
+                        title="U-Net: training and validation loss")
+    report.save_overlays(run_dir / "overlays", ds, idx["test"], probs, threshold)
+    _finish_state(run_dir, final, environment=runtime.environment(),
+                  precision=cfg.runtime.precision)
+    print(report.segmentation_text(summary))
+    print(f"outputs: {run_dir}")
+    return run_dir
+
+
+def _save_masks(path: Path, files: list[str], probs: np.ndarray, source: np.ndarray,
+                threshold: float) -> None:
+    tmp = path.with_name(f".{path.name}.tmp.npz")
+    np.savez_compressed(tmp, files=np.array(files, dtype=str),
+                        probs=np.round(probs * 255).astype(np.uint8),
+                        source=np.array(source, dtype=str), threshold=np.float32(threshold))
+    os.replace(tmp, path)
+
+
+def load_masks(seg_run: Path) -> tuple[dict[str, np.ndarray], float]:
+    path = seg_run / "masks.npz"
+    if not path.is_file():
+        raise BusiError("segmentation run has no masks.npz (did it finish?)", where=str(seg_run),
+                        fix=f"finish it with `busi train-seg --resume {seg_run}` or pick another "
+                            "run with --seg-run")
+    with np.load(path) as z:
+        probs = z["probs"].astype(np.float32) / 255.0
+        return dict(zip(z["files"].tolist(), probs, strict=True)), float(z["threshold"])
+
+
+def resolve_seg_run(seg_run: str | None, outputs_root: str) -> Path:
+    if seg_run:
+        path = Path(seg_run)
+        if not path.is_dir():
+            raise BusiError("segmentation run not found", where=str(path),
+                            fix="pass a folder under outputs/seg/")
+        return path
+    latest = latest_run(Path(outputs_root) / SEG_DIR, require="masks.npz")
+    if latest is None:
+        raise BusiError(f"no finished segmentation run under {Path(outputs_root) / SEG_DIR}",
+                        fix="train one first: busi train-seg --config <same config>")
+    return latest
+
+
+# --------------------------------------------------------------------------- classification
+
+
+def masked_inputs(images: np.ndarray, masks: np.ndarray | None, mode: str,
+                  margin: float = 0.15) -> np.ndarray:
+    """Apply (binary) lesion masks to uint8 images as the classifier config says.
+
+    ``multiply`` is the paper's image x mask. ``crop`` cuts the mask's bounding
+    box plus ``margin`` (a fraction of the box size) and resizes it back, which
+    keeps the lesion's surroundings (margins, posterior shadow) that radiologists
+    read; an empty mask keeps the whole image. ``none`` ignores the mask.
+    """
+    if masks is None or mode == "none":
+        return images
+    if mode == "multiply":
+        return (images * (masks > 0)).astype(np.uint8)
+    import cv2
+
+    out = np.empty_like(images)
+    h, w = images.shape[1:]
+    for k, (img, m) in enumerate(zip(images, masks, strict=True)):
+        ys, xs = np.nonzero(m)
+        if len(ys) == 0:
+            out[k] = img
+            continue
+        y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+        dy, dx = int((y1 - y0) * margin), int((x1 - x0) * margin)
+        y0, y1, x0, x1 = max(0, y0 - dy), min(h, y1 + dy), max(0, x0 - dx), min(w, x1 + dx)
+        out[k] = cv2.resize(img[y0:y1, x0:x1], (w, h), interpolation=cv2.INTER_LINEAR)
+    return out
+
+
+def _classifier_masks(cfg: Config, ds: Dataset, seg_run: Path | None) -> np.ndarray | None:
+    source = cfg.model.classifier.masks
+    if source == "none" or cfg.model.classifier.mask_mode == "none":
+        return None
+    if source == "ground_truth":
+        return ds.masks
+    assert seg_run is not None
+    probs, threshold = load_masks(seg_run)
+    missing = [f for f in ds.files if f not in probs]
+    if missing:
+        raise BusiError(f"the segmentation run has no mask for {len(missing)} image(s), e.g. "
+                        f"{missing[0]!r}", where=str(seg_run),
+                        fix="use a segmentation run trained on the same data")
+    return np.stack([(probs[f] > threshold).astype(np.uint8) for f in ds.files])
+
+
+def _block_of(name: str) -> str:
+    """Block id of a Keras application layer: 'block5' (VGG), '13' (MobileNet), '' (stem)."""
+    import re
+
+    if name.startswith("block"):
+        return name.split("_")[0]
+    m = re.search(r"_(\d+)", name)
+    return m.group(1) if m else ""
+
+
+def _set_trainable_top_blocks(model, n_blocks: int) -> None:
+    base = next((layer for layer in model.layers if isinstance(layer, keras.Model)), None)
+    if base is None:
+        return
+    blocks = list(dict.fromkeys(_block_of(layer.name) for layer in base.layers
+                                if layer.weights and _block_of(layer.name)))
+    top = set(blocks[-n_blocks:]) if n_blocks else set()
+    base.trainable = True
+    for layer in base.layers:
+        layer.trainable = _block_of(layer.name) in top
+
+
+def train_classifier(cfg: Config, *, seg_run: str | None = None, resume: str | None = None,
+                     config_source: str | None = None) -> Path:
+    """Train one classifier on images masked by a segmentation run's predicted masks.
+
+    The split manifest is the segmentation run's, so the classifier's test images
+    are exactly the U-Net's test images (and never its training images).
+    """
+    c = cfg.model.classifier
+    seg_path = None
+    if c.masks == "predicted" and c.mask_mode != "none" or seg_run:
+        seg_path = resolve_seg_run(seg_run, cfg.outputs.root)
+    cfg, run_dir, state = _start_run(cfg, f"{CLS_DIR}/{c.name}", resume, config_source)
+    c = cfg.model.classifier
+    if resume and (run_dir / "split.json").is_file():
+        saved = json.loads((run_dir / "split.json").read_text()).get("seg_run")
+        seg_path = Path(saved) if saved else None
+    runtime.setup(cfg.runtime.seed, cfg.runtime.precision, cfg.runtime.deterministic)
+    ds = dataset_from_config(cfg)
+    fold = None
+    if seg_path is not None:
+        seg_split = json.loads((seg_path / "split.json").read_text())
+        manifest = read_manifest(seg_split["manifest"], cfg.split.val_size, cfg.runtime.seed)
+        fold = seg_split.get("fold")
+    else:
+        manifest = get_manifest(ds, cfg.split, cfg.runtime.seed)
+    parts = manifest.partition(fold)
+    idx = {k: ds.index(v) for k, v in parts.items()}
+    write_json(run_dir / "split.json", {"manifest": str(manifest.path), "fold": fold,
+                                        "seg_run": str(seg_path) if seg_path else None,
+                                        **{k: len(v) for k, v in idx.items()}})
+    masks = _classifier_masks(cfg, ds, seg_path)
+    x = masked_inputs(ds.images, masks, c.mask_mode, c.crop_margin)
+    y = keras.utils.to_categorical(ds.labels, len(ds.classes)).astype("float32")
+    print(f"busi train-cls: {c.name} run {run_dir}\n  masks: {c.masks} ({c.mask_mode})"
+          f"{f' from {seg_path}' if seg_path else ''}; train {len(idx['train'])}, "
+          f"val {len(idx['val'])}, test {len(idx['test'])}")
+
+    t = cfg.training.cls
+    total_epochs = t.epochs + (c.fine_tune_epochs if c.freeze_base else 0)
+    if state.get("epochs_done"):
+        model = keras.models.load_model(run_dir / "last.keras")
+    else:
+        model = build_classifier(c.name, tuple(cfg.data.image_size), len(ds.classes), c.weights)
+        if c.freeze_base:
+            _set_trainable_top_blocks(model, 0)
+        model.compile(optimizer=_optimizer(t.optimizer, t.learning_rate), loss=t.loss,
+                      metrics=["accuracy"])
+    augment = build_augment(cfg.augmentation, tuple(cfg.data.image_size))
+    train = Batches(x[idx["train"]], y[idx["train"]], t.batch_size, augment=augment,
+                    shuffle=True, seed=cfg.runtime.seed, x_scale=1.0, steps=t.steps_per_epoch,
+                    workers=2 if augment is not None else 1)
+    val = Batches(x[idx["val"]], y[idx["val"]], t.batch_size, x_scale=1.0)
+    class_weight = None
+    if c.class_weights:
+        from sklearn.utils.class_weight import compute_class_weight
+
+        present = np.unique(ds.labels[idx["train"]])
+        weights = compute_class_weight("balanced", classes=present, y=ds.labels[idx["train"]])
+        class_weight = dict(zip(present.tolist(), weights.tolist(), strict=True))
+    hint = f"busi train-cls --resume {run_dir}"
+    stage1 = t
+    if int(state.get("epochs_done", 0)) < t.epochs:
+        state, wall = _fit(model, train, val, stage1, run_dir, state, hint, class_weight)
+    else:
+        wall = 0.0
+    if c.freeze_base and c.fine_tune_epochs and int(state.get("epochs_done", 0)) < total_epochs:
+        model = keras.models.load_model(run_dir / "last.keras")
+        _set_trainable_top_blocks(model, c.fine_tune_blocks)
+        model.compile(optimizer=_optimizer(t.optimizer, c.fine_tune_learning_rate), loss=t.loss,
+                      metrics=["accuracy"])
+        state, wall2 = _fit(model, train, val, replace(t, epochs=total_epochs), run_dir, state,
+                            hint, class_weight)
+        wall += wall2
+    best = keras.models.load_model(run_dir / "best.keras")
+    probs = best.predict(x[idx["test"]][..., None].astype("float32"), batch_size=64, verbose=0)
+    from busi.evaluate import evaluate_run, write_predictions
+
+    write_predictions(run_dir / "predictions.csv", parts["test"], ds.labels[idx["test"]],
+                      probs, ds.classes)
+    report.plot_history(run_dir / "history.csv", run_dir / "loss_curve.png",
+                        title=f"{c.name}: training and validation loss")
+    _finish_state(run_dir, state, train_seconds=round(wall, 1),
+                  environment=runtime.environment())
+    result = evaluate_run(run_dir)
+    print(result["text"])
+    print(f"outputs: {run_dir}")
+    return run_dir

@@ -1,0 +1,39 @@
+"""Shared fixtures: a small synthetic BUSI-layout data set, and the real one when present."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REAL_BUSI = Path(__file__).resolve().parents[1].parent / "shared/data/busi/Dataset_BUSI_with_GT"
+REAL_BUSI = Path(os.environ.get("BUSI_DATA", REAL_BUSI))
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A read-only-by-convention synthetic data set (12 images per class)."""
+    from busi.synth import SynthSpec, write_dataset
+
+    root = tmp_path_factory.mktemp("synth") / "busi"
+    write_dataset(root, SynthSpec(per_class=12, seed=0, height=96, width=128))
+    return root
+
+
+@pytest.fixture
+def data_copy(synth_root: Path, tmp_path: Path) -> Path:
+    """A private copy of the synthetic set, for tests that break files on purpose."""
+    dst = tmp_path / "data"
+    shutil.copytree(synth_root, dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def real_busi() -> Path:
+    if not (REAL_BUSI / "benign").is_dir():
+        pytest.skip(f"real BUSI not found at {REAL_BUSI} (set BUSI_DATA to its folder)")
+    return REAL_BUSI

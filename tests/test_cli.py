@@ -1,0 +1,78 @@
+"""The command line: discoverable, and bad input is one message with exit code 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from busi.cli import build_parser, main
+
+SUBCOMMANDS = ["train-seg", "train-cls", "evaluate", "predict", "data", "demo"]
+
+
+def test_help_lists_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for name in SUBCOMMANDS:
+        assert name in out
+
+
+@pytest.mark.parametrize("argv", [[c] for c in SUBCOMMANDS]
+                         + [["data", "check"], ["data", "split"], ["data", "synth"]])
+def test_every_subcommand_has_help_with_examples(argv: list[str],
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*argv, "--help"])
+    assert "examples:" in capsys.readouterr().out
+
+
+def run_busi(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "busi.cli", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("config, expected", [
+    ("data:\n  rot: x\n", "unknown key 'data.rot'"),
+    ("training:\n  seg:\n    batch_size: big\n", "'training.seg.batch_size' must be an integer"),
+    ("training: [\n", "YAML syntax error"),
+])
+def test_bad_config_exits_2_without_traceback(tmp_path: Path, config: str,
+                                              expected: str) -> None:
+    (tmp_path / "bad.yaml").write_text(config)
+    proc = run_busi("data", "split", "--config", "bad.yaml", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert expected in proc.stderr and "bad.yaml" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_missing_data_folder_exits_2_without_traceback(tmp_path: Path) -> None:
+    proc = run_busi("data", "check", "--data", "no/such/folder", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "no/such/folder" in proc.stderr and "fix:" in proc.stderr
+
+
+def test_synth_writes_a_dataset_and_refuses_to_overwrite(tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "s"
+    assert main(["data", "synth", "--out", str(out), "--per-class", "2"]) == 0
+    assert (out / "malignant" / "malignant (2)_mask.png").is_file()
+    before = sorted(p.name for p in out.rglob("*"))
+    assert main(["data", "synth", "--out", str(out), "--per-class", "3"]) == 2
+    assert "never overwrites" in capsys.readouterr().err
+    assert sorted(p.name for p in out.rglob("*")) == before
+
+
+def test_split_command_prints_the_manifest_and_counts(synth_root: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["data", "split", "--data", str(synth_root), "--set", f"data.cache_dir={tmp_path}/c",
+            "--set", f"split.manifest_dir={tmp_path}/m"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "Split manifest:" in out and "test" in out
+    assert len(list((tmp_path / "m").glob("*.csv"))) == 1

@@ -1,0 +1,81 @@
+"""The config is the contract of a run: typos must fail loudly, paper numbers must be exact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from busi.config import dump_yaml, find_config, load_config
+from busi.errors import BusiError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_paper_config_holds_the_papers_numbers() -> None:
+    cfg = load_config(CONFIGS / "paper.yaml")
+    assert cfg.data.image_size == [128, 128]
+    assert cfg.data.classes == ["benign", "malignant", "normal"]
+    assert cfg.split.scheme == "holdout" and cfg.split.test_size == 0.1
+    aug = cfg.augmentation
+    assert aug.engine == "image_data_generator" and aug.horizontal_flip
+    assert (aug.rotation_range, aug.width_shift_range, aug.height_shift_range) == (15, 10, 10)
+    assert aug.zoom_range == [0.8, 1.0]
+    unet = cfg.model.unet
+    assert (unet.base_filters, unet.depth, unet.encoder_dropout, unet.decoder_dropout) == (
+        64, 4, 0.2, 0.1)
+    seg = cfg.training.seg
+    assert (seg.optimizer, seg.learning_rate, seg.loss, seg.batch_size, seg.epochs) == (
+        "adam", 5e-5, "mse", 64, 100)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in CONFIGS.glob("*.yaml")))
+def test_every_shipped_config_loads(name: str) -> None:
+    load_config(find_config(name))
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize("text, words", [
+    ("training:\n  seg:\n    epoch: 5\n", ["unknown key 'training.seg.epoch'", "epochs"]),
+    ("training:\n  seg:\n    epochs: five\n", ["'training.seg.epochs'", "an integer", "'five'"]),
+    ("training:\n  seg:\n    epochs: 0\n", ["'training.seg.epochs'", ">= 1"]),
+    ("split:\n  test_size: 1.5\n", ["'split.test_size'", "< 1"]),
+    ("augmentation:\n  horizontal_flip: 1\n", ["horizontal_flip", "true or false"]),
+    ("runtime:\n  precision: fp8\n", ["runtime.precision", "mixed_bfloat16"]),
+    ("data:\n  image_size: [128]\n", ["data.image_size", "exactly 2"]),
+    ("data: [1, 2]\n", ["'data'", "mapping"]),
+    ("data:\n  root: [unclosed\n", ["YAML syntax error", "line"]),
+])
+def test_bad_config_is_one_message_naming_key_and_file(tmp_path: Path, text: str,
+                                                       words: list[str]) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(BusiError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert str(path) in message and "\n" not in message
+    for w in words:
+        assert w in message
+
+
+def test_overrides_apply_after_the_file_and_are_validated(tmp_path: Path) -> None:
+    path = write(tmp_path, "training:\n  seg:\n    epochs: 7\n")
+    cfg = load_config(path, ["training.seg.epochs=3", "data.image_size=[64, 64]",
+                             "augmentation.horizontal_flip=false"])
+    assert cfg.training.seg.epochs == 3
+    assert cfg.data.image_size == [64, 64]
+    assert cfg.augmentation.horizontal_flip is False
+    with pytest.raises(BusiError, match="--set training.seg.epochz=3"):
+        load_config(path, ["training.seg.epochz=3"])
+    with pytest.raises(BusiError, match="KEY=VALUE"):
+        load_config(path, ["training.seg.epochs"])
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path: Path) -> None:
+    cfg = load_config(CONFIGS / "cpu.yaml", ["runtime.seed=7"])
+    again = load_config(write(tmp_path, dump_yaml(cfg)))
+    assert again == cfg

@@ -1,0 +1,30 @@
+"""Facts about the real BUSI that the pipeline relies on (skipped when it is absent)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from busi.check import check_dataset
+from busi.config import SplitConfig
+from busi.data import load_dataset
+from busi.split import get_manifest
+
+pytestmark = pytest.mark.real_data
+
+
+def test_busi_counts_masks_and_known_duplicate(real_busi: Path, tmp_path: Path) -> None:
+    r = check_dataset(real_busi, cache_dir=tmp_path)
+    assert r.images_per_class == {"benign": 437, "malignant": 210, "normal": 133}
+    assert r.n_problems == 0
+    assert sum(k * v for k, v in r.masks_per_image.items()) == 798
+    assert ["benign/benign (433).png", "malignant/malignant (145).png"] in r.exact_groups
+    assert len(r.near_groups) > 100  # the literature reports many near-duplicates
+
+
+def test_paper_split_is_702_78(real_busi: Path, tmp_path: Path) -> None:
+    ds = load_dataset(real_busi, cache_dir=tmp_path)
+    m = get_manifest(ds, SplitConfig(manifest_dir=str(tmp_path)), seed=42)
+    parts = m.partition()
+    assert len(parts["test"]) == 78 and len(parts["train"]) + len(parts["val"]) == 702

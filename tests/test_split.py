@@ -1,0 +1,92 @@
+"""Splits: reproducible, shared by every command, and never leaking duplicates into test."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from busi.config import SplitConfig
+from busi.data import load_dataset
+from busi.split import duplicate_groups, get_manifest
+
+
+def dataset(root: Path, tmp_path: Path):
+    return load_dataset(root, size=(32, 32), cache_dir=tmp_path / "cache")
+
+
+def with_duplicates(root: Path) -> Path:
+    """Copy two images under new names, one into another class (as in BUSI)."""
+    for src, dst in [("benign/benign (1)", "benign/benign (99)"),
+                     ("benign/benign (2)", "malignant/malignant (99)")]:
+        shutil.copy(root / f"{src}.png", root / f"{dst}.png")
+        shutil.copy(root / f"{src}_mask.png", root / f"{dst}_mask.png")
+    return root
+
+
+def test_holdout_is_90_10_and_byte_identical_for_the_same_seed(synth_root: Path,
+                                                              tmp_path: Path) -> None:
+    ds = dataset(synth_root, tmp_path)
+    a = get_manifest(ds, SplitConfig(manifest_dir=str(tmp_path / "a")), seed=3)
+    b = get_manifest(ds, SplitConfig(manifest_dir=str(tmp_path / "b")), seed=3)
+    c = get_manifest(ds, SplitConfig(manifest_dir=str(tmp_path / "c")), seed=4)
+    assert a.path.read_bytes() == b.path.read_bytes()
+    assert a.path.read_bytes() != c.path.read_bytes()
+    parts = a.partition()
+    assert len(parts["test"]) == 4 and len(parts["train"]) + len(parts["val"]) == 32
+    assert not set(parts["test"]) & (set(parts["train"]) | set(parts["val"]))
+    assert not set(parts["train"]) & set(parts["val"])
+
+
+def test_manifest_is_written_once_and_reused(synth_root: Path, tmp_path: Path) -> None:
+    ds = dataset(synth_root, tmp_path)
+    cfg = SplitConfig(manifest_dir=str(tmp_path / "m"))
+    first = get_manifest(ds, cfg, seed=0)
+    first.path.write_text(first.path.read_text())  # same content, new mtime
+    stamp = first.path.stat().st_mtime_ns
+    again = get_manifest(ds, cfg, seed=0)
+    assert again.path == first.path and again.path.stat().st_mtime_ns == stamp
+    other = get_manifest(ds, replace(cfg, test_size=0.25), seed=0)
+    assert other.path != first.path
+
+
+def test_duplicates_are_grouped_even_across_classes(data_copy: Path, tmp_path: Path) -> None:
+    ds = dataset(with_duplicates(data_copy), tmp_path)
+    groups = duplicate_groups(ds, max_distance=6)
+    i, j = ds.files.index("benign/benign (1).png"), ds.files.index("benign/benign (99).png")
+    k, m = ds.files.index("benign/benign (2).png"), ds.files.index("malignant/malignant (99).png")
+    assert groups[i] == groups[j] and groups[k] == groups[m]
+    assert len(np.unique(groups)) == len(ds) - 2  # synthetic images are otherwise distinct
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("scheme", ["holdout", "kfold"])
+def test_a_duplicate_group_never_straddles_train_and_test(data_copy: Path, tmp_path: Path,
+                                                         seed: int, scheme: str) -> None:
+    ds = dataset(with_duplicates(data_copy), tmp_path)
+    cfg = SplitConfig(scheme=scheme, folds=4, test_size=0.3,
+                      manifest_dir=str(tmp_path / "m"))
+    m = get_manifest(ds, cfg, seed=seed)
+    for fold in range(m.n_folds) if scheme == "kfold" else [None]:
+        parts = m.partition(fold)
+        test = set(parts["test"])
+        for a, b in [("benign/benign (1).png", "benign/benign (99).png"),
+                     ("benign/benign (2).png", "malignant/malignant (99).png")]:
+            assert (a in test) == (b in test)
+
+
+def test_kfold_puts_every_image_in_exactly_one_test_fold(synth_root: Path,
+                                                        tmp_path: Path) -> None:
+    ds = dataset(synth_root, tmp_path)
+    m = get_manifest(ds, SplitConfig(scheme="kfold", folds=3, stratify=True,
+                                     manifest_dir=str(tmp_path)), seed=0)
+    tests = [set(m.partition(k)["test"]) for k in range(3)]
+    assert sum(len(t) for t in tests) == len(ds) and set().union(*tests) == set(ds.files)
+    for k, t in enumerate(tests):
+        parts = m.partition(k)
+        assert not t & set(parts["train"]) and not t & set(parts["val"])
+        per_class = [sum(f.startswith(c) for f in t) for c in ("benign", "malignant", "normal")]
+        assert per_class == [4, 4, 4]  # stratified: 12 per class over 3 folds
