@@ -65,8 +65,10 @@ def test_bad_config_is_one_message_naming_key_and_file(tmp_path: Path, text: str
 def test_overrides_apply_after_the_file_and_are_validated(tmp_path: Path) -> None:
     path = write(tmp_path, "training:\n  seg:\n    epochs: 7\n")
     cfg = load_config(path, ["training.seg.epochs=3", "data.image_size=[64, 64]",
-                             "augmentation.horizontal_flip=false"])
+                             "augmentation.horizontal_flip=false",
+                             "training.seg.learning_rate=1e-3"])
     assert cfg.training.seg.epochs == 3
+    assert cfg.training.seg.learning_rate == 1e-3  # YAML 1.1 reads 1e-3 as a string
     assert cfg.data.image_size == [64, 64]
     assert cfg.augmentation.horizontal_flip is False
     with pytest.raises(BusiError, match="--set training.seg.epochz=3"):
@@ -79,3 +81,11 @@ def test_resolved_config_round_trips_through_yaml(tmp_path: Path) -> None:
     cfg = load_config(CONFIGS / "cpu.yaml", ["runtime.seed=7"])
     again = load_config(write(tmp_path, dump_yaml(cfg)))
     assert again == cfg
+
+
+def test_a_partial_section_keeps_that_sections_defaults(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, "training:\n  cls:\n    epochs: 5\n"))
+    assert cfg.training.cls.epochs == 5
+    assert cfg.training.cls.loss == "categorical_crossentropy"  # not the seg default "mse"
+    assert cfg.training.seg.loss == "mse"
+    assert load_config(find_config("cpu")).training.cls.loss == "categorical_crossentropy"

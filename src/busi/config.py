@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ import yaml
 from busi.errors import BusiError
 
 CLASSES = ("benign", "malignant", "normal")
+_FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
 def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
@@ -117,6 +119,7 @@ class TrainConfig:
     batch_size: int = field(default=64, metadata=_range(1))
     epochs: int = field(default=100, metadata=_range(1))
     early_stopping_patience: int = field(default=0, metadata=_range(0))
+    reduce_lr_patience: int = field(default=0, metadata=_range(0))
     tensorboard: bool = False
     threshold: float = field(default=0.5, metadata=_range(0, 1, lo_open=True, hi_open=True))
     tune_threshold: bool = False
@@ -197,7 +200,8 @@ def _check_range(value: float, meta: dict[str, Any]) -> str | None:
     return " and ".join(parts)
 
 
-def _convert(value: Any, tp: Any, key: str, where: str, meta: dict[str, Any]) -> Any:
+def _convert(value: Any, tp: Any, key: str, where: str, meta: dict[str, Any],
+             default: Any = None) -> Any:
     """Check ``value`` against annotation ``tp``; return the typed value or raise."""
 
     original = value
@@ -209,7 +213,7 @@ def _convert(value: Any, tp: Any, key: str, where: str, meta: dict[str, Any]) ->
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise fail("a mapping of settings")
-        return _build(tp, value, where, prefix=key + ".")
+        return _build(tp, value, where, prefix=key + ".", default=default)
     if origin is Literal:
         if value not in typing.get_args(tp):
             raise fail(_describe(tp))
@@ -240,6 +244,8 @@ def _convert(value: Any, tp: Any, key: str, where: str, meta: dict[str, Any]) ->
         if isinstance(value, bool) or not isinstance(value, int):
             raise fail("an integer")
     elif tp is float:
+        if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
+            value = float(value)  # PyYAML reads 1e-4 (no dot) as a string; users write it
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise fail("a number")
         value = float(value)
@@ -253,7 +259,15 @@ def _convert(value: Any, tp: Any, key: str, where: str, meta: dict[str, Any]) ->
     return value
 
 
-def _build(cls: type, raw: dict[str, Any], where: str, prefix: str = "") -> Any:
+def _build(cls: type, raw: dict[str, Any], where: str, prefix: str = "",
+           default: Any = None) -> Any:
+    """Validate ``raw`` and lay it over ``default`` (the section's own default value).
+
+    A partial section keeps the parent's defaults for what it does not say:
+    ``training.cls: {epochs: 5}`` must keep the classifier's cross-entropy loss,
+    not fall back to ``TrainConfig``'s generic (segmentation) defaults.
+    """
+    default = cls() if default is None else default
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
@@ -264,9 +278,10 @@ def _build(cls: type, raw: dict[str, Any], where: str, prefix: str = "") -> Any:
                 f"unknown key '{prefix}{key}'", where=where,
                 fix=f"{hint}allowed keys under '{prefix.rstrip('.') or 'top level'}': "
                     + ", ".join(fields))
-    kwargs = {name: _convert(raw[name], hints[name], prefix + name, where, f.metadata)
+    kwargs = {name: _convert(raw[name], hints[name], prefix + name, where, f.metadata,
+                             getattr(default, name))
               for name, f in fields.items() if name in raw}
-    return cls(**kwargs)
+    return dataclasses.replace(default, **kwargs)
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

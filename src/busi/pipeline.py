@@ -38,10 +38,11 @@ class Batches(keras.utils.PyDataset):
         self._order = self._permutation(0)
 
     def _permutation(self, epoch: int) -> np.ndarray:
+        """Order of samples for an epoch: one pass, or several when steps asks for more."""
         n = len(self.x)
-        reps = math.ceil(self.steps * self.batch_size / n) if n else 1
+        reps = max(1, math.ceil(self.steps * self.batch_size / n)) if n else 1
         if not self.shuffle:
-            return np.tile(np.arange(n), reps)
+            return np.arange(n)  # evaluation: every image exactly once
         rng = np.random.default_rng([self.seed, epoch])
         return np.concatenate([rng.permutation(n) for _ in range(reps)])
 

@@ -75,16 +75,38 @@ def _optimizer(name: str, lr: float):
             "sgd": keras.optimizers.SGD}[name](learning_rate=lr)
 
 
+def _trim_history(path: Path, epochs_done: int) -> None:
+    """Drop history rows of epochs that ``state.json`` never committed.
+
+    An interrupt between the CSV row and the checkpoint of an epoch means that
+    epoch is trained again on resume; its first row must not stay behind.
+    """
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    if not lines:
+        return
+    keep = [lines[0]] + [ln for ln in lines[1:] if int(ln.split(",", 1)[0]) < epochs_done]
+    if len(keep) != len(lines):
+        atomic_write(path, "".join(keep))
+
+
 def _callbacks(run_dir: Path, train_cfg, state: dict[str, Any]) -> list:
-    cbs = [RunCheckpoint(run_dir, best=state.get("best", math.inf),
-                         best_epoch=state.get("best_epoch", -1)),
-           keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
+    # Order matters: RunCheckpoint writes state.json, the commit point of an
+    # epoch, so it runs after everything else that records the epoch.
+    _trim_history(run_dir / "history.csv", int(state.get("epochs_done", 0)))
+    cbs = [keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
            keras.callbacks.TerminateOnNaN()]
     if train_cfg.early_stopping_patience:
         cbs.append(keras.callbacks.EarlyStopping(patience=train_cfg.early_stopping_patience,
                                                  monitor="val_loss"))
+    if train_cfg.reduce_lr_patience:
+        cbs.append(keras.callbacks.ReduceLROnPlateau(factor=0.5, min_lr=1e-6, monitor="val_loss",
+                                                     patience=train_cfg.reduce_lr_patience))
     if train_cfg.tensorboard:
         cbs.append(keras.callbacks.TensorBoard(str(run_dir / "tensorboard")))
+    cbs.append(RunCheckpoint(run_dir, best=state.get("best", math.inf),
+                             best_epoch=state.get("best_epoch", -1)))
     return cbs
 
 

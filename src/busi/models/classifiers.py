@@ -25,7 +25,9 @@ def _cnn_body(x, dropout: float = 0.25):
     x = layers.Rescaling(1.0 / 255, name="rescale")(x)
     for i, filters in enumerate((32, 64, 128, 256), start=1):
         x = layers.Conv2D(filters, 3, padding="same", name=f"block{i}_conv")(x)
-        x = layers.BatchNormalization(name=f"block{i}_bn")(x)
+        # momentum 0.9, not 0.99: BUSI gives ~20 steps an epoch, too few for 0.99
+        # to settle the moving statistics, and inference-mode accuracy collapses.
+        x = layers.BatchNormalization(momentum=0.9, name=f"block{i}_bn")(x)
         x = layers.LeakyReLU(negative_slope=0.1, name=f"block{i}_act")(x)
         x = layers.MaxPooling2D(2, name=f"block{i}_pool")(x)
         x = layers.Dropout(dropout, name=f"block{i}_dropout")(x)
@@ -73,6 +75,10 @@ def build_classifier(family: str, input_size: tuple[int, int] = (128, 128), n_cl
         rgb = layers.Concatenate(name="gray_to_rgb")([inputs, inputs, inputs])
         x = ImagenetPreprocess(family, name="preprocess")(rgb)
         base = _base(family, (*input_size, 3), w)
+        if w is None:  # from scratch on a few hundred images: let BN statistics settle
+            for layer in base.layers:
+                if isinstance(layer, layers.BatchNormalization):
+                    layer.momentum = 0.9
         x = base(x)
         x = layers.Flatten(name="flatten")(x)
         x = layers.Dense(256, activation="relu", name="fc")(x)

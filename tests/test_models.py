@@ -1,0 +1,74 @@
+"""Models: the paper's architectures, and the weights routes a user relies on offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from busi import runtime
+from busi.errors import BusiError
+
+keras = runtime.import_keras()
+from busi.models import build_classifier, build_unet  # noqa: E402
+
+
+def test_unet_at_paper_settings_has_31_0_m_parameters() -> None:
+    model = build_unet((128, 128, 1), base_filters=64, depth=4)
+    assert model.count_params() == 31_030_593
+    assert model.output_shape == (None, 128, 128, 1)
+    names = [layer.name for layer in model.layers]
+    assert "bottleneck_conv2" in names and "dec1_up" in names
+    assert model.get_layer("bottleneck_conv2").filters == 1024
+    assert model.get_layer("enc1_dropout").rate == 0.2
+    assert model.get_layer("dec1_dropout").rate == 0.1
+
+
+def test_unet_width_and_depth_are_knobs() -> None:
+    small = build_unet((64, 64, 1), base_filters=8, depth=3)
+    assert small.count_params() < 200_000
+    assert small.output_shape == (None, 64, 64, 1)
+
+
+@pytest.mark.parametrize("family", ["cnn", "vgg19", "mobilenet"])
+def test_classifiers_take_gray_and_give_three_probabilities(family: str) -> None:
+    model = build_classifier(family, (64, 64), 3, weights="none")
+    x = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 1)).astype("float32")
+    p = model.predict(x, verbose=0)
+    assert p.shape == (2, 3) and np.allclose(p.sum(1), 1, atol=1e-5)
+
+
+def test_cnn_follows_the_paper() -> None:
+    model = build_classifier("cnn", (128, 128), 3, weights="none")
+    convs = [layer.filters for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert convs == [32, 64, 128, 256]
+    assert model.get_layer("fc").units == 32
+    assert sum(isinstance(layer, keras.layers.BatchNormalization) for layer in model.layers) == 4
+
+
+def test_weights_from_a_file_path(tmp_path: Path) -> None:
+    base = keras.applications.MobileNet(include_top=False, weights=None, input_shape=(64, 64, 3))
+    for w in base.weights:
+        w.assign(np.full(w.shape, 0.01, dtype=w.dtype))
+    path = tmp_path / "mobilenet_notop.weights.h5"
+    base.save_weights(path)
+    model = build_classifier("mobilenet", (64, 64), 3, weights=str(path))
+    loaded = model.get_layer(base.name).weights[0]
+    assert np.allclose(keras.ops.convert_to_numpy(loaded), 0.01)
+
+
+def test_missing_weights_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(BusiError, match="weights file not found"):
+        build_classifier("vgg19", (64, 64), 3, weights=str(tmp_path / "nope.h5"))
+
+
+def test_no_network_for_imagenet_says_how_to_predownload(monkeypatch: pytest.MonkeyPatch) -> None:
+    def offline(**kwargs):
+        raise OSError("URL fetch failure: network is unreachable")
+
+    monkeypatch.setattr(keras.applications, "VGG19", offline)
+    with pytest.raises(BusiError) as err:
+        build_classifier("vgg19", (64, 64), 3, weights="imagenet")
+    text = str(err.value)
+    assert "could not be downloaded" in text and "model.classifier.weights=" in text

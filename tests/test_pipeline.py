@@ -1,0 +1,185 @@
+"""The whole pipeline on tiny synthetic data: train-seg, resume, train-cls, evaluate, predict.
+
+Models are tiny (32x32 input, a handful of steps): these tests pin behaviour --
+files, resumability, shared splits, report numbers -- not accuracy.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import accuracy_score, classification_report, confusion_matrix
+
+from busi.cli import main
+
+TINY = """
+data: {{root: {data}, image_size: [32, 32], cache_dir: {work}/cache}}
+split: {{manifest_dir: {work}/splits, test_size: 0.25}}
+augmentation: {{engine: layers}}
+model:
+  unet: {{base_filters: 4, depth: 2}}
+  classifier: {{weights: none}}
+training:
+  seg: {{loss: bce_dice, learning_rate: 0.003, batch_size: 8, epochs: 2, steps_per_epoch: 2}}
+  cls: {{learning_rate: 0.001, batch_size: 8, epochs: 2, steps_per_epoch: 2}}
+outputs: {{root: {work}/outputs}}
+"""
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory, synth_root: Path) -> Path:
+    work = tmp_path_factory.mktemp("pipeline")
+    (work / "tiny.yaml").write_text(TINY.format(data=synth_root, work=work))
+    return work
+
+
+def run(work: Path, *argv: str) -> int:
+    return main([*argv[:1], "--config", str(work / "tiny.yaml"), *argv[1:]])
+
+
+@pytest.fixture(scope="module")
+def seg_run(work: Path) -> Path:
+    assert run(work, "train-seg") == 0
+    (run_dir,) = list((work / "outputs" / "seg").iterdir())
+    return run_dir
+
+
+def test_train_seg_writes_every_output(seg_run: Path) -> None:
+    for name in ("config.yaml", "command.txt", "split.json", "best.keras", "last.keras",
+                 "history.csv", "loss_curve.png", "metrics.json", "metrics.md", "masks.npz",
+                 "test_scores.json"):
+        assert (seg_run / name).is_file(), name
+    assert list((seg_run / "overlays").glob("*.png"))
+    metrics = json.loads((seg_run / "metrics.json").read_text())
+    assert {"dice", "iou", "hd95"} <= set(metrics["lesion_images"])
+    assert "fraction_predicted_empty" in metrics["per_class"]["normal"]
+    with open(seg_run / "history.csv") as fh:
+        header = next(csv.reader(fh))
+    assert {"loss", "val_loss", "dice", "val_dice", "iou", "val_iou"} <= set(header)
+    z = np.load(seg_run / "masks.npz")
+    assert len(z["files"]) == 36 and z["probs"].shape == (36, 32, 32)
+    assert json.loads((seg_run / "state.json").read_text())["finished"] is True
+
+
+def test_a_second_run_never_touches_the_first(work: Path, seg_run: Path) -> None:
+    before = {p: p.stat().st_mtime_ns for p in seg_run.rglob("*")}
+    assert run(work, "train-seg", "--set", "training.seg.epochs=1") == 0
+    runs = sorted((work / "outputs" / "seg").iterdir())
+    assert len(runs) == 2
+    assert {p: p.stat().st_mtime_ns for p in seg_run.rglob("*")} == before
+    shutil.rmtree(runs[-1] if runs[-1] != seg_run else runs[0])
+
+
+def test_interrupted_training_resumes(work: Path, monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from busi import train
+
+    real = train.RunCheckpoint.on_epoch_end
+
+    def ctrl_c_after_first_epoch(self, epoch, logs=None):
+        real(self, epoch, logs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.RunCheckpoint, "on_epoch_end", ctrl_c_after_first_epoch)
+    out_root = work / "resume"
+    assert run(work, "train-seg", "--set", f"outputs.root={out_root}",
+               "--set", "training.seg.epochs=3") == 130
+    (run_dir,) = list((out_root / "seg").iterdir())
+    assert "--resume" in capsys.readouterr().err
+    assert json.loads((run_dir / "state.json").read_text())["epochs_done"] == 1
+    assert not list(run_dir.glob(".*tmp*")), "no half-written files"
+    monkeypatch.setattr(train.RunCheckpoint, "on_epoch_end", real)
+    assert main(["train-seg", "--resume", str(run_dir)]) == 0
+    with open(run_dir / "history.csv") as fh:
+        epochs = [int(r["epoch"]) for r in csv.DictReader(fh)]
+    assert epochs == [0, 1, 2]
+    assert main(["train-seg", "--resume", str(run_dir)]) == 2  # finished: nothing to resume
+
+
+def test_train_cls_without_a_segmentation_run_says_which_command(
+        work: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(work, "train-cls", "--model", "cnn", "--set", f"outputs.root={tmp_path}") == 2
+    assert "busi train-seg" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def cls_run(work: Path, seg_run: Path) -> Path:
+    assert run(work, "train-cls", "--model", "cnn", "--seg-run", str(seg_run)) == 0
+    (run_dir,) = list((work / "outputs" / "cls" / "cnn").iterdir())
+    return run_dir
+
+
+def test_classifier_uses_the_segmentation_runs_test_set(cls_run: Path, seg_run: Path) -> None:
+    seg_split = json.loads((seg_run / "split.json").read_text())
+    cls_split = json.loads((cls_run / "split.json").read_text())
+    assert cls_split["manifest"] == seg_split["manifest"]
+    assert cls_split["test"] == seg_split["test"] and cls_split["seg_run"] == str(seg_run)
+    scores = json.loads((seg_run / "test_scores.json").read_text())
+    with open(cls_run / "predictions.csv") as fh:
+        files = [r["file"] for r in csv.DictReader(fh)]
+    assert sorted(files) == sorted(scores)
+
+
+def test_report_files_equal_what_sklearn_computes(cls_run: Path) -> None:
+    with open(cls_run / "predictions.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    t, p = [r["true"] for r in rows], [r["pred"] for r in rows]
+    labels = ["benign", "normal", "malignant"]
+    expected = classification_report(t, p, labels=labels, output_dict=True, zero_division=0)
+    saved = json.loads((cls_run / "classification_report.json").read_text())
+    assert saved["accuracy"] == pytest.approx(accuracy_score(t, p))
+    for c in labels:
+        for k in ("precision", "recall", "f1-score", "support"):
+            assert saved["report"][c][k] == pytest.approx(expected[c][k])
+    assert saved["confusion_matrix"] == confusion_matrix(t, p, labels=labels).tolist()
+    lo, hi = saved["ci95"]["accuracy"]
+    assert lo <= saved["accuracy"] <= hi
+    with open(cls_run / "classification_report.csv") as fh:
+        table = {r["class"]: r for r in csv.DictReader(fh)}
+    assert float(table["benign"]["recall"]) == pytest.approx(expected["benign"]["recall"], abs=1e-4)
+    for name in ("classification_report.txt", "classification_report.md", "confusion_matrix.png",
+                 "confusion_matrix.csv", "loss_curve.png"):
+        assert (cls_run / name).is_file()
+
+
+def test_evaluate_prints_the_per_class_table(work: Path, cls_run: Path, seg_run: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["evaluate", "--outputs", str(work / "outputs"), "--seg-run", str(seg_run)]) == 0
+    out = capsys.readouterr().out
+    for word in ("precision", "recall", "f1-score", "benign", "malignant", "normal",
+                 "macro avg", "Side by side", "Dice"):
+        assert word in out
+    assert list((work / "outputs" / "eval").glob("*/evaluation.md"))
+
+
+def test_ground_truth_and_no_mask_ablations_run(work: Path, seg_run: Path) -> None:
+    for masks in ("ground_truth", "none"):
+        assert run(work, "train-cls", "--model", "cnn", "--seg-run", str(seg_run),
+                   "--set", f"model.classifier.masks={masks}",
+                   "--set", "training.cls.epochs=1") == 0
+
+
+def test_predict_reports_bad_images_and_predicts_the_rest(
+        work: Path, seg_run: Path, cls_run: Path, synth_root: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    inputs = tmp_path / "scans"
+    inputs.mkdir()
+    for name in ("benign (1).png", "malignant (1).png"):
+        cls = name.split()[0]
+        shutil.copy(synth_root / cls / name, inputs / name)
+    (inputs / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "pred"
+    assert main(["predict", str(inputs), "--seg-run", str(seg_run), "--cls-run", str(cls_run),
+                 "--out", str(out)]) == 0
+    assert "broken.png" in capsys.readouterr().err
+    result = json.loads((out / "predictions.json").read_text())
+    assert len(result["predictions"]) == 2 and len(result["skipped"]) == 1
+    p = result["predictions"][0]
+    assert p["pred"] in ("benign", "malignant", "normal")
+    assert sum(p[f"p_{c}"] for c in ("benign", "malignant", "normal")) == pytest.approx(1, abs=1e-3)
+    assert (out / "benign_(1)_mask.png").is_file() and (out / "benign_(1)_overlay.png").is_file()
