@@ -183,3 +183,17 @@ def test_predict_reports_bad_images_and_predicts_the_rest(
     assert p["pred"] in ("benign", "malignant", "normal")
     assert sum(p[f"p_{c}"] for c in ("benign", "malignant", "normal")) == pytest.approx(1, abs=1e-3)
     assert (out / "benign_(1)_mask.png").is_file() and (out / "benign_(1)_overlay.png").is_file()
+
+
+def test_out_of_fold_masks_come_from_models_that_never_saw_the_image(work: Path) -> None:
+    out_root = work / "oof"
+    assert run(work, "train-seg", "--set", f"outputs.root={out_root}",
+               "--set", "training.seg.epochs=1",
+               "--set", "training.seg.out_of_fold_masks=2") == 0
+    (run_dir,) = list((out_root / "seg").iterdir())
+    z = np.load(run_dir / "masks.npz")
+    source = dict(zip(z["files"].tolist(), z["source"].tolist(), strict=True))
+    test = set(json.loads((run_dir / "test_scores.json").read_text()))
+    assert {source[f] for f in test} == {"final"}, "test masks come from the final U-Net"
+    assert {s for f, s in source.items() if f not in test} == {"oof0", "oof1"}
+    assert (run_dir / "oof" / "fold0" / "best.keras").is_file()

@@ -90,3 +90,23 @@ def test_kfold_puts_every_image_in_exactly_one_test_fold(synth_root: Path,
         assert not t & set(parts["train"]) and not t & set(parts["val"])
         per_class = [sum(f.startswith(c) for f in t) for c in ("benign", "malignant", "normal")]
         assert per_class == [4, 4, 4]  # stratified: 12 per class over 3 folds
+
+
+def test_more_folds_than_images_in_a_class_is_a_clear_error(synth_root: Path,
+                                                              tmp_path: Path) -> None:
+    from busi.errors import BusiError
+
+    ds = dataset(synth_root, tmp_path)
+    with pytest.raises(BusiError, match=r"class '\w+' has 12 images.*split.folds") as info:
+        get_manifest(ds, SplitConfig(scheme="kfold", folds=20, manifest_dir=str(tmp_path)), 0)
+    assert "at most 12" in str(info.value)
+
+
+def test_stratified_holdout_on_a_tiny_set_falls_back_and_says_so(
+        synth_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ds = dataset(synth_root, tmp_path)  # 12 per class: too few for a stratified 1-in-20 split
+    m = get_manifest(ds, SplitConfig(stratify=True, test_size=0.05,
+                                     manifest_dir=str(tmp_path)), seed=0)
+    parts = m.partition()
+    assert sum(map(len, parts.values())) == len(ds) and parts["test"]
+    assert "without stratification" in capsys.readouterr().err

@@ -16,6 +16,7 @@ import csv
 import hashlib
 import io
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,12 @@ def duplicate_groups(ds: Dataset, max_distance: int) -> np.ndarray:
     return np.array([first.setdefault(lab, len(first)) for lab in labels[:n]], dtype=np.int64)
 
 
+def _smallest_present(labels: np.ndarray) -> int:
+    """Images in the smallest class that has any (absent classes do not count)."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64))
+    return int(counts[counts > 0].min()) if counts.size and counts.any() else 0
+
+
 def _take_groups(idx: np.ndarray, groups: np.ndarray, labels: np.ndarray, fraction: float,
                  seed: int, stratify: bool) -> tuple[np.ndarray, np.ndarray]:
     """Split ``idx`` into (rest, taken) with ``taken`` ~ fraction of images, whole groups only.
@@ -63,6 +70,11 @@ def _take_groups(idx: np.ndarray, groups: np.ndarray, labels: np.ndarray, fracti
     g = groups[idx]
     if stratify:
         k = max(2, round(1 / fraction))
+        if _smallest_present(labels[idx]) < k:
+            print(f"busi: warning: a class has fewer than {k} images here, too few to stratify "
+                  f"a {fraction:g} split; splitting without stratification (duplicate groups "
+                  "still kept together)", file=sys.stderr)
+            return _take_groups(idx, groups, labels, fraction, seed, False)
         splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
         rest, taken = next(splitter.split(idx, labels[idx], g))
         return idx[np.sort(rest)], idx[np.sort(taken)]
@@ -138,6 +150,12 @@ def build_manifest_rows(ds: Dataset, cfg: SplitConfig, seed: int) -> list[dict[s
             for i in members:
                 rows[i]["split"] = part
     else:
+        smallest = _smallest_present(labels)
+        if smallest < cfg.folds:
+            name = next(c for k, c in enumerate(ds.classes) if (labels == k).sum() == smallest)
+            raise BusiError(f"class '{name}' has {smallest} images, fewer than the "
+                            f"{cfg.folds} folds asked for", where="split.folds",
+                            fix=f"set split.folds to at most {max(2, smallest)}, or add images")
         splitter = StratifiedGroupKFold(n_splits=cfg.folds, shuffle=True, random_state=seed)
         for k, (_, test) in enumerate(splitter.split(idx, labels, groups)):
             for i in test:
