@@ -25,7 +25,8 @@ model:
   unet: {{base_filters: 4, depth: 2}}
   classifier: {{weights: none}}
 training:
-  seg: {{loss: bce_dice, learning_rate: 0.003, batch_size: 8, epochs: 2, steps_per_epoch: 2}}
+  seg: {{loss: bce_dice, learning_rate: 0.003, batch_size: 8, epochs: 2, steps_per_epoch: 2,
+        flip_tta: true, postprocess: largest_component, tune_threshold: true}}
   cls: {{learning_rate: 0.001, batch_size: 8, epochs: 2, steps_per_epoch: 2}}
 outputs: {{root: {work}/outputs}}
 """
@@ -183,6 +184,28 @@ def test_predict_reports_bad_images_and_predicts_the_rest(
     assert p["pred"] in ("benign", "malignant", "normal")
     assert sum(p[f"p_{c}"] for c in ("benign", "malignant", "normal")) == pytest.approx(1, abs=1e-3)
     assert (out / "benign_(1)_mask.png").is_file() and (out / "benign_(1)_overlay.png").is_file()
+
+
+def test_predict_gives_the_mask_the_segmentation_run_scored(
+        work: Path, seg_run: Path, cls_run: Path, synth_root: Path, tmp_path: Path) -> None:
+    """Same preprocessing and mask rule as training: predict == what evaluate measured."""
+    import cv2
+
+    from busi.masks import load_masks
+
+    stored = load_masks(seg_run)
+    scored = sorted(json.loads((seg_run / "test_scores.json").read_text()))[:3]
+    inputs = tmp_path / "scans"
+    inputs.mkdir()
+    for f in scored:
+        shutil.copy(synth_root / f, inputs / Path(f).name)
+    out = tmp_path / "pred"
+    assert main(["predict", str(inputs), "--seg-run", str(seg_run), "--cls-run", str(cls_run),
+                 "--out", str(out)]) == 0
+    for f in scored:
+        full = cv2.imread(str(out / (Path(f).stem.replace(" ", "_") + "_mask.png")), 0)
+        small = cv2.resize(full, stored[f].shape[::-1], interpolation=cv2.INTER_NEAREST)
+        np.testing.assert_array_equal(small > 0, stored[f] > 0)
 
 
 def test_out_of_fold_masks_come_from_models_that_never_saw_the_image(work: Path) -> None:

@@ -123,6 +123,8 @@ class TrainConfig:
     tensorboard: bool = False
     threshold: float = field(default=0.5, metadata=_range(0, 1, lo_open=True, hi_open=True))
     tune_threshold: bool = False
+    flip_tta: bool = False             # U-Net masks: average with the mirrored prediction
+    postprocess: Literal["none", "largest_component"] = "none"  # U-Net masks: clean-up
     out_of_fold_masks: int = field(default=0, metadata=_range(0, 20))
     steps_per_epoch: int = field(default=0, metadata=_range(0))
 

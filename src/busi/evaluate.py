@@ -159,14 +159,21 @@ def _plot_confusion(r: dict, out: Path, title: str) -> None:
     tmp.replace(out)
 
 
-def _run_title(run_dir: Path) -> str:
+def _inputs_of(run_dir: Path) -> str:
+    """What the classifier was shown, e.g. 'predicted masks, multiply' or 'whole image'."""
     cfg = run_dir / "config.yaml"
-    if cfg.is_file():
-        import yaml
+    if not cfg.is_file():
+        return "?"
+    import yaml
 
-        c = yaml.safe_load(cfg.read_text())["model"]["classifier"]
-        return f"{c['name']} (masks: {c['masks']}, {c['mask_mode']}) -- {run_dir.name}"
-    return run_dir.name
+    c = yaml.safe_load(cfg.read_text())["model"]["classifier"]
+    if c["masks"] == "none" or c["mask_mode"] == "none":
+        return "whole image"
+    return f"{c['masks'].replace('_', ' ')} masks, {c['mask_mode']}"
+
+
+def _run_title(run_dir: Path) -> str:
+    return f"{_model_of(run_dir)} ({_inputs_of(run_dir)}) -- {run_dir.name}"
 
 
 def evaluate_run(run_dir: str | Path) -> dict:
@@ -213,9 +220,9 @@ def find_classifier_runs(outputs_root: str | Path) -> list[Path]:
 
 
 def comparison_markdown(results: list[dict], runs: list[Path]) -> str:
-    lines = ["| model | run | n | accuracy (95% CI) | macro-F1 (95% CI) | ROC AUC | "
+    lines = ["| model | inputs | run | n | accuracy (95% CI) | macro-F1 (95% CI) | ROC AUC | "
              "recall benign | recall malignant | recall normal | paper accuracy |",
-             "|---|---|---:|---|---|---:|---:|---:|---:|---:|"]
+             "|---|---|---|---:|---|---|---:|---:|---:|---:|---:|"]
     for r, run in zip(results, runs, strict=True):
         m = _model_of(run)
         ci = r["ci95"]
@@ -223,7 +230,7 @@ def comparison_markdown(results: list[dict], runs: list[Path]) -> str:
         rec_s = [("n/a" if v is None else f"{v:.2f}") for v in rec.values()]
         auc = "n/a" if r["roc_auc_macro"] is None else f"{r['roc_auc_macro']:.3f}"
         paper = PAPER.get(m, {}).get("accuracy")
-        lines.append(f"| {m} | {run.name} | {r['n']} | {r['accuracy']:.3f} "
+        lines.append(f"| {m} | {_inputs_of(run)} | {run.name} | {r['n']} | {r['accuracy']:.3f} "
                      f"({ci['accuracy'][0]:.2f}-{ci['accuracy'][1]:.2f}) | {r['macro_f1']:.3f} "
                      f"({ci['macro_f1'][0]:.2f}-{ci['macro_f1'][1]:.2f}) | {auc} | "
                      + " | ".join(rec_s) + f" | {paper if paper is not None else ''} |")

@@ -88,10 +88,12 @@ def summarise(scores: dict[str, np.ndarray], labels: np.ndarray,
     return result
 
 
-def tune_threshold(truth: np.ndarray, prob: np.ndarray,
-                   candidates: np.ndarray | None = None) -> float:
-    """Threshold that maximises pooled Dice on (validation) images."""
+def tune_threshold(truth: np.ndarray, prob: np.ndarray, candidates: np.ndarray | None = None,
+                   postprocess: str = "none") -> float:
+    """Threshold that maximises pooled Dice on (validation) images, clean-up included."""
+    from busi.masks import MaskRule
+
     candidates = np.linspace(0.1, 0.9, 17) if candidates is None else candidates
     t = truth > 0
-    best = max(candidates, key=lambda c: dice(t, prob > c))
+    best = max(candidates, key=lambda c: dice(t, MaskRule(float(c), postprocess).apply(prob)))
     return float(best)

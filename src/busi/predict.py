@@ -7,7 +7,6 @@ image is reported and skipped; the others still get results.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -48,6 +47,7 @@ def _latest_cls(outputs_root: str) -> Path:
 
 def predict_command(inputs: list[str], seg_run: str | None = None, cls_run: str | None = None,
                     out: str | None = None, outputs_root: str = "outputs") -> Path:
+    from busi.masks import predict_probs, read_rule
     from busi.train import masked_inputs, resolve_seg_run
 
     keras = runtime.import_keras()
@@ -59,7 +59,7 @@ def predict_command(inputs: list[str], seg_run: str | None = None, cls_run: str 
     cfg = load_config(cls / "config.yaml")
     c = cfg.model.classifier
     size = tuple(cfg.data.image_size)
-    threshold = float(json.loads((seg / "metrics.json").read_text()).get("threshold", 0.5))
+    rule, flip_tta = read_rule(seg)
     unet = keras.models.load_model(seg / "best.keras")
     clf = keras.models.load_model(cls / "best.keras")
     if tuple(unet.input_shape[1:3]) != size:
@@ -82,8 +82,8 @@ def predict_command(inputs: list[str], seg_run: str | None = None, cls_run: str 
             continue
         gray = to_gray(raw)
         small = resize_image(gray, size)
-        prob = unet.predict(small[None, ..., None].astype("float32") / 255.0, verbose=0)[0, ..., 0]
-        mask = (prob > threshold).astype(np.uint8)
+        prob = np.round(predict_probs(unet, small[None], flip_tta=flip_tta) * 255) / 255
+        mask = rule.apply(prob)[0]
         use_mask = None if c.masks == "none" else mask[None]
         x = masked_inputs(small[None], use_mask, c.mask_mode, c.crop_margin)
         p = clf.predict(x[..., None].astype("float32"), verbose=0)[0]
@@ -104,7 +104,9 @@ def predict_command(inputs: list[str], seg_run: str | None = None, cls_run: str 
                                            for h in header) for r in rows]
     atomic_write(out_dir / "predictions.csv", "\n".join(lines) + "\n")
     write_json(out_dir / "predictions.json", {"seg_run": str(seg), "cls_run": str(cls),
-                                              "threshold": threshold, "predictions": rows,
+                                              "threshold": rule.threshold,
+                                              "postprocess": rule.postprocess,
+                                              "flip_tta": flip_tta, "predictions": rows,
                                               "skipped": skipped})
     for r in rows:
         probs = ", ".join(f"{k} {r[f'p_{k}']:.3f}" for k in classes)

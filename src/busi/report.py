@@ -50,16 +50,39 @@ def plot_history(history_csv: Path, out: Path, title: str) -> Path | None:
     return out
 
 
+def _caption(width: int, text: str, height: int = 22) -> np.ndarray:
+    """A white strip with black text, the width of one panel."""
+    strip = np.full((height, width, 3), 255, np.uint8)
+    cv2.putText(strip, text, (4, height - 7), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1,
+                cv2.LINE_AA)
+    return strip
+
+
 def _panel(image: np.ndarray, truth: np.ndarray, prob: np.ndarray, threshold: float,
-           scale: int = 2) -> np.ndarray:
-    """image | ground truth (green) | prediction (red), as the paper's Figs. 4-6."""
+           min_side: int = 256) -> np.ndarray:
+    """image | ground truth (green) | prediction (red), captioned, as the paper's Figs. 4-6.
+
+    Panels are enlarged (nearest, so pixels stay visible) to at least
+    ``min_side``; the prediction's caption carries its Dice, or for a
+    lesion-free image whether the prediction is empty.
+    """
+    scale = max(1, -(-min_side // max(image.shape)))
+
     def up(a: np.ndarray) -> np.ndarray:
         return cv2.resize(a, (a.shape[1] * scale, a.shape[0] * scale),
                           interpolation=cv2.INTER_NEAREST)
 
+    from busi.metrics import dice
+
+    pred = prob > threshold
+    if truth.any():
+        verdict = f"prediction, Dice {dice(truth > 0, pred):.2f}"
+    else:
+        verdict = "prediction: empty (correct)" if not pred.any() else \
+            f"prediction: {int(pred.sum())} px (no lesion)"
     gray = cv2.cvtColor(up(image), cv2.COLOR_GRAY2BGR)
     panels = [gray.copy()]
-    for mask, colour in ((truth > 0, (0, 200, 0)), (prob > threshold, (0, 0, 255))):
+    for mask, colour in ((truth > 0, (0, 200, 0)), (pred, (0, 0, 255))):
         view = gray.copy()
         m = up(mask.astype(np.uint8))
         contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
@@ -68,7 +91,10 @@ def _panel(image: np.ndarray, truth: np.ndarray, prob: np.ndarray, threshold: fl
         view = cv2.addWeighted(overlay, 0.3, view, 0.7, 0)
         cv2.drawContours(view, contours, -1, colour, 1)
         panels.append(view)
-    sep = np.full((gray.shape[0], 4, 3), 255, np.uint8)
+    w = gray.shape[1]
+    panels = [np.vstack([_caption(w, text), p])
+              for text, p in zip(("image", "ground truth", verdict), panels, strict=True)]
+    sep = np.full((panels[0].shape[0], 4, 3), 255, np.uint8)
     return np.hstack([panels[0], sep, panels[1], sep, panels[2]])
 
 
@@ -101,9 +127,19 @@ def _fmt(stat: dict) -> str:
     return f"{stat['mean']:.3f} ± {stat['std']:.3f}"
 
 
+def _mask_rule(s: dict) -> str:
+    """'threshold 0.35, largest component, flip TTA': how the scored masks were made."""
+    parts = [f"threshold {s['threshold']:.2f}"]
+    if s.get("postprocess", "none") != "none":
+        parts.append(s["postprocess"].replace("_", " "))
+    if s.get("flip_tta"):
+        parts.append("flip TTA")
+    return ", ".join(parts)
+
+
 def segmentation_markdown(s: dict) -> str:
     lines = ["# Segmentation on the test split", "",
-             f"Threshold {s['threshold']:.2f}; best epoch {s['best_epoch']} of "
+             f"Masks: {_mask_rule(s)}; best epoch {s['best_epoch']} of "
              f"{s['epochs_done']}; {s['n_test']} test images. HD95 in pixels of the "
              "model's input grid.", "",
              "| images | n | Dice | IoU | HD95 (px) |", "|---|---:|---:|---:|---:|"]
@@ -125,7 +161,7 @@ def segmentation_markdown(s: dict) -> str:
 def segmentation_text(s: dict) -> str:
     le = s["lesion_images"]
     out = [f"test Dice {_fmt(le['dice'])}, IoU {_fmt(le['iou'])}, HD95 {_fmt(le['hd95'])} px "
-           f"on {le['dice']['n']} lesion images (threshold {s['threshold']:.2f})"]
+           f"on {le['dice']['n']} lesion images ({_mask_rule(s)})"]
     for name, e in s["per_class"].items():
         if "dice" in e:
             out.append(f"  {name:10} Dice {_fmt(e['dice'])}  IoU {_fmt(e['iou'])}")

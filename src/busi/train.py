@@ -33,6 +33,7 @@ keras = runtime.import_keras()
 from busi import report  # noqa: E402  (after the quiet backend import)
 from busi.augment import build_augment  # noqa: E402
 from busi.losses import segmentation_loss, segmentation_metrics  # noqa: E402
+from busi.masks import MaskRule, load_masks, predict_probs, save_masks  # noqa: E402
 from busi.metrics import per_image, summarise, tune_threshold  # noqa: E402
 from busi.models import build_classifier, build_unet  # noqa: E402
 from busi.pipeline import Batches  # noqa: E402
@@ -203,14 +204,6 @@ def fit_unet(cfg: Config, ds: Dataset, train_idx: np.ndarray, val_idx: np.ndarra
     return keras.models.load_model(run_dir / "best.keras"), final, wall
 
 
-def predict_masks(model, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    """Lesion probabilities (N, H, W) float32 for uint8 images (N, H, W)."""
-    if len(images) == 0:
-        return np.zeros(images.shape, np.float32)
-    x = images[..., None].astype("float32") / 255.0
-    return model.predict(x, batch_size=batch_size, verbose=0)[..., 0].astype(np.float32)
-
-
 def _out_of_fold(cfg: Config, ds: Dataset, pool: np.ndarray, run_dir: Path, k: int,
                  probs: np.ndarray, source: np.ndarray) -> None:
     """Replace the masks of training images by those of k U-Nets that never saw them.
@@ -235,7 +228,7 @@ def _out_of_fold(cfg: Config, ds: Dataset, pool: np.ndarray, run_dir: Path, k: i
         print(f"out-of-fold masks: fold {fold + 1}/{k} ({len(held)} images held out)")
         model, _, _ = fit_unet(cfg, ds, perm[n_val:], perm[:n_val], sub, {},
                                f"(out-of-fold fold {fold} restarts with the run)")
-        probs[held] = predict_masks(model, ds.images[held])
+        probs[held] = predict_probs(model, ds.images[held], flip_tta=cfg.training.seg.flip_tta)
         source[held] = f"oof{fold}"
 
 
@@ -266,14 +259,19 @@ def train_segmentation(cfg: Config, *, resume: str | None = None,
     model, final, wall = fit_unet(cfg, ds, idx["train"], idx["val"], run_dir, state, hint)
     t = cfg.training.seg
 
-    probs = predict_masks(model, ds.images)
+    # Quantised as masks.npz stores them, so these metrics and the classifier's
+    # masks come from the same numbers.
+    probs = np.round(predict_probs(model, ds.images, flip_tta=t.flip_tta) * 255) / 255
     source = np.array(["final"] * len(ds), dtype=object)
     threshold = t.threshold
     if t.tune_threshold:
-        threshold = tune_threshold(ds.masks[idx["val"]], probs[idx["val"]])
-    scores = per_image(ds.masks[idx["test"]], probs[idx["test"]], threshold)
+        threshold = tune_threshold(ds.masks[idx["val"]], probs[idx["val"]],
+                                   postprocess=t.postprocess)
+    rule = MaskRule(threshold, t.postprocess)
+    scores = per_image(ds.masks[idx["test"]], rule.apply(probs[idx["test"]]), 0.5)
     summary = summarise(scores, ds.labels[idx["test"]], ds.classes)
-    summary.update({"threshold": threshold, "best_epoch": final.get("best_epoch", -1) + 1,
+    summary.update({"threshold": threshold, "postprocess": t.postprocess,
+                    "flip_tta": t.flip_tta, "best_epoch": final.get("best_epoch", -1) + 1,
                     "epochs_done": final.get("epochs_done"), "train_seconds": round(wall, 1),
                     "n_test": int(len(idx["test"]))})
     if t.out_of_fold_masks > 1:
@@ -284,35 +282,15 @@ def train_segmentation(cfg: Config, *, resume: str | None = None,
     per_file = {f: {m: float(scores[m][i]) for m in ("dice", "iou", "hd95")}
                 for i, f in enumerate(parts["test"])}
     write_json(run_dir / "test_scores.json", per_file)
-    _save_masks(run_dir / "masks.npz", ds.files, probs, source, threshold)
+    save_masks(run_dir / "masks.npz", ds.files, probs, source, rule, t.flip_tta)
     report.plot_history(run_dir / "history.csv", run_dir / "loss_curve.png",
                         title="U-Net: training and validation loss")
-    report.save_overlays(run_dir / "overlays", ds, idx["test"], probs, threshold)
+    report.save_overlays(run_dir / "overlays", ds, idx["test"], rule.apply(probs), 0.5)
     _finish_state(run_dir, final, environment=runtime.environment(),
                   precision=cfg.runtime.precision)
     print(report.segmentation_text(summary))
     print(f"outputs: {run_dir}")
     return run_dir
-
-
-def _save_masks(path: Path, files: list[str], probs: np.ndarray, source: np.ndarray,
-                threshold: float) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.npz")
-    np.savez_compressed(tmp, files=np.array(files, dtype=str),
-                        probs=np.round(probs * 255).astype(np.uint8),
-                        source=np.array(source, dtype=str), threshold=np.float32(threshold))
-    os.replace(tmp, path)
-
-
-def load_masks(seg_run: Path) -> tuple[dict[str, np.ndarray], float]:
-    path = seg_run / "masks.npz"
-    if not path.is_file():
-        raise BusiError("segmentation run has no masks.npz (did it finish?)", where=str(seg_run),
-                        fix=f"finish it with `busi train-seg --resume {seg_run}` or pick another "
-                            "run with --seg-run")
-    with np.load(path) as z:
-        probs = z["probs"].astype(np.float32) / 255.0
-        return dict(zip(z["files"].tolist(), probs, strict=True)), float(z["threshold"])
 
 
 def resolve_seg_run(seg_run: str | None, outputs_root: str) -> Path:
@@ -368,13 +346,13 @@ def _classifier_masks(cfg: Config, ds: Dataset, seg_run: Path | None) -> np.ndar
     if source == "ground_truth":
         return ds.masks
     assert seg_run is not None
-    probs, threshold = load_masks(seg_run)
-    missing = [f for f in ds.files if f not in probs]
+    masks = load_masks(seg_run)
+    missing = [f for f in ds.files if f not in masks]
     if missing:
         raise BusiError(f"the segmentation run has no mask for {len(missing)} image(s), e.g. "
                         f"{missing[0]!r}", where=str(seg_run),
                         fix="use a segmentation run trained on the same data")
-    return np.stack([(probs[f] > threshold).astype(np.uint8) for f in ds.files])
+    return np.stack([masks[f] for f in ds.files])
 
 
 def _block_of(name: str) -> str:
