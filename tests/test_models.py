@@ -72,3 +72,16 @@ def test_no_network_for_imagenet_says_how_to_predownload(monkeypatch: pytest.Mon
         build_classifier("vgg19", (64, 64), 3, weights="imagenet")
     text = str(err.value)
     assert "could not be downloaded" in text and "model.classifier.weights=" in text
+
+
+def test_fine_tuning_opens_only_the_top_blocks_of_the_base() -> None:
+    from busi.train import _set_trainable_top_blocks
+
+    model = build_classifier("vgg19", (64, 64), 3, weights="none")
+    base = model.get_layer("vgg19")
+    _set_trainable_top_blocks(model, 0)
+    assert not any(layer.trainable for layer in base.layers if layer.weights)
+    _set_trainable_top_blocks(model, 1)
+    open_layers = {layer.name for layer in base.layers if layer.weights and layer.trainable}
+    assert open_layers == {f"block5_conv{i}" for i in range(1, 5)}
+    assert model.get_layer("fc").trainable, "the new head always trains"

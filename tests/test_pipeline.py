@@ -220,3 +220,17 @@ def test_out_of_fold_masks_come_from_models_that_never_saw_the_image(work: Path)
     assert {source[f] for f in test} == {"final"}, "test masks come from the final U-Net"
     assert {s for f, s in source.items() if f not in test} == {"oof0", "oof1"}
     assert (run_dir / "oof" / "fold0" / "best.keras").is_file()
+
+
+def test_frozen_base_then_fine_tuning_with_class_weights(work: Path, seg_run: Path) -> None:
+    out_root = work / "finetune"
+    assert run(work, "train-cls", "--model", "mobilenet", "--seg-run", str(seg_run),
+               "--set", f"outputs.root={out_root}", "--set", "training.cls.epochs=1",
+               "--set", "model.classifier.freeze_base=true",
+               "--set", "model.classifier.fine_tune_blocks=2",
+               "--set", "model.classifier.fine_tune_epochs=1",
+               "--set", "model.classifier.class_weights=true") == 0
+    (run_dir,) = list((out_root / "cls" / "mobilenet").iterdir())
+    with open(run_dir / "history.csv") as fh:
+        assert [int(r["epoch"]) for r in csv.DictReader(fh)] == [0, 1]  # stage 1, then 2
+    assert json.loads((run_dir / "state.json").read_text())["finished"] is True

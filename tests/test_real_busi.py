@@ -28,3 +28,27 @@ def test_paper_split_is_702_78(real_busi: Path, tmp_path: Path) -> None:
     m = get_manifest(ds, SplitConfig(manifest_dir=str(tmp_path)), seed=42)
     parts = m.partition()
     assert len(parts["test"]) == 78 and len(parts["train"]) + len(parts["val"]) == 702
+
+
+@pytest.mark.slow
+def test_whole_pipeline_on_real_busi(real_busi: Path, tmp_path: Path) -> None:
+    """Real files through every stage (tiny training): `pytest -m slow`, about 2 minutes."""
+    import csv
+    import json
+
+    from busi.cli import main
+
+    common = ["--data", str(real_busi), "--set", f"outputs.root={tmp_path}",
+              "--set", f"data.cache_dir={tmp_path}/cache",
+              "--set", f"split.manifest_dir={tmp_path}/splits",
+              "--set", "model.unet.base_filters=4", "--set", "model.classifier.weights=none"]
+    assert main(["train-seg", "--config", "cpu", *common, "--set", "training.seg.epochs=1",
+                 "--set", "training.seg.steps_per_epoch=4"]) == 0
+    assert main(["train-cls", "--model", "cnn", "--config", "cpu", *common,
+                 "--set", "training.cls.epochs=1", "--set", "training.cls.steps_per_epoch=4"]) == 0
+    assert main(["evaluate", "--outputs", str(tmp_path)]) == 0
+    (seg,) = (tmp_path / "seg").iterdir()
+    assert json.loads((seg / "split.json").read_text())["test"] == 78
+    (cls,) = (tmp_path / "cls" / "cnn").iterdir()
+    with open(cls / "predictions.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == 78

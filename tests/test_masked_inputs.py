@@ -1,0 +1,41 @@
+"""How a lesion mask is applied to the classifier's input (multiply, crop, none)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("keras")
+from busi.train import masked_inputs  # noqa: E402
+
+
+def _case():
+    image = np.arange(64 * 64, dtype=np.uint32).reshape(1, 64, 64) % 251
+    image = image.astype(np.uint8) + 1  # no zero pixel, so blanking is visible
+    mask = np.zeros((1, 64, 64), np.uint8)
+    mask[0, 20:30, 10:40] = 1
+    return image, mask
+
+
+def test_multiply_is_the_papers_image_times_mask() -> None:
+    image, mask = _case()
+    out = masked_inputs(image, mask, "multiply")
+    assert (out[mask == 0] == 0).all() and (out[mask == 1] == image[mask == 1]).all()
+
+
+def test_crop_keeps_the_lesion_box_with_its_margin_at_full_size() -> None:
+    import cv2
+
+    image, mask = _case()
+    out = masked_inputs(image, mask, "crop", margin=0.1)
+    # box rows 20..29, cols 10..39; margin 10% of 10 and 30 px -> 1 and 3 px
+    expected = cv2.resize(image[0, 19:31, 7:43], (64, 64), interpolation=cv2.INTER_LINEAR)
+    np.testing.assert_array_equal(out[0], expected)
+
+
+def test_an_empty_mask_keeps_the_whole_image_when_cropping_and_none_ignores_masks() -> None:
+    image, _ = _case()
+    empty = np.zeros_like(image)
+    np.testing.assert_array_equal(masked_inputs(image, empty, "crop"), image)
+    np.testing.assert_array_equal(masked_inputs(image, empty, "none"), image)
+    assert masked_inputs(image, empty, "multiply").max() == 0  # the paper's leak, for normals
