@@ -150,7 +150,10 @@ def test_report_files_equal_what_sklearn_computes(cls_run: Path) -> None:
 
 def test_evaluate_prints_the_per_class_table(work: Path, cls_run: Path, seg_run: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
+    before = {p: p.stat().st_mtime_ns for p in cls_run.rglob("*")}
     assert main(["evaluate", "--outputs", str(work / "outputs"), "--seg-run", str(seg_run)]) == 0
+    assert {p: p.stat().st_mtime_ns for p in cls_run.rglob("*")} == before, \
+        "evaluating a run must not modify its folder"
     out = capsys.readouterr().out
     for word in ("precision", "recall", "f1-score", "benign", "malignant", "normal",
                  "macro avg", "Side by side", "Dice"):

@@ -177,7 +177,12 @@ def _run_title(run_dir: Path) -> str:
 
 
 def evaluate_run(run_dir: str | Path) -> dict:
-    """Compute and write the report files of one classifier run; return them."""
+    """Compute one classifier run's report; write its report files if it has none yet.
+
+    A finished run writes its own reports once; a later ``busi evaluate`` only
+    reads it (its tables go to ``outputs/eval/<run>/``), so evaluating never
+    modifies an earlier run's folder.
+    """
     run_dir = Path(run_dir)
     files, y_true, y_pred, probs, classes = read_predictions(run_dir / "predictions.csv")
     r = compute(files, y_true, y_pred, probs, classes)
@@ -187,17 +192,23 @@ def evaluate_run(run_dir: str | Path) -> dict:
         f"accuracy {r['accuracy']:.3f} (95% CI {r['ci95']['accuracy'][0]:.3f}-"
         f"{r['ci95']['accuracy'][1]:.3f}), macro-F1 {r['macro_f1']:.3f} (95% CI "
         f"{r['ci95']['macro_f1'][0]:.3f}-{r['ci95']['macro_f1'][1]:.3f})")
+    if not (run_dir / "classification_report.json").is_file():
+        _write_run_reports(run_dir, r, title)
+    return r
+
+
+def _write_run_reports(run_dir: Path, r: dict, title: str) -> None:
     atomic_write(run_dir / "classification_report.txt", r["text"] + "\n")
     atomic_write(run_dir / "classification_report.md", _markdown_table(r, title))
     atomic_write(run_dir / "classification_report.csv", _csv_table(r))
-    write_json(run_dir / "classification_report.json",
-               {k: v for k, v in r.items() if k not in ("text", "report_text")})
     cm_rows = ["true\\pred," + ",".join(r["labels"])]
     cm_rows += [f"{c}," + ",".join(map(str, row))
                 for c, row in zip(r["labels"], r["confusion_matrix"], strict=True)]
     atomic_write(run_dir / "confusion_matrix.csv", "\n".join(cm_rows) + "\n")
     _plot_confusion(r, run_dir / "confusion_matrix.png", title.split(" -- ")[0])
-    return r
+    # Last: its presence means every report file above is complete.
+    write_json(run_dir / "classification_report.json",
+               {k: v for k, v in r.items() if k not in ("text", "report_text")})
 
 
 def _model_of(run_dir: Path) -> str:
