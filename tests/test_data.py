@@ -143,3 +143,43 @@ def test_mask_without_image_and_image_without_mask(data_copy: Path, tmp_path: Pa
         load(data_copy, tmp_path)
     assert "benign (3).png" in str(err.value)
     assert len(load(data_copy, tmp_path, on_bad_file="skip")) == 34
+
+
+def _csv(root: Path, text: str) -> Path:
+    path = root / "manifest.csv"
+    path.write_text(text)
+    return path
+
+
+def test_csv_manifest_paths_relative_to_it_empty_mask_means_no_lesion(synth_root: Path) -> None:
+    csv_path = _csv(synth_root.parent, (
+        "image,mask,label\n"
+        "busi/benign/benign (1).png,busi/benign/benign (1)_mask.png,benign\n"
+        "busi/malignant/malignant (2).png,busi/malignant/malignant (2)_mask.png,malignant\n"
+        "busi/normal/normal (3).png,,normal\n"))
+    ds = load_dataset(csv_path, size=(32, 32), cache_dir=None)
+    assert ds.files == ["busi/benign/benign (1).png", "busi/malignant/malignant (2).png",
+                        "busi/normal/normal (3).png"]
+    assert ds.labels.tolist() == [0, 1, 2]
+    assert ds.masks[0].any() and not ds.masks[2].any()
+    assert ds.n_masks.tolist() == [1, 1, 0]
+
+
+def test_csv_manifest_without_normal_rows_is_fine(synth_root: Path) -> None:
+    csv_path = _csv(synth_root.parent, "image,mask,label\n"
+                    "busi/benign/benign (1).png,busi/benign/benign (1)_mask.png,benign\n")
+    assert len(load_dataset(csv_path, size=(32, 32), cache_dir=None)) == 1
+
+
+@pytest.mark.parametrize("text,message", [
+    ("image,label\nx.png,benign\n", "lacks column(s) mask"),
+    ("image,mask,label\nbusi/benign/benign (1).png,,cancer\n", "line 2: label 'cancer'"),
+    ("image,mask,label\nbusi/benign/nope.png,,benign\n", "line 2: file not found"),
+    ("image,mask,label\n", "has no rows"),
+])
+def test_csv_manifest_errors_name_the_line_and_the_fix(synth_root: Path, text: str,
+                                                       message: str) -> None:
+    csv_path = _csv(synth_root.parent, text)
+    with pytest.raises(BusiError, match="fix:") as err:
+        load_dataset(csv_path, size=(32, 32), cache_dir=None)
+    assert message in str(err.value)

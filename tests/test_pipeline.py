@@ -237,3 +237,41 @@ def test_frozen_base_then_fine_tuning_with_class_weights(work: Path, seg_run: Pa
     with open(run_dir / "history.csv") as fh:
         assert [int(r["epoch"]) for r in csv.DictReader(fh)] == [0, 1]  # stage 1, then 2
     assert json.loads((run_dir / "state.json").read_text())["finished"] is True
+
+
+def test_evaluate_trained_runs_on_other_data_without_retraining(
+        work: Path, seg_run: Path, cls_run: Path, synth_root: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Another site's images, as a CSV manifest with no normal images and one unmasked image."""
+    rows = ["image,mask,label"]
+    for k in range(1, 5):
+        for c in ("benign", "malignant"):
+            mask = f"{c}/{c} ({k})_mask.png" if k > 1 else ""
+            rows.append(f"{c}/{c} ({k}).png,{mask},{c}")
+    manifest = synth_root / "other_site.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    out_root = tmp_path / "out"
+    try:
+        assert main(["evaluate", "--data", str(manifest), "--seg-run", str(seg_run),
+                     "--cls-run", str(cls_run), "--outputs", str(out_root)]) == 0
+    finally:
+        manifest.unlink()
+    (out,) = (out_root / "eval").iterdir()
+    with open(out / "predictions.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == 8
+    seg = json.loads((out / "segmentation.json").read_text())
+    assert seg["n_test"] == 6, "images without a mask file are not scored for segmentation"
+    report = json.loads((out / "classification_report.json").read_text())
+    assert report["report"]["normal"]["support"] == 0
+    assert "Dice" in capsys.readouterr().out
+
+
+def test_evaluate_on_data_with_an_unknown_class_folder_is_a_clear_error(
+        work: Path, cls_run: Path, seg_run: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    other = tmp_path / "other"
+    (other / "cancer").mkdir(parents=True)
+    assert main(["evaluate", "--data", str(other), "--cls-run", str(cls_run),
+                 "--seg-run", str(seg_run), "--outputs", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "cancer" in err and "fix:" in err

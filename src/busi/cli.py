@@ -113,8 +113,15 @@ def cmd_train_cls(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from busi.evaluate import evaluate_command
+    from busi.evaluate import evaluate_command, evaluate_on_data
 
+    if args.data:
+        if args.runs:
+            raise BusiError("with --data, name the classifier with --cls-run, not as a run folder",
+                            fix=f"busi evaluate --data {args.data} --cls-run {args.runs[0]}")
+        evaluate_on_data(args.data, cls_run=args.cls_run, seg_run=args.seg_run,
+                         outputs_root=args.outputs)
+        return 0
     evaluate_command(runs=args.runs, seg_run=args.seg_run, outputs_root=args.outputs)
     return 0
 
@@ -181,9 +188,16 @@ def build_parser() -> argparse.ArgumentParser:
             busi evaluate                                 # every classifier run of the latest split
             busi evaluate outputs/cls/vgg19/20261124-120000
             busi evaluate --seg-run outputs/seg/20261124-101500
+            # trained models on another hospital's images (BUSI layout or CSV image,mask,label):
+            busi evaluate --data other_site.csv --seg-run outputs/seg/A --cls-run outputs/cls/cnn/B
         """))
     p.add_argument("runs", nargs="*", metavar="RUN_DIR", help="classifier run folders")
     p.add_argument("--seg-run", metavar="RUN_DIR", help="also report this U-Net's Dice/IoU/HD95")
+    p.add_argument("--data", metavar="PATH",
+                   help="evaluate trained runs on this data (BUSI-layout folder or CSV manifest "
+                        "with columns image,mask,label) instead of their own test split")
+    p.add_argument("--cls-run", metavar="RUN_DIR",
+                   help="with --data: the classifier run (default: the newest)")
     p.add_argument("--outputs", default="outputs", help="outputs root (default: outputs)")
     p.set_defaults(func=cmd_evaluate)
 

@@ -33,16 +33,17 @@ SKIP_FIX = "replace or remove the file, or set data.on_bad_file: skip to leave i
 
 @dataclass(frozen=True)
 class Case:
-    """One image of the data set, its mask files and its label."""
+    """One image of the data set, its mask files (none: no lesion) and its label."""
 
     image: Path
     masks: tuple[Path, ...]
     label: str
+    id: str = ""  # set for CSV manifests: the image path as the CSV writes it
 
     @property
     def name(self) -> str:
-        """Path relative to the data root, e.g. ``benign/benign (1).png``: the id in manifests."""
-        return f"{self.label}/{self.image.name}"
+        """The id in manifests: ``benign/benign (1).png`` for the BUSI layout."""
+        return self.id or f"{self.label}/{self.image.name}"
 
 
 @dataclass
@@ -69,8 +70,63 @@ class Layout:
     other_files: list[Path] = field(default_factory=list)
 
 
+CSV_COLUMNS = ("image", "mask", "label")
+
+
+def scan_csv(path: Path, classes: tuple[str, ...]) -> Layout:
+    """List the cases of a CSV manifest: columns ``image,mask,label``, paths relative to it.
+
+    For data that is not in the BUSI layout (another hospital's export, say). An
+    empty ``mask`` cell means "no lesion" (an all-zero mask, as BUSI's normal
+    images have); several masks of one image go in one cell separated by ``;``.
+    A class of ``classes`` with no row is fine (external sets often have no
+    normal images); a label outside ``classes`` is an error.
+    """
+    import csv
+
+    def fail(problem: str, fix: str, line: int | None = None) -> BusiError:
+        return BusiError(problem, where=f"{path}" + (f", line {line}" if line else ""), fix=fix)
+
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            columns = [c.strip() for c in (reader.fieldnames or [])]
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise fail(f"cannot read the CSV manifest ({exc})",
+                   "pass a UTF-8 CSV file with columns image,mask,label") from None
+    missing = [c for c in CSV_COLUMNS if c not in columns]
+    if missing:
+        raise fail(f"the CSV manifest lacks column(s) {', '.join(missing)} "
+                   f"(found: {', '.join(columns) or 'none'})",
+                   "give it a header line 'image,mask,label'")
+    if not rows:
+        raise fail("the CSV manifest has no rows", "list one image per line under the header")
+    base = path.parent
+    layout = Layout(root=base, classes=classes, cases=[])
+    seen: set[str] = set()
+    for line, row in enumerate(rows, start=2):
+        row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
+        label, image = row["label"], row["image"]
+        if label not in classes:
+            raise fail(f"label {label!r} is not one of the model's classes "
+                       f"({', '.join(classes)})", "relabel the row, or leave the image out", line)
+        if not image:
+            raise fail("empty image path", "write the image's path, relative to the CSV", line)
+        if image in seen:
+            raise fail(f"image {image!r} is listed twice", "keep one row per image", line)
+        seen.add(image)
+        paths = [base / image] + [base / m for m in row["mask"].split(";") if m.strip()]
+        for p in paths:
+            if not p.is_file():
+                raise fail(f"file not found: {p}", "fix the path (relative to the CSV's folder)",
+                           line)
+        layout.cases.append(Case(image=paths[0], masks=tuple(paths[1:]), label=label, id=image))
+    return layout
+
+
 def scan(root: str | Path, classes: Iterable[str]) -> Layout:
-    """List the cases under ``root`` in the BUSI layout; no decoding.
+    """List the cases under ``root`` (BUSI layout, or a CSV manifest); no decoding.
 
     Raises for problems that make the folder unusable as a whole (missing root,
     missing or empty class folder); per-file problems are returned in the layout
@@ -78,10 +134,13 @@ def scan(root: str | Path, classes: Iterable[str]) -> Layout:
     """
     root = Path(root)
     classes = tuple(classes)
+    if root.suffix.lower() == ".csv" and root.is_file():
+        return scan_csv(root, classes)
     if not root.is_dir():
         raise BusiError("data folder not found", where=str(root),
                         fix="pass --data PATH to a folder with benign/ malignant/ normal/ "
-                            "(see README, 'Real BUSI'), or run `busi data synth --out DIR`")
+                            "or to a CSV manifest (image,mask,label), or run "
+                            "`busi data synth --out DIR`")
     layout = Layout(root=root, classes=classes, cases=[])
     for label in classes:
         folder = root / label

@@ -277,3 +277,92 @@ def evaluate_command(runs: list[str] | None = None, seg_run: str | None = None,
                 for r, d in zip(results, run_dirs, strict=True)])
     print(f"reports: {out}/evaluation.md (and classification_report.* in each run folder)")
     return out
+
+
+def evaluate_on_data(data: str, cls_run: str | None = None, seg_run: str | None = None,
+                     outputs_root: str = "outputs") -> Path:
+    """Run trained models on other labelled data (another hospital's) and report, no retraining.
+
+    ``data`` is a BUSI-layout folder or a CSV manifest (``image,mask,label``).
+    The classifier's own config decides the image size and how masks are
+    applied; the segmentation run's stored rule decides how its probabilities
+    become masks -- exactly as for the run's own test images. Classes the model
+    knows but the data lacks (often ``normal``) are fine; unknown labels are not.
+    """
+    from busi import runtime
+    from busi.config import load_config
+    from busi.data import load_dataset
+    from busi.masks import predict_probs, read_rule
+    from busi.metrics import per_image, summarise
+    from busi.report import segmentation_markdown, segmentation_text
+    from busi.train import masked_inputs, resolve_cls_run, resolve_seg_run
+
+    keras = runtime.import_keras()
+    cls = resolve_cls_run(cls_run, outputs_root)
+    cfg = load_config(cls / "config.yaml")
+    c = cfg.model.classifier
+    model_classes = tuple(cfg.data.classes)
+    ds = load_dataset(data, _classes_in(data, model_classes), tuple(cfg.data.image_size),
+                      cache_dir=cfg.data.cache_dir, on_bad_file=cfg.data.on_bad_file)
+    names = [ds.classes[k] for k in ds.labels]
+    uses_masks = c.masks != "none" and c.mask_mode != "none"
+    seg = resolve_seg_run(seg_run, outputs_root) if (uses_masks and c.masks == "predicted"
+                                                      or seg_run) else None
+    out = new_run_dir(Path(outputs_root) / "eval")
+    parts = [f"# Evaluation on {data}, {time.strftime('%Y-%m-%d %H:%M')}", "",
+             f"Classifier run: {cls}; segmentation run: {seg or 'none'}; {len(ds)} images "
+             f"({', '.join(f'{k} {names.count(k)}' for k in model_classes)}).", ""]
+    masks = ds.masks if c.masks == "ground_truth" else None
+    if seg is not None:
+        rule, tta = read_rule(seg)
+        unet = keras.models.load_model(seg / "best.keras")
+        probs = np.round(predict_probs(unet, ds.images, flip_tta=tta) * 255) / 255
+        predicted = rule.apply(probs)
+        masks = predicted if c.masks == "predicted" else masks
+        scored = (ds.n_masks > 0) | (np.array(names) == "normal")
+        if scored.any():
+            scores = per_image(ds.masks[scored], predicted[scored].astype(np.float32), 0.5)
+            summary = summarise(scores, np.array([model_classes.index(n) for n in names])[scored],
+                                model_classes)
+            summary.update({"threshold": rule.threshold, "postprocess": rule.postprocess,
+                            "flip_tta": tta, "best_epoch": "-", "epochs_done": "-",
+                            "n_test": int(scored.sum())})
+            write_json(out / "segmentation.json", summary)
+            print(segmentation_text(summary))
+            parts += [segmentation_markdown(summary).replace("# Segmentation on the test split",
+                                                             "## Segmentation"), ""]
+    clf = keras.models.load_model(cls / "best.keras")
+    x = masked_inputs(ds.images, masks if uses_masks else None, c.mask_mode, c.crop_margin)
+    probs_cls = clf.predict(x[..., None].astype("float32"), batch_size=64, verbose=0)
+    labels = np.array([model_classes.index(n) for n in names])
+    write_predictions(out / "predictions.csv", ds.files, labels, probs_cls, model_classes)
+    r = compute(ds.files, names, [model_classes[int(i)] for i in probs_cls.argmax(1)], probs_cls,
+                list(model_classes))
+    title = f"{_model_of(cls)} ({_inputs_of(cls)}) -- {cls.name} on {Path(data).name}"
+    r["title"] = title
+    r["text"] = f"{title}\n{r['report_text']}"
+    _write_run_reports(out, r, title)
+    parts.append(_markdown_table(r, title))
+    atomic_write(out / "evaluation.md", "\n".join(parts))
+    print(r["text"])
+    print(f"reports: {out}/evaluation.md")
+    return out
+
+
+def _classes_in(data: str, model_classes: tuple[str, ...]) -> tuple[str, ...]:
+    """The model's classes that a BUSI-layout folder has; a folder of another name is an error."""
+    root = Path(data)
+    if not root.is_dir():
+        return model_classes  # a CSV manifest: labels are checked row by row
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    unknown = [f for f in folders if f not in model_classes]
+    if unknown:
+        raise BusiError(f"class folder(s) {', '.join(unknown)} are not among the model's classes "
+                        f"({', '.join(model_classes)})", where=str(root),
+                        fix="rename or remove those folders; the model cannot predict new classes")
+    present = tuple(c for c in model_classes if c in folders)
+    if not present:
+        raise BusiError("no class folder of the model's classes found", where=str(root),
+                        fix=f"put images under {', '.join(model_classes)}/ or pass a CSV manifest")
+    return present
+

@@ -17,7 +17,7 @@ from busi import runtime
 from busi.config import load_config
 from busi.data import IMAGE_EXTENSIONS, MASK_RE, decode, resize_image, to_gray
 from busi.errors import BusiError
-from busi.runs import atomic_write, latest_run, new_run_dir, write_json
+from busi.runs import atomic_write, new_run_dir, write_json
 
 
 def _images(inputs: list[str]) -> list[Path]:
@@ -37,25 +37,14 @@ def _images(inputs: list[str]) -> list[Path]:
     return found
 
 
-def _latest_cls(outputs_root: str) -> Path:
-    runs = [r for m in sorted((Path(outputs_root) / "cls").glob("*"))
-            if (r := latest_run(m, require="best.keras"))]
-    if not runs:
-        raise BusiError("no classifier run found", fix="train one: busi train-cls --model cnn")
-    return max(runs, key=lambda r: r.name)
-
-
 def predict_command(inputs: list[str], seg_run: str | None = None, cls_run: str | None = None,
                     out: str | None = None, outputs_root: str = "outputs") -> Path:
     from busi.masks import predict_probs, read_rule
-    from busi.train import masked_inputs, resolve_seg_run
+    from busi.train import masked_inputs, resolve_cls_run, resolve_seg_run
 
     keras = runtime.import_keras()
     seg = resolve_seg_run(seg_run, outputs_root)
-    cls = Path(cls_run) if cls_run else _latest_cls(outputs_root)
-    if not (cls / "best.keras").is_file():
-        raise BusiError("classifier run has no best.keras", where=str(cls),
-                        fix="pass a finished run under outputs/cls/<model>/")
+    cls = resolve_cls_run(cls_run, outputs_root)
     cfg = load_config(cls / "config.yaml")
     c = cfg.model.classifier
     size = tuple(cfg.data.image_size)

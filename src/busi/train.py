@@ -307,6 +307,22 @@ def resolve_seg_run(seg_run: str | None, outputs_root: str) -> Path:
     return latest
 
 
+def resolve_cls_run(cls_run: str | None, outputs_root: str) -> Path:
+    """The named classifier run, or the newest finished one of any model."""
+    if cls_run:
+        path = Path(cls_run)
+        if not (path / "best.keras").is_file() or not (path / "config.yaml").is_file():
+            raise BusiError("not a finished classifier run (no best.keras)", where=str(path),
+                            fix="pass a folder under outputs/cls/<model>/")
+        return path
+    runs = [r for m in sorted((Path(outputs_root) / CLS_DIR).glob("*"))
+            if (r := latest_run(m, require="best.keras"))]
+    if not runs:
+        raise BusiError(f"no finished classifier run under {Path(outputs_root) / CLS_DIR}",
+                        fix="pass --cls-run, or train one: busi train-cls --model cnn")
+    return max(runs, key=lambda r: r.name)
+
+
 # --------------------------------------------------------------------------- classification
 
 
