@@ -53,8 +53,8 @@ def image_data_generator(cfg: AugmentationConfig) -> Augment:
     except ImportError:
         raise BusiError("augmentation engine 'image_data_generator' needs TensorFlow",
                         where="augmentation.engine",
-                        fix="pip install 'busi[tensorflow]' (or tensorflow), or set "
-                            "augmentation.engine: layers") from None
+                        fix="pip install tensorflow, or set augmentation.engine: layers"
+                        ) from None
     width, height = _shift(cfg.width_shift_range), _shift(cfg.height_shift_range)
     if _generator_swaps_axes(ImageDataGenerator):
         width, height = height, width
@@ -83,8 +83,7 @@ def keras_layers(cfg: AugmentationConfig, image_size: tuple[int, int]) -> Augmen
     """Keras 3 preprocessing layers; each layer draws one transform and applies it to both.
 
     The layers are driven through their public per-call API
-    (``get_random_transformation`` / ``transform_images`` /
-    ``transform_segmentation_masks``) with a ``SeedGenerator`` made from the
+    (``get_random_transformation`` / ``transform_images``) with a ``SeedGenerator`` made from the
     batch seed, so a batch's transform depends on (seed, epoch, batch) only --
     not on which worker thread ran first -- and the height and width draws of
     one layer stay independent (an int seed would make them equal).

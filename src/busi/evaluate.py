@@ -292,7 +292,7 @@ def evaluate_on_data(data: str, cls_run: str | None = None, seg_run: str | None 
     from busi import runtime
     from busi.config import load_config
     from busi.data import load_dataset
-    from busi.masks import predict_probs, read_rule
+    from busi.masks import as_stored, predict_probs, read_rule
     from busi.metrics import per_image, summarise
     from busi.report import segmentation_markdown, segmentation_text
     from busi.train import masked_inputs, resolve_cls_run, resolve_seg_run
@@ -305,6 +305,7 @@ def evaluate_on_data(data: str, cls_run: str | None = None, seg_run: str | None 
     ds = load_dataset(data, _classes_in(data, model_classes), tuple(cfg.data.image_size),
                       cache_dir=cfg.data.cache_dir, on_bad_file=cfg.data.on_bad_file)
     names = [ds.classes[k] for k in ds.labels]
+    labels = np.array([model_classes.index(n) for n in names])  # model's class indices
     uses_masks = c.masks != "none" and c.mask_mode != "none"
     seg = resolve_seg_run(seg_run, outputs_root) if (uses_masks and c.masks == "predicted"
                                                       or seg_run) else None
@@ -316,14 +317,13 @@ def evaluate_on_data(data: str, cls_run: str | None = None, seg_run: str | None 
     if seg is not None:
         rule, tta = read_rule(seg)
         unet = keras.models.load_model(seg / "best.keras")
-        probs = np.round(predict_probs(unet, ds.images, flip_tta=tta) * 255) / 255
+        probs = as_stored(predict_probs(unet, ds.images, flip_tta=tta))
         predicted = rule.apply(probs)
         masks = predicted if c.masks == "predicted" else masks
         scored = (ds.n_masks > 0) | (np.array(names) == "normal")
         if scored.any():
             scores = per_image(ds.masks[scored], predicted[scored].astype(np.float32), 0.5)
-            summary = summarise(scores, np.array([model_classes.index(n) for n in names])[scored],
-                                model_classes)
+            summary = summarise(scores, labels[scored], model_classes)
             summary.update({"threshold": rule.threshold, "postprocess": rule.postprocess,
                             "flip_tta": tta, "best_epoch": "-", "epochs_done": "-",
                             "n_test": int(scored.sum())})
@@ -334,7 +334,6 @@ def evaluate_on_data(data: str, cls_run: str | None = None, seg_run: str | None 
     clf = keras.models.load_model(cls / "best.keras")
     x = masked_inputs(ds.images, masks if uses_masks else None, c.mask_mode, c.crop_margin)
     probs_cls = clf.predict(x[..., None].astype("float32"), batch_size=64, verbose=0)
-    labels = np.array([model_classes.index(n) for n in names])
     write_predictions(out / "predictions.csv", ds.files, labels, probs_cls, model_classes)
     r = compute(ds.files, names, [model_classes[int(i)] for i in probs_cls.argmax(1)], probs_cls,
                 list(model_classes))

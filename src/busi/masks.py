@@ -46,6 +46,16 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     return (labels == keep).astype(np.uint8)
 
 
+def as_stored(probs: np.ndarray) -> np.ndarray:
+    """Probabilities rounded to the 1/255 steps that ``masks.npz`` keeps.
+
+    Every consumer (test metrics, classifier inputs, ``predict``, external
+    evaluation) thresholds these, so a pixel within 1/255 of the threshold can
+    never fall on different sides in different places.
+    """
+    return np.round(probs * 255) / 255
+
+
 def predict_probs(model, images: np.ndarray, *, flip_tta: bool = False,
                   batch_size: int = 32) -> np.ndarray:
     """Lesion probabilities (N, H, W) float32 for uint8 images (N, H, W).

@@ -13,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from busi.masks import MaskRule
+
 
 def dice(t: np.ndarray, p: np.ndarray) -> float:
     total = t.sum() + p.sum()
@@ -91,8 +93,6 @@ def summarise(scores: dict[str, np.ndarray], labels: np.ndarray,
 def tune_threshold(truth: np.ndarray, prob: np.ndarray, candidates: np.ndarray | None = None,
                    postprocess: str = "none") -> float:
     """Threshold that maximises pooled Dice on (validation) images, clean-up included."""
-    from busi.masks import MaskRule
-
     candidates = np.linspace(0.1, 0.9, 17) if candidates is None else candidates
     t = truth > 0
     best = max(candidates, key=lambda c: dice(t, MaskRule(float(c), postprocess).apply(prob)))

@@ -39,7 +39,7 @@ def _images(inputs: list[str]) -> list[Path]:
 
 def predict_command(inputs: list[str], seg_run: str | None = None, cls_run: str | None = None,
                     out: str | None = None, outputs_root: str = "outputs") -> Path:
-    from busi.masks import predict_probs, read_rule
+    from busi.masks import as_stored, predict_probs, read_rule
     from busi.train import masked_inputs, resolve_cls_run, resolve_seg_run
 
     keras = runtime.import_keras()
@@ -71,7 +71,7 @@ def predict_command(inputs: list[str], seg_run: str | None = None, cls_run: str 
             continue
         gray = to_gray(raw)
         small = resize_image(gray, size)
-        prob = np.round(predict_probs(unet, small[None], flip_tta=flip_tta) * 255) / 255
+        prob = as_stored(predict_probs(unet, small[None], flip_tta=flip_tta))
         mask = rule.apply(prob)[0]
         use_mask = None if c.masks == "none" else mask[None]
         x = masked_inputs(small[None], use_mask, c.mask_mode, c.crop_margin)

@@ -12,6 +12,7 @@ matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from busi.metrics import dice  # noqa: E402
 from busi.runs import atomic_write  # noqa: E402
 
 
@@ -71,8 +72,6 @@ def _panel(image: np.ndarray, truth: np.ndarray, prob: np.ndarray, threshold: fl
     def up(a: np.ndarray) -> np.ndarray:
         return cv2.resize(a, (a.shape[1] * scale, a.shape[0] * scale),
                           interpolation=cv2.INTER_NEAREST)
-
-    from busi.metrics import dice
 
     pred = prob > threshold
     if truth.any():

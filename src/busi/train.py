@@ -33,7 +33,7 @@ keras = runtime.import_keras()
 from busi import report  # noqa: E402  (after the quiet backend import)
 from busi.augment import build_augment  # noqa: E402
 from busi.losses import segmentation_loss, segmentation_metrics  # noqa: E402
-from busi.masks import MaskRule, load_masks, predict_probs, save_masks  # noqa: E402
+from busi.masks import MaskRule, as_stored, load_masks, predict_probs, save_masks  # noqa: E402
 from busi.metrics import per_image, summarise, tune_threshold  # noqa: E402
 from busi.models import build_classifier, build_unet  # noqa: E402
 from busi.pipeline import Batches  # noqa: E402
@@ -259,9 +259,7 @@ def train_segmentation(cfg: Config, *, resume: str | None = None,
     model, final, wall = fit_unet(cfg, ds, idx["train"], idx["val"], run_dir, state, hint)
     t = cfg.training.seg
 
-    # Quantised as masks.npz stores them, so these metrics and the classifier's
-    # masks come from the same numbers.
-    probs = np.round(predict_probs(model, ds.images, flip_tta=t.flip_tta) * 255) / 255
+    probs = as_stored(predict_probs(model, ds.images, flip_tta=t.flip_tta))
     source = np.array(["final"] * len(ds), dtype=object)
     threshold = t.threshold
     if t.tune_threshold:
