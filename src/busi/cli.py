@@ -126,6 +126,31 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cv(args: argparse.Namespace) -> int:
+    from busi.cv import run_cv
+
+    models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    cfg = None if args.resume else load_cli_config(args)
+    run_cv(cfg, folds=args.folds, models=models, resume=args.resume)
+    return 0
+
+
+def cmd_rerun(args: argparse.Namespace) -> int:
+    from busi.rerun import rerun
+
+    rerun(args.run_dir)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from busi.run_report import write_run_report
+
+    for run in args.runs:
+        html, md = write_run_report(run)
+        print(f"report: {html}\n        {md}")
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from busi.predict import predict_command
 
@@ -200,6 +225,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --data: the classifier run (default: the newest)")
     p.add_argument("--outputs", default="outputs", help="outputs root (default: outputs)")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("cv", help="k-fold cross-validation of the whole pipeline",
+                       formatter_class=fmt, epilog=_examples("""
+            busi cv --config configs/cpu.yaml --folds 5 --data data/Dataset_BUSI_with_GT
+            busi cv --config cpu --folds 5 --models cnn,vgg19,mobilenet
+            busi cv --resume outputs/cv/20261125-101500      # continue a killed CV
+        """))
+    _add_config_args(p)
+    p.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
+    p.add_argument("--models", default="cnn",
+                   help="comma-separated classifiers to train per fold (default: cnn)")
+    p.add_argument("--resume", metavar="CV_DIR", help="continue an interrupted CV run")
+    p.set_defaults(func=cmd_cv)
+
+    p = sub.add_parser("report", help="write report.html and report.md for run folders",
+                       formatter_class=fmt, epilog=_examples("""
+            busi report outputs/seg/20261125-101500
+            busi report outputs/cls/cnn/20261125-110000 outputs/cv/20261125-120000
+        """))
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("rerun", help="run a finished run again from its saved config",
+                       formatter_class=fmt, epilog=_examples("""
+            busi rerun outputs/seg/20261125-101500     # same config, seed, split and data
+        """))
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.set_defaults(func=cmd_rerun)
 
     p = sub.add_parser("predict", help="mask and class probabilities for new images",
                        formatter_class=fmt, epilog=_examples("""

@@ -360,6 +360,16 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def with_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """A copy of ``cfg`` with ``--set``-style overrides applied (and validated)."""
+    raw = to_dict(cfg)
+    for text in overrides:
+        extra = parse_override(text)
+        _build(Config, extra, f"--set {text}")
+        raw = _merge(raw, extra)
+    return _build(Config, raw, "--set")
+
+
 def dump_yaml(cfg: Config) -> str:
     """The resolved config as YAML: what a run directory stores for reruns."""
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)

@@ -56,6 +56,22 @@ def setup(seed: int, precision: str = "float32", deterministic: bool = False) ->
         tf.config.experimental.enable_op_determinism()
 
 
+def git_commit() -> str:
+    """Commit of the busi source tree (with '+dirty' for local edits), or 'unknown'."""
+    import subprocess
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=src, capture_output=True,
+                              text=True, timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=src,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
 def environment() -> dict[str, str]:
     """What a rerun needs to know about where a run ran."""
     keras = import_keras()
@@ -63,9 +79,12 @@ def environment() -> dict[str, str]:
             "keras": keras.__version__, "backend": keras.backend.backend(),
             "processor": platform.processor() or platform.machine(),
             "cpu_count": str(os.cpu_count())}
-    import numpy
+    from importlib.metadata import PackageNotFoundError, version
 
-    info["numpy"] = numpy.__version__
+    for dist in ("busi", "numpy", "scikit-learn", "opencv-python-headless", "scipy", "jax"):
+        with contextlib.suppress(PackageNotFoundError):
+            info[dist] = version(dist)
+    info["git_commit"] = git_commit()
     if info["backend"] == "tensorflow":
         import tensorflow as tf
 

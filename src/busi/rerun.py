@@ -1,0 +1,61 @@
+"""``busi rerun RUN_DIR``: the same run again, from what the run folder recorded.
+
+A run folder holds its resolved config (seed, precision and determinism
+included), the split manifest it used and, for a classifier, the segmentation
+run whose masks it read. A rerun uses exactly those, writes a new run folder
+(never the old one), and refuses when the data no longer matches the manifest
+-- a different data set would be a different experiment, not a rerun.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from busi.config import load_config
+from busi.errors import BusiError
+
+
+def run_kind(run_dir: Path) -> str:
+    """'cv', 'seg' or 'cls', from the files a run folder holds."""
+    if (run_dir / "cv.json").is_file():
+        return "cv"
+    split = run_dir / "split.json"
+    if not (run_dir / "config.yaml").is_file() or not split.is_file():
+        raise BusiError("not a run folder (needs config.yaml and split.json)", where=str(run_dir),
+                        fix="pass a folder under outputs/seg/, outputs/cls/<model>/ or outputs/cv/")
+    return "cls" if "seg_run" in json.loads(split.read_text()) else "seg"
+
+
+def rerun(run_dir: str | Path) -> Path:
+    from busi.data import dataset_from_config
+    from busi.split import manifest_name
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise BusiError("run folder not found", where=str(run_dir),
+                        fix="pass a folder under outputs/seg/, outputs/cls/<model>/ or outputs/cv/")
+    kind = run_kind(run_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    if kind == "cv":
+        from busi.cv import run_cv
+
+        meta = json.loads((run_dir / "cv.json").read_text())
+        print(f"busi rerun: cross-validation {run_dir} ({meta['folds']} folds, "
+              f"{', '.join(meta['models'])})")
+        return run_cv(cfg, folds=meta["folds"], models=tuple(meta["models"]))
+    split = json.loads((run_dir / "split.json").read_text())
+    ds = dataset_from_config(cfg)
+    expected = Path(split["manifest"]).name
+    if split.get("seg_run") is None and manifest_name(ds, cfg.split, cfg.runtime.seed) != expected:
+        raise BusiError(f"the data under {cfg.data.root} is not the data this run used "
+                        f"(its split manifest was {expected})", where=str(run_dir),
+                        fix="restore the original data folder, or start a new run instead")
+    print(f"busi rerun: {kind} run {run_dir} (seed {cfg.runtime.seed}, manifest {expected})")
+    if kind == "seg":
+        from busi.train import train_segmentation
+
+        return train_segmentation(cfg, fold=split.get("fold"))
+    from busi.train import train_classifier
+
+    return train_classifier(cfg, seg_run=split["seg_run"])
