@@ -154,7 +154,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from busi.predict import predict_command
 
-    predict_command(args.inputs, seg_run=args.seg_run, cls_run=args.cls_run, out=args.out)
+    predict_command(args.inputs, seg_run=args.seg_run, cls_run=args.cls_run, out=args.out,
+                    explain=args.explain)
     return 0
 
 
@@ -257,11 +258,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="mask and class probabilities for new images",
                        formatter_class=fmt, epilog=_examples("""
             busi predict scan1.png scans/ --seg-run outputs/seg/A --cls-run outputs/cls/cnn/B
+            busi predict scan1.png --explain        # + Grad-CAM heatmap of the classifier
         """))
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     p.add_argument("--seg-run", metavar="RUN_DIR", help="U-Net run (default: the latest)")
     p.add_argument("--cls-run", metavar="RUN_DIR", help="classifier run (default: the latest)")
     p.add_argument("--out", help="output folder (default: outputs/predict/<timestamp>)")
+    p.add_argument("--explain", action="store_true",
+                   help="also write a Grad-CAM heatmap per image (<name>_gradcam.png)")
     p.set_defaults(func=cmd_predict)
 
     data = sub.add_parser("data", help="inspect, split or synthesise data",

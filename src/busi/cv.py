@@ -106,12 +106,9 @@ def run_cv(cfg: Config, *, folds: int = 5, models: tuple[str, ...] = ("cnn",),
     print(result["text"])
     print(f"busi cv: finished in {wall / 60:.1f} min (this invocation); tables: "
           f"{cv_dir / 'cv_results.md'}")
-    try:
-        from busi.run_report import write_run_report
+    from busi.run_report import report_after_run
 
-        write_run_report(cv_dir)
-    except BusiError as exc:  # the tables above are the result; the report is a view of them
-        print(f"busi: warning: report not written: {exc}", file=sys.stderr)
+    report_after_run(cv_dir)
     return cv_dir
 
 

@@ -136,10 +136,9 @@ def _csv_table(r: dict) -> str:
 
 
 def _plot_confusion(r: dict, out: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from busi.report import save_figure
 
     cm = np.array(r["confusion_matrix"])
     fig, ax = plt.subplots(figsize=(4.2, 3.8), dpi=120)
@@ -152,11 +151,7 @@ def _plot_confusion(r: dict, out: Path, title: str) -> None:
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
-    fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(out)
+    save_figure(fig, out)
 
 
 def _inputs_of(run_dir: Path) -> str:
@@ -276,6 +271,9 @@ def evaluate_command(runs: list[str] | None = None, seg_run: str | None = None,
                [{"run": str(d), **{k: v for k, v in r.items() if k not in ("text",)}}
                 for r, d in zip(results, run_dirs, strict=True)])
     print(f"reports: {out}/evaluation.md (and classification_report.* in each run folder)")
+    from busi.run_report import report_after_run
+
+    report_after_run(out)
     return out
 
 
@@ -345,6 +343,9 @@ def evaluate_on_data(data: str, cls_run: str | None = None, seg_run: str | None 
     atomic_write(out / "evaluation.md", "\n".join(parts))
     print(r["text"])
     print(f"reports: {out}/evaluation.md")
+    from busi.run_report import report_after_run
+
+    report_after_run(out)
     return out
 
 

@@ -38,7 +38,8 @@ def _images(inputs: list[str]) -> list[Path]:
 
 
 def predict_command(inputs: list[str], seg_run: str | None = None, cls_run: str | None = None,
-                    out: str | None = None, outputs_root: str = "outputs") -> Path:
+                    out: str | None = None, outputs_root: str = "outputs",
+                    explain: bool = False) -> Path:
     from busi.masks import as_stored, predict_probs, read_rule
     from busi.train import masked_inputs, resolve_cls_run, resolve_seg_run
 
@@ -57,6 +58,10 @@ def predict_command(inputs: list[str], seg_run: str | None = None, cls_run: str 
     out_dir = Path(out) if out else new_run_dir(Path(outputs_root) / "predict")
     out_dir.mkdir(parents=True, exist_ok=True)
     classes = list(cfg.data.classes)
+    if explain:
+        from busi.explain import gradcam, save_panels, split_model
+
+        parts = split_model(clf)
     rows, skipped = [], []
     for path in _images(inputs):
         try:
@@ -85,6 +90,10 @@ def predict_command(inputs: list[str], seg_run: str | None = None, cls_run: str 
         cv2.drawContours(view, contours, -1, (0, 0, 255), 2)
         ok, buf = cv2.imencode(".png", view)
         atomic_write(out_dir / f"{stem}_overlay.png", buf.tobytes())
+        if explain:
+            heat, _ = gradcam(clf, x, np.array([int(np.argmax(p))]), parts=parts)
+            save_panels(out_dir, [path.name], small[None], x, heat, None,
+                        [classes[int(np.argmax(p))]], np.array([float(p.max())]))
         rows.append({"file": str(path), "pred": classes[int(np.argmax(p))],
                      **{f"p_{k}": round(float(v), 6) for k, v in zip(classes, p, strict=True)},
                      "lesion_pixels": int(mask.sum())})

@@ -16,6 +16,16 @@ from busi.metrics import dice  # noqa: E402
 from busi.runs import atomic_write  # noqa: E402
 
 
+def save_figure(fig, out: Path) -> Path:
+    """Write a matplotlib figure atomically (temporary name, then rename) and close it."""
+    fig.tight_layout()
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(out)
+    return out
+
+
 def read_history(path: Path) -> dict[str, list[float]]:
     with open(path, newline="") as fh:
         rows = list(csv.DictReader(fh))
@@ -43,12 +53,7 @@ def plot_history(history_csv: Path, out: Path, title: str) -> Path | None:
     ax.set_ylabel("loss")
     ax.set_title(title)
     ax.legend()
-    fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(out)
-    return out
+    return save_figure(fig, out)
 
 
 def _caption(width: int, text: str, height: int = 22) -> np.ndarray:
@@ -169,3 +174,26 @@ def segmentation_text(s: dict) -> str:
         out.append(f"  normal     predicted empty: {lf['fraction_predicted_empty']:.3f} "
                    f"of {lf['n']}")
     return "\n".join(out)
+
+
+def plot_roc(predictions_csv: Path, out: Path, title: str) -> Path | None:
+    """One-vs-rest ROC curve per class from a run's ``predictions.csv``."""
+    from sklearn.metrics import RocCurveDisplay
+
+    from busi.evaluate import read_predictions
+
+    _, y_true, _, probs, classes = read_predictions(Path(predictions_csv))
+    truth = np.array(y_true)
+    fig, ax = plt.subplots(figsize=(4.6, 4.2), dpi=120)
+    drawn = 0
+    for k, c in enumerate(classes):
+        positive = truth == c
+        if 0 < positive.sum() < len(truth):
+            RocCurveDisplay.from_predictions(positive, probs[:, k], name=c, ax=ax,
+                                             plot_chance_level=drawn == 0)
+            drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_title(title)
+    return save_figure(fig, out)

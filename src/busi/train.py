@@ -37,6 +37,7 @@ from busi.masks import MaskRule, as_stored, load_masks, predict_probs, save_mask
 from busi.metrics import per_image, summarise, tune_threshold  # noqa: E402
 from busi.models import build_classifier, build_unet  # noqa: E402
 from busi.pipeline import Batches  # noqa: E402
+from busi.run_report import report_after_run  # noqa: E402
 
 SEG_DIR = "seg"
 CLS_DIR = "cls"
@@ -132,8 +133,9 @@ def _start_run(cfg: Config, kind: str, resume: str | None, config_source: str | 
     atomic_write(run_dir / "config.yaml", dump_yaml(cfg))
     argv = " ".join(shlex.quote(a) for a in ["busi", *sys.argv[1:]]) if sys.argv else ""
     atomic_write(run_dir / "command.txt",
-                 f"{argv}\n# rerun exactly: busi {kind_command(kind)} --config "
-                 f"{run_dir / 'config.yaml'}\n")
+                 f"{argv}\n# rerun exactly (same config, seed, split and masks): "
+                 f"busi rerun {run_dir}\n# continue if interrupted: busi {kind_command(kind)} "
+                 f"--resume {run_dir}\n")
     return cfg, run_dir, {}
 
 
@@ -287,6 +289,7 @@ def train_segmentation(cfg: Config, *, resume: str | None = None,
     _finish_state(run_dir, final, environment=runtime.environment(),
                   precision=cfg.runtime.precision)
     print(report.segmentation_text(summary))
+    report_after_run(run_dir)
     print(f"outputs: {run_dir}")
     return run_dir
 
@@ -391,6 +394,23 @@ def _set_trainable_top_blocks(model, n_blocks: int) -> None:
         layer.trainable = _block_of(layer.name) in top
 
 
+def _save_gradcam(out_dir: Path, model, ds: Dataset, test_idx: np.ndarray, x: np.ndarray,
+                  probs: np.ndarray) -> None:
+    """Grad-CAM panels for a fixed sample of test images, right and wrong predictions."""
+    from busi.explain import gradcam, sample, save_panels
+
+    y_true, y_pred = ds.labels[test_idx], probs.argmax(axis=1)
+    pick = sample(y_true, y_pred)
+    if not pick:
+        return
+    sel = test_idx[pick]
+    heat, _ = gradcam(model, x[sel], y_pred[pick])
+    names = list(ds.classes)
+    save_panels(out_dir, [ds.files[i] for i in sel], ds.images[sel], x[sel], heat,
+                [names[k] for k in y_true[pick]], [names[k] for k in y_pred[pick]],
+                probs[pick].max(axis=1))
+
+
 def train_classifier(cfg: Config, *, seg_run: str | None = None, resume: str | None = None,
                      config_source: str | None = None) -> Path:
     """Train one classifier on images masked by a segmentation run's predicted masks.
@@ -472,9 +492,11 @@ def train_classifier(cfg: Config, *, seg_run: str | None = None, resume: str | N
                       probs, ds.classes)
     report.plot_history(run_dir / "history.csv", run_dir / "loss_curve.png",
                         title=f"{c.name}: training and validation loss")
+    _save_gradcam(run_dir / "gradcam", best, ds, idx["test"], x, probs)
     _finish_state(run_dir, state, train_seconds=round(wall, 1),
                   environment=runtime.environment())
     result = evaluate_run(run_dir)
     print(result["text"])
+    report_after_run(run_dir)
     print(f"outputs: {run_dir}")
     return run_dir

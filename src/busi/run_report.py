@@ -1,0 +1,418 @@
+"""``busi report RUN_DIR``: one self-contained ``report.html`` and a ``report.md`` per run.
+
+A run folder already holds every number and figure (metrics.json, the
+classification_report.* files, PNG plots); the report gathers them in one
+place, in a fixed order: summary, config, data and split, loss curves,
+segmentation, classification, Grad-CAM, environment. The HTML embeds its
+images (base64), so it can be mailed or archived alone; the Markdown links
+to the PNGs beside it. Both are views: regenerating them changes no result.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+import time
+from collections import Counter
+from pathlib import Path
+from urllib.parse import quote
+
+from busi.errors import BusiError
+from busi.runs import atomic_write, list_runs
+
+Block = tuple  # ("h", level, text) | ("md", text) | ("img", path, caption) | ("pre", text)
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;
+margin:2em auto;padding:0 1em;color:#1b1b1b;line-height:1.45}
+h1{border-bottom:2px solid #333;padding-bottom:.2em}h2{border-bottom:1px solid #ccc;margin-top:2em}
+table{border-collapse:collapse;margin:.6em 0 1em}td,th{border:1px solid #bbb;padding:.25em .6em}
+th{background:#f0f0f0}td.num{text-align:right;font-variant-numeric:tabular-nums}
+figure{display:inline-block;margin:.4em .6em .8em 0;vertical-align:top}
+figure img{max-width:520px;border:1px solid #ddd}figcaption{font-size:.85em;color:#555}
+pre{background:#f6f6f6;padding:.6em;overflow-x:auto;font-size:.85em}
+.muted{color:#666;font-size:.9em}
+"""
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _inline(text: str) -> str:
+    """Escape, then the two inline marks the project's Markdown uses: `code` and **bold**."""
+    import re
+
+    out = html.escape(text)
+    out = re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
+    return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", out)
+
+
+def _md_to_html(text: str) -> str:
+    """The Markdown the project writes itself: headings, pipe tables, paragraphs."""
+    out, para, lines = [], [], text.splitlines()
+
+    def flush() -> None:
+        if para:
+            out.append(f"<p>{_inline(' '.join(para))}</p>")
+            para.clear()
+
+    i = 0
+    while i < len(lines):
+        line = lines[i].rstrip()
+        if line.startswith("#"):
+            flush()
+            level = min(len(line) - len(line.lstrip("#")) + 2, 6)  # nested under the page's h2
+            out.append(f"<h{level}>{_inline(line.lstrip('#').strip())}</h{level}>")
+        elif line.startswith("|"):
+            flush()
+            rows = []
+            while i < len(lines) and lines[i].startswith("|"):
+                rows.append([c.strip() for c in lines[i].strip().strip("|").split("|")])
+                i += 1
+            i -= 1
+            body = [r for r in rows if not all(set(c) <= set(":-") and c for c in r)]
+            head, rest = body[0], body[1:]
+            cells = ["<tr>" + "".join(f"<th>{_inline(c)}</th>" for c in head) + "</tr>"]
+            for r in rest:
+                cells.append("<tr>" + "".join(
+                    f'<td class="{"num" if _numeric(c) else "txt"}">{_inline(c)}</td>'
+                    for c in r) + "</tr>")
+            out.append("<table>" + "".join(cells) + "</table>")
+        elif not line.strip():
+            flush()
+        else:
+            para.append(line.strip())
+        i += 1
+    flush()
+    return "\n".join(out)
+
+
+def _numeric(cell: str) -> bool:
+    return bool(cell) and cell.replace(".", "").replace("±", "").replace(" ", "").replace(
+        "-", "").replace("(", "").replace(")", "").isdigit()
+
+
+def _data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def render_html(title: str, blocks: list[Block]) -> str:
+    parts = [f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+             f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>",
+             f"<h1>{html.escape(title)}</h1>"]
+    gallery = False
+    for b in blocks:
+        if b[0] != "img" and gallery:
+            parts.append("</div>")
+            gallery = False
+        if b[0] == "h":
+            parts.append(f"<h{b[1]}>{html.escape(b[2])}</h{b[1]}>")
+        elif b[0] == "md":
+            parts.append(_md_to_html(b[1]))
+        elif b[0] == "pre":
+            parts.append(f"<pre>{html.escape(b[1])}</pre>")
+        elif b[0] == "img":
+            if not gallery:
+                parts.append("<div>")
+                gallery = True
+            parts.append(f"<figure><img src=\"{_data_uri(b[1])}\" alt=\"{html.escape(b[2])}\">"
+                         f"<figcaption>{html.escape(b[2])}</figcaption></figure>")
+    if gallery:
+        parts.append("</div>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def render_markdown(title: str, blocks: list[Block], base: Path) -> str:
+    parts = [f"# {title}", ""]
+    for b in blocks:
+        if b[0] == "h":
+            parts += ["#" * b[1] + " " + b[2], ""]
+        elif b[0] == "md":
+            parts += ["\n".join(("##" + ln) if ln.startswith("#") else ln
+                                for ln in b[1].splitlines()), ""]
+        elif b[0] == "pre":
+            parts += ["```", b[1].rstrip(), "```", ""]
+        elif b[0] == "img":
+            rel = Path(os.path.relpath(b[1], base)).as_posix()
+            parts += [f"![{b[2]}]({quote(rel)})", ""]  # names like "benign (1).png"
+    return "\n".join(parts)
+
+
+# --------------------------------------------------------------------------- content
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _kind(run: Path) -> str:
+    if (run / "cv.json").is_file():
+        return "cv"
+    if (run / "evaluation.md").is_file():
+        return "eval"
+    if not (run / "config.yaml").is_file():
+        raise BusiError("not a run folder (no config.yaml)", where=str(run),
+                        fix="pass a folder under outputs/seg/, outputs/cls/<model>/, outputs/cv/ "
+                            "or outputs/eval/")
+    split = _json(run / "split.json")
+    return "cls" if "seg_run" in split else "seg"
+
+
+def _config_blocks(run: Path) -> list[Block]:
+    import yaml
+
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    t, u, c = cfg["training"], cfg["model"]["unet"], cfg["model"]["classifier"]
+    a, r, sp = cfg["augmentation"], cfg["runtime"], cfg["split"]
+    rows = [("data", f"{cfg['data']['root']} at {cfg['data']['image_size'][0]}x"
+                     f"{cfg['data']['image_size'][1]}"),
+            ("split", f"{sp['scheme']}, test {sp['test_size']}, val {sp['val_size']}, folds "
+                      f"{sp['folds']}, stratify {sp['stratify']}, duplicate groups "
+                      f"{sp['group_duplicates']}"),
+            ("augmentation", f"{a['engine']}: flip {a['horizontal_flip']}, rotation "
+                             f"{a['rotation_range']}, shift {a['width_shift_range']}/"
+                             f"{a['height_shift_range']} px, zoom {a['zoom_range']}"),
+            ("U-Net", f"base {u['base_filters']}, depth {u['depth']}, dropout "
+                      f"{u['encoder_dropout']}/{u['decoder_dropout']}; {t['seg']['loss']}, "
+                      f"{t['seg']['optimizer']} lr {t['seg']['learning_rate']}, batch "
+                      f"{t['seg']['batch_size']}, {t['seg']['epochs']} epochs"),
+            ("classifier", f"{c['name']}, weights {c['weights']}, masks {c['masks']} "
+                           f"({c['mask_mode']}), class weights {c['class_weights']}; "
+                           f"{t['cls']['optimizer']} lr {t['cls']['learning_rate']}, batch "
+                           f"{t['cls']['batch_size']}, {t['cls']['epochs']} epochs"),
+            ("runtime", f"seed {r['seed']}, precision {r['precision']}, distribution "
+                        f"{r['distribution']}, deterministic {r['deterministic']}")]
+    table = "| setting | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+    return [("h", 2, "Config"), ("md", table),
+            ("md", "The full resolved config (`config.yaml` in the run folder):"),
+            ("pre", (run / "config.yaml").read_text())]
+
+
+def _split_blocks(manifest_path: str, fold: int | None, val_size: float, seed: int) -> list[Block]:
+    from busi.split import read_manifest
+
+    path = Path(manifest_path)
+    if not path.is_file():
+        return [("h", 2, "Data and split"), ("md", f"Split manifest {path} is missing.")]
+    m = read_manifest(path, val_size, seed)
+    cls_of = dict(zip(m.files, m.labels, strict=True))
+    names = sorted(set(m.labels))
+    lines = ["| part | " + " | ".join(names) + " | total |", "|---|" + "---:|" * (len(names) + 1)]
+    parts = m.partition(fold) if (m.fold is None or fold is not None) else None
+    if parts is None:  # a CV run: one test fold each
+        parts = {f"fold {k}": [f for f, g in zip(m.files, m.fold, strict=True) if g == k]
+                 for k in range(m.n_folds)}
+    for part, files in parts.items():
+        counts = Counter(cls_of[f] for f in files)
+        lines.append(f"| {part} | " + " | ".join(str(counts[c]) for c in names)
+                     + f" | {len(files)} |")
+    sizes = Counter(m.groups.tolist())
+    dup = [g for g, n in sizes.items() if n > 1]
+    in_dup = sum(sizes[g] for g in dup)
+    mixed = sum(1 for g in dup if len({cls_of[f] for f, gg in zip(m.files, m.groups,
+                                                                    strict=True) if gg == g}) > 1)
+    note = (f"{len(m.files)} images; {len(dup)} duplicate / near-duplicate group(s) holding "
+            f"{in_dup} images ({mixed} with more than one class label), each kept on one side "
+            f"of every split. Manifest: `{path}`"
+            + (f", fold {fold}." if fold is not None else "."))
+    return [("h", 2, "Data and split"), ("md", "\n".join(lines)), ("md", note)]
+
+
+def _environment_blocks(run: Path, state: dict, extra: dict | None = None) -> list[Block]:
+    env = dict(state.get("environment", {}))
+    rows = {**env, **(extra or {})}
+    lines = ["| item | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows.items()]
+    blocks: list[Block] = [("h", 2, "Environment and provenance"), ("md", "\n".join(lines))]
+    if (run / "command.txt").is_file():
+        blocks += [("md", "Command (and how to rerun it):"),
+                   ("pre", (run / "command.txt").read_text())]
+    return blocks
+
+
+def _seg_blocks(run: Path, overlays: int = 9) -> list[Block]:
+    blocks: list[Block] = [("h", 2, "Segmentation (U-Net)")]
+    if (run / "metrics.md").is_file():
+        blocks.append(("md", (run / "metrics.md").read_text()))
+    for png in sorted((run / "overlays").glob("*.png"))[:overlays]:
+        blocks.append(("img", png, png.stem))
+    return blocks
+
+
+def _cls_blocks(run: Path, title: str = "Classification") -> list[Block]:
+    from busi.report import plot_roc
+
+    blocks: list[Block] = [("h", 2, title)]
+    if (run / "classification_report.md").is_file():
+        blocks.append(("md", (run / "classification_report.md").read_text()))
+    roc = run / "roc_curve.png"
+    if not roc.is_file() and (run / "predictions.csv").is_file():
+        plot_roc(run / "predictions.csv", roc, "one-vs-rest ROC")
+    for png, cap in ((run / "confusion_matrix.png", "confusion matrix"), (roc, "ROC curves")):
+        if png.is_file():
+            blocks.append(("img", png, cap))
+    cams = sorted((run / "gradcam").glob("*.png"))
+    if cams:
+        blocks += [("h", 2, "Grad-CAM"),
+                   ("md", "Left: the image; right: what the classifier was shown, with the "
+                          "Grad-CAM heatmap of its predicted class (red = most weight). A fixed "
+                          "sample of right and wrong test predictions.")]
+        blocks += [("img", p, p.stem.removesuffix("_gradcam")) for p in cams]
+    return blocks
+
+
+def _loss_blocks(pngs: list[tuple[Path, str]]) -> list[Block]:
+    pngs = [(p, c) for p, c in pngs if p.is_file()]
+    return [("h", 2, "Loss curves"), *[("img", p, c) for p, c in pngs]] if pngs else []
+
+
+def _minutes(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{seconds / 60:.1f} min"
+
+
+def build_blocks(run: Path) -> tuple[str, list[Block]]:
+    kind = _kind(run)
+    state = _json(run / "state.json")
+    split = _json(run / "split.json")
+    when = time.strftime("%Y-%m-%d %H:%M")
+    if kind == "seg":
+        metrics = _json(run / "metrics.json")
+        title = f"busi U-Net run {run.name}"
+        le = metrics.get("lesion_images", {})
+        summary = (f"Test Dice {le['dice']['mean']:.3f}, IoU {le['iou']['mean']:.3f}, HD95 "
+                   f"{le['hd95']['mean']:.1f} px on {le['dice']['n']} lesion images; "
+                   f"training {_minutes(metrics.get('train_seconds'))}."
+                   if le else "The run has not finished: no metrics yet.")
+        cfg = _cfg(run)
+        blocks = [("md", f"{summary} Report written {when}; run folder `{run}`."),
+                  *_config_blocks(run),
+                  *_split_blocks(split.get("manifest", ""), split.get("fold"),
+                                 cfg["split"]["val_size"], cfg["runtime"]["seed"]),
+                  *_loss_blocks([(run / "loss_curve.png", "U-Net loss")]),
+                  *_seg_blocks(run),
+                  *_environment_blocks(run, state, {"wall time (training)":
+                                                    _minutes(metrics.get("train_seconds")),
+                                                    "seed": cfg["runtime"]["seed"],
+                                                    "precision": cfg["runtime"]["precision"]})]
+        return title, blocks
+    if kind == "cls":
+        rep = _json(run / "classification_report.json")
+        cfg = _cfg(run)
+        model = cfg["model"]["classifier"]["name"]
+        title = f"busi {model} classifier run {run.name}"
+        summary = (f"Test accuracy {rep['accuracy']:.3f} (95% CI {rep['ci95']['accuracy'][0]:.3f}"
+                   f"-{rep['ci95']['accuracy'][1]:.3f}), macro-F1 {rep['macro_f1']:.3f} on "
+                   f"{rep['n']} images." if rep else "The run has not finished: no report yet.")
+        seg = split.get("seg_run")
+        blocks = [("md", f"{summary} Masks from segmentation run `{seg}`. Report written {when}; "
+                         f"run folder `{run}`."),
+                  *_config_blocks(run),
+                  *_split_blocks(split.get("manifest", ""), split.get("fold"),
+                                 cfg["split"]["val_size"], cfg["runtime"]["seed"]),
+                  *_loss_blocks([(run / "loss_curve.png", f"{model} loss")])]
+        if seg and (Path(seg) / "metrics.md").is_file():
+            blocks += _seg_blocks(Path(seg), overlays=3)
+        blocks += _cls_blocks(run)
+        blocks += _environment_blocks(run, state, {
+            "wall time (training)": _minutes(state.get("train_seconds")),
+            "seed": cfg["runtime"]["seed"], "precision": cfg["runtime"]["precision"]})
+        return title, blocks
+    if kind == "cv":
+        return _cv_blocks(run, when)
+    return _eval_blocks(run, when)
+
+
+def _cfg(run: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load((run / "config.yaml").read_text())
+
+
+def _cv_blocks(run: Path, when: str) -> tuple[str, list[Block]]:
+    meta = _json(run / "cv.json")
+    cfg = _cfg(run)
+    title = f"busi {meta['folds']}-fold cross-validation {run.name}"
+    blocks: list[Block] = [("md", f"Report written {when}; run folder `{run}`.")]
+    if (run / "cv_results.md").is_file():
+        blocks.append(("md", (run / "cv_results.md").read_text()))
+    else:
+        blocks.append(("md", "The CV has not finished: continue it with "
+                             f"`busi cv --resume {run}`."))
+    blocks += _config_blocks(run)
+    seg_runs = [list_runs(run / f"fold{k}" / "seg") for k in range(meta["folds"])]
+    first = next((r[-1] for r in seg_runs if r), None)
+    if first is not None:
+        sp = _json(first / "split.json")
+        blocks += _split_blocks(sp.get("manifest", ""), None, cfg["split"]["val_size"],
+                                cfg["runtime"]["seed"])
+    curves = [(r[-1] / "loss_curve.png", f"fold {k} U-Net") for k, r in enumerate(seg_runs) if r]
+    for m in meta["models"]:
+        for k in range(meta["folds"]):
+            runs = list_runs(run / f"fold{k}" / "cls" / m)
+            if runs:
+                curves.append((runs[-1] / "loss_curve.png", f"fold {k} {m}"))
+    blocks += _loss_blocks(curves)
+    if first is not None:
+        blocks += [("h", 2, "Segmentation overlays (fold 0)")]
+        blocks += [("img", p, p.stem) for p in sorted((first / "overlays").glob("*.png"))[:6]]
+    for m in meta["models"]:
+        pooled = run / "pooled" / m
+        if pooled.is_dir():
+            blocks += _cls_blocks(pooled, f"{m}: pooled out-of-fold predictions")
+            fold0 = list_runs(run / "fold0" / "cls" / m)
+            cams = sorted((fold0[-1] / "gradcam").glob("*.png")) if fold0 else []
+            if cams:
+                blocks += [("h", 3, f"{m}: Grad-CAM, fold 0 test images")]
+                blocks += [("img", p, p.stem.removesuffix("_gradcam")) for p in cams]
+    state = _json(first / "state.json") if first is not None else {}
+    total = 0.0
+    for f in run.glob("fold*/seg/*/metrics.json"):
+        total += _json(f).get("train_seconds", 0.0)
+    for f in run.glob("fold*/cls/*/*/state.json"):
+        total += _json(f).get("train_seconds", 0.0)
+    blocks += _environment_blocks(run, state, {"wall time (all trainings)": _minutes(total),
+                                               "seed": cfg["runtime"]["seed"],
+                                               "precision": cfg["runtime"]["precision"]})
+    return title, blocks
+
+
+def _eval_blocks(run: Path, when: str) -> tuple[str, list[Block]]:
+    title = f"busi evaluation {run.name}"
+    blocks: list[Block] = [("md", f"Report written {when}; folder `{run}`."),
+                           ("md", (run / "evaluation.md").read_text())]
+    for png in sorted(run.rglob("*.png")):
+        blocks.append(("img", png, png.stem))
+    return title, blocks
+
+
+def write_run_report(run_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``report.html`` (self-contained) and ``report.md`` into the run folder."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise BusiError("run folder not found", where=str(run),
+                        fix="pass a folder under outputs/seg/, outputs/cls/<model>/, outputs/cv/ "
+                            "or outputs/eval/")
+    title, blocks = build_blocks(run)
+    html_path = atomic_write(run / "report.html", render_html(title, blocks))
+    md_path = atomic_write(run / "report.md", render_markdown(title, blocks, run))
+    return html_path, md_path
+
+
+def report_after_run(run_dir: str | Path) -> Path | None:
+    """Write the report at the end of a command; a failure here never fails the run.
+
+    The run's results are already on disk; the report is a view of them, so a
+    problem drawing it is a warning that names the command to retry.
+    """
+    import sys
+
+    try:
+        html_path, _ = write_run_report(run_dir)
+    except Exception as exc:  # noqa: BLE001  -- see docstring
+        print(f"busi: warning: report not written ({type(exc).__name__}: {exc}); "
+              f"retry with: busi report {run_dir}", file=sys.stderr)
+        return None
+    print(f"report: {html_path}")
+    return html_path
