@@ -51,10 +51,11 @@ def image_data_generator(cfg: AugmentationConfig) -> Augment:
     try:
         from tensorflow.keras.preprocessing.image import ImageDataGenerator
     except ImportError:
-        raise BusiError("augmentation engine 'image_data_generator' needs TensorFlow",
-                        where="augmentation.engine",
-                        fix="pip install tensorflow, or set augmentation.engine: layers"
-                        ) from None
+        raise BusiError("augmentation engine 'image_data_generator' needs TensorFlow, which is "
+                        "not installed", where="augmentation.engine",
+                        fix="pip install 'busi[tensorflow]' (the Keras port of "
+                            "ImageDataGenerator lives in tf.keras), or set "
+                            "augmentation.engine: layers (runs on every backend)") from None
     width, height = _shift(cfg.width_shift_range), _shift(cfg.height_shift_range)
     if _generator_swaps_axes(ImageDataGenerator):
         width, height = height, width

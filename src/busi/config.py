@@ -148,6 +148,16 @@ class RuntimeConfig:
     precision: Literal["float32", "mixed_bfloat16", "mixed_float16"] = "float32"
     distribution: Literal["none", "mirrored", "data_parallel"] = "none"
     deterministic: bool = False
+    # TensorFlow only: split the CPU into this many logical devices (0 = leave as is), so
+    # `mirrored` can be tried without GPUs. For JAX set
+    # XLA_FLAGS=--xla_force_host_platform_device_count=N before starting busi.
+    cpu_devices: int = field(default=0, metadata=_range(0, 64))
+    # Multi-process / multi-host `data_parallel` (JAX): the coordinator's host:port, the number
+    # of processes and this process's id. Empty / 0 / -1 = read BUSI_COORDINATOR_ADDRESS,
+    # BUSI_NUM_PROCESSES, BUSI_PROCESS_ID from the environment (one process if unset).
+    coordinator_address: str = ""
+    num_processes: int = field(default=0, metadata=_range(0, 65536))
+    process_id: int = field(default=-1, metadata=_range(-1, 65535))
 
 
 @dataclass

@@ -26,14 +26,28 @@ class Batches(keras.utils.PyDataset):
 
     def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, *,
                  augment: Augment | None = None, shuffle: bool = False, seed: int = 0,
-                 x_scale: float = 1.0 / 255, steps: int = 0, workers: int = 1):
+                 x_scale: float = 1.0 / 255, steps: int = 0, workers: int = 1,
+                 shard: tuple[int, int] = (0, 1), multiple: int = 1):
         super().__init__(workers=workers, use_multiprocessing=False,
                          max_queue_size=max(4, 2 * workers))
         self.x, self.y = x, y
         self.batch_size = batch_size
         self.augment, self.shuffle, self.seed, self.x_scale = augment, shuffle, seed, x_scale
         self.y_is_mask = y.ndim == 3
-        self.steps = steps or math.ceil(len(x) / batch_size)
+        # Several devices: every batch is cut to a multiple of the device count (Keras'
+        # distributed steps fail on uneven per-device shapes); at most multiple-1 images of
+        # a pass are left out. Several processes: each walks the same global batches (same
+        # seed) and takes its slice of each.
+        self.shard, self.multiple = shard, max(1, multiple)
+        if batch_size % self.multiple:
+            from busi.errors import BusiError
+
+            raise BusiError(f"batch size {batch_size} is not divisible by the {self.multiple} "
+                            "devices", where="training.*.batch_size",
+                            fix=f"use a multiple of {self.multiple}")
+        rest = len(x) % batch_size
+        full = len(x) // batch_size + (1 if rest - rest % self.multiple else 0)
+        self.steps = steps or full
         self.epoch = 0
         self._order = self._permutation(0)
 
@@ -51,6 +65,9 @@ class Batches(keras.utils.PyDataset):
 
     def __getitem__(self, i: int):
         idx = self._order[i * self.batch_size:(i + 1) * self.batch_size]
+        idx = idx[:len(idx) - len(idx) % self.multiple]
+        if self.shard[1] > 1:
+            idx = idx[self.shard[0]::self.shard[1]]
         x = self.x[idx][..., None].astype("float32") * self.x_scale
         y = self.y[idx][..., None].astype("float32") if self.y_is_mask else self.y[idx]
         if self.augment is not None:

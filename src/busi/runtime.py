@@ -36,7 +36,16 @@ def import_keras():
     """Import Keras (and TensorFlow, with that backend) quietly; return the module."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     with _stderr_silenced():
-        import keras
+        try:
+            import keras
+        except ImportError as exc:
+            from busi.errors import BusiError
+
+            backend = os.environ.get("KERAS_BACKEND", "tensorflow")
+            raise BusiError(f"Keras cannot load its {backend} backend ({exc})",
+                            where="KERAS_BACKEND",
+                            fix="pip install 'busi[tensorflow]' or 'busi[jax]', or set "
+                                "KERAS_BACKEND to an installed backend") from None
 
         if keras.backend.backend() == "tensorflow":
             import tensorflow as tf
@@ -90,4 +99,125 @@ def environment() -> dict[str, str]:
 
         info["tensorflow"] = tf.__version__
         info["devices"] = ", ".join(d.name for d in tf.config.list_logical_devices())
+    elif info["backend"] == "jax":
+        import jax
+
+        info["devices"] = ", ".join(str(d) for d in jax.devices())
+        info["jax_processes"] = str(jax.process_count())
     return info
+
+
+# --------------------------------------------------------------------------- distribution
+
+_SCOPE: dict[str, object] = {"strategy": None, "process": (0, 1), "devices": 1}
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    try:
+        return int(value) if value else default
+    except ValueError:
+        from busi.errors import BusiError
+
+        raise BusiError(f"{name}={value!r} is not an integer", where=name,
+                        fix=f"set {name} to a whole number, or unset it") from None
+
+
+def setup_distribution(rt) -> tuple[int, int]:
+    """Set up ``runtime.distribution``; return (this process's index, process count).
+
+    ``mirrored``: ``tf.distribute.MirroredStrategy`` over the local devices
+    (TensorFlow backend); models are built inside :func:`model_scope`.
+    ``data_parallel``: ``keras.distribution.DataParallel`` over every device of
+    every process (JAX backend); with several processes,
+    ``keras.distribution.initialize`` (``jax.distributed.initialize``) connects
+    them first. The global batch is ``batch_size``; each process feeds its share.
+    """
+    from busi.errors import BusiError
+
+    keras = import_keras()
+    backend = keras.backend.backend()
+    if rt.cpu_devices and backend == "tensorflow":
+        import tensorflow as tf
+
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        with contextlib.suppress(RuntimeError):  # already initialised earlier in this process
+            tf.config.set_logical_device_configuration(
+                cpu, [tf.config.LogicalDeviceConfiguration()] * rt.cpu_devices)
+    _SCOPE["strategy"], _SCOPE["process"], _SCOPE["devices"] = None, (0, 1), 1
+    if rt.distribution == "none":
+        return 0, 1
+    if rt.distribution == "mirrored":
+        if backend != "tensorflow":
+            raise BusiError(f"runtime.distribution: mirrored needs the TensorFlow backend, not "
+                            f"{backend}", where="runtime.distribution",
+                            fix="use data_parallel with KERAS_BACKEND=jax, or KERAS_BACKEND="
+                                "tensorflow")
+        import tensorflow as tf
+
+        _SCOPE["strategy"] = tf.distribute.MirroredStrategy()
+        _SCOPE["devices"] = _SCOPE["strategy"].num_replicas_in_sync
+        print(f"distribution: MirroredStrategy over "
+              f"{_SCOPE['strategy'].num_replicas_in_sync} device(s)")
+        return 0, 1
+    if backend != "jax":
+        raise BusiError(f"runtime.distribution: data_parallel needs the JAX backend, not "
+                        f"{backend} (keras.distribution supports JAX only)",
+                        where="runtime.distribution",
+                        fix="run with KERAS_BACKEND=jax, or use mirrored on TensorFlow")
+    n = rt.num_processes or _env_int("BUSI_NUM_PROCESSES", 1)
+    pid = rt.process_id if rt.process_id >= 0 else _env_int("BUSI_PROCESS_ID", 0)
+    address = rt.coordinator_address or os.environ.get("BUSI_COORDINATOR_ADDRESS", "")
+    if n > 1:
+        if not address:
+            raise BusiError(f"{n} processes need a coordinator address",
+                            where="runtime.coordinator_address",
+                            fix="set runtime.coordinator_address=HOST:PORT (process 0's host) "
+                                "or BUSI_COORDINATOR_ADDRESS on every process")
+        if not 0 <= pid < n:
+            raise BusiError(f"process id {pid} is outside 0..{n - 1}", where="runtime.process_id",
+                            fix="give each process a distinct id from 0 to num_processes-1")
+        import jax
+
+        # Must come before anything touches a JAX device (jax.devices() included).
+        if not jax.distributed.is_initialized():
+            keras.distribution.initialize(address, n, pid)
+    devices = keras.distribution.list_devices()
+    # Batches already give each process its own slice of every global batch.
+    keras.distribution.set_distribution(
+        keras.distribution.DataParallel(devices=devices, auto_shard_dataset=False))
+    import jax
+
+    _SCOPE["process"] = (jax.process_index(), jax.process_count())
+    _SCOPE["devices"] = len(devices)
+    print(f"distribution: DataParallel over {len(devices)} device(s), process "
+          f"{_SCOPE['process'][0] + 1} of {_SCOPE['process'][1]}")
+    return _SCOPE["process"]
+
+
+def end_distribution() -> None:
+    """Back to one device for what follows training (prediction, metrics, reports).
+
+    Every process then evaluates the best checkpoint on its own, on whole
+    arrays; outputs of processes other than 0 go to their workers/ folders.
+    """
+    keras = import_keras()
+    if keras.backend.backend() == "jax":
+        keras.distribution.set_distribution(None)
+    _SCOPE["strategy"], _SCOPE["process"], _SCOPE["devices"] = None, (0, 1), 1
+
+
+def model_scope():
+    """Where models must be built and loaded: the strategy's scope, or nothing."""
+    strategy = _SCOPE["strategy"]
+    return strategy.scope() if strategy is not None else contextlib.nullcontext()
+
+
+def batch_multiple() -> int:
+    """Batches must be a multiple of this: the number of devices training in sync."""
+    return int(_SCOPE["devices"])  # type: ignore[call-overload]
+
+
+def process() -> tuple[int, int]:
+    """(index, count) of this training process; (0, 1) unless multi-process."""
+    return _SCOPE["process"]  # type: ignore[return-value]

@@ -114,7 +114,18 @@ def _callbacks(run_dir: Path, train_cfg, state: dict[str, Any]) -> list:
 
 def _start_run(cfg: Config, kind: str, resume: str | None, config_source: str | None,
                ) -> tuple[Config, Path, dict[str, Any]]:
-    """New run folder (config saved), or an existing one to resume (its own config)."""
+    """New run folder (config saved), or an existing one to resume (its own config).
+
+    Also sets up ``runtime.distribution``. In a multi-process run, process 0
+    owns the run folder; the others write theirs under ``<root>/workers/`` so
+    that no two processes write the same file.
+    """
+    pid, n = runtime.setup_distribution(cfg.runtime)
+    if pid > 0 and not resume:
+        from busi.config import with_overrides
+
+        cfg = with_overrides(cfg, [f"outputs.root={Path(cfg.outputs.root) / 'workers'}"
+                                   f"/process{pid}"])
     if resume:
         run_dir = Path(resume)
         if not (run_dir / "config.yaml").is_file():
@@ -187,22 +198,26 @@ def _seg_batches(cfg: Config, ds: Dataset, idx: np.ndarray, *, training: bool, s
     augment = build_augment(cfg.augmentation, tuple(cfg.data.image_size)) if training else None
     return Batches(ds.images[idx], ds.masks[idx], t.batch_size, augment=augment,
                    shuffle=training, seed=seed, steps=t.steps_per_epoch if training else 0,
-                   workers=2 if training and augment is not None else 1)
+                   workers=2 if training and augment is not None else 1,
+                   shard=runtime.process(), multiple=runtime.batch_multiple())
 
 
 def fit_unet(cfg: Config, ds: Dataset, train_idx: np.ndarray, val_idx: np.ndarray,
              run_dir: Path, state: dict[str, Any], resume_hint: str):
     """Train (or continue) one U-Net; return the best model, the final state and the time."""
     t = cfg.training.seg
-    if state.get("epochs_done"):
-        model = keras.models.load_model(run_dir / "last.keras")
-    else:
-        model = _unet(cfg)
-        model.compile(optimizer=_optimizer(t.optimizer, t.learning_rate),
-                      loss=segmentation_loss(t.loss), metrics=segmentation_metrics(t.threshold))
+    with runtime.model_scope():
+        if state.get("epochs_done"):
+            model = keras.models.load_model(run_dir / "last.keras")
+        else:
+            model = _unet(cfg)
+            model.compile(optimizer=_optimizer(t.optimizer, t.learning_rate),
+                          loss=segmentation_loss(t.loss),
+                          metrics=segmentation_metrics(t.threshold))
     train = _seg_batches(cfg, ds, train_idx, training=True, seed=cfg.runtime.seed)
     val = _seg_batches(cfg, ds, val_idx, training=False, seed=0)
     final, wall = _fit(model, train, val, t, run_dir, state, resume_hint)
+    runtime.end_distribution()
     return keras.models.load_model(run_dir / "best.keras"), final, wall
 
 
@@ -450,19 +465,23 @@ def train_classifier(cfg: Config, *, seg_run: str | None = None, resume: str | N
 
     t = cfg.training.cls
     total_epochs = t.epochs + (c.fine_tune_epochs if c.freeze_base else 0)
-    if state.get("epochs_done"):
-        model = keras.models.load_model(run_dir / "last.keras")
-    else:
-        model = build_classifier(c.name, tuple(cfg.data.image_size), len(ds.classes), c.weights)
-        if c.freeze_base:
-            _set_trainable_top_blocks(model, 0)
-        model.compile(optimizer=_optimizer(t.optimizer, t.learning_rate), loss=t.loss,
-                      metrics=["accuracy"])
+    with runtime.model_scope():
+        if state.get("epochs_done"):
+            model = keras.models.load_model(run_dir / "last.keras")
+        else:
+            model = build_classifier(c.name, tuple(cfg.data.image_size), len(ds.classes),
+                                     c.weights)
+            if c.freeze_base:
+                _set_trainable_top_blocks(model, 0)
+            model.compile(optimizer=_optimizer(t.optimizer, t.learning_rate), loss=t.loss,
+                          metrics=["accuracy"])
     augment = build_augment(cfg.augmentation, tuple(cfg.data.image_size))
     train = Batches(x[idx["train"]], y[idx["train"]], t.batch_size, augment=augment,
                     shuffle=True, seed=cfg.runtime.seed, x_scale=1.0, steps=t.steps_per_epoch,
-                    workers=2 if augment is not None else 1)
-    val = Batches(x[idx["val"]], y[idx["val"]], t.batch_size, x_scale=1.0)
+                    workers=2 if augment is not None else 1, shard=runtime.process(),
+                    multiple=runtime.batch_multiple())
+    val = Batches(x[idx["val"]], y[idx["val"]], t.batch_size, x_scale=1.0,
+                  shard=runtime.process(), multiple=runtime.batch_multiple())
     class_weight = None
     if c.class_weights:
         from sklearn.utils.class_weight import compute_class_weight
@@ -477,13 +496,15 @@ def train_classifier(cfg: Config, *, seg_run: str | None = None, resume: str | N
     else:
         wall = 0.0
     if c.freeze_base and c.fine_tune_epochs and int(state.get("epochs_done", 0)) < total_epochs:
-        model = keras.models.load_model(run_dir / "last.keras")
-        _set_trainable_top_blocks(model, c.fine_tune_blocks)
-        model.compile(optimizer=_optimizer(t.optimizer, c.fine_tune_learning_rate), loss=t.loss,
-                      metrics=["accuracy"])
+        with runtime.model_scope():
+            model = keras.models.load_model(run_dir / "last.keras")
+            _set_trainable_top_blocks(model, c.fine_tune_blocks)
+            model.compile(optimizer=_optimizer(t.optimizer, c.fine_tune_learning_rate),
+                          loss=t.loss, metrics=["accuracy"])
         state, wall2 = _fit(model, train, val, replace(t, epochs=total_epochs), run_dir, state,
                             hint, class_weight)
         wall += wall2
+    runtime.end_distribution()
     best = keras.models.load_model(run_dir / "best.keras")
     probs = best.predict(x[idx["test"]][..., None].astype("float32"), batch_size=64, verbose=0)
     from busi.evaluate import evaluate_run, write_predictions

@@ -1,0 +1,69 @@
+"""The pipeline on the JAX backend, on a machine without TensorFlow.
+
+Each test runs ``busi`` in a fresh interpreter with a finder that refuses
+``tensorflow``, so any import of TensorFlow fails as it would where it is not
+installed, and with KERAS_BACKEND unset, so busi has to pick JAX itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from importlib.util import find_spec
+from pathlib import Path
+
+import pytest
+from test_demo import TINY
+
+pytestmark = pytest.mark.skipif(find_spec("jax") is None,
+                                reason="JAX not installed (pip install -e '.[dev]')")
+
+NO_TF = """
+import importlib.abc, sys
+
+class NoTensorFlow(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "tensorflow" or name.startswith("tensorflow."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, NoTensorFlow())
+from busi.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def busi_without_tensorflow(*argv: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+    return subprocess.run([sys.executable, "-c", NO_TF, *argv], capture_output=True, text=True,
+                          env=env, timeout=900)
+
+
+def test_demo_pipeline_runs_on_jax_without_tensorflow(tmp_path: Path) -> None:
+    work = tmp_path / "demo"
+    argv = ["demo", "--workdir", str(work), "--per-class", "8"]
+    for item in TINY:
+        argv += ["--set", item]
+    out = busi_without_tensorflow(*argv)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for word in ("precision", "recall", "Side by side"):
+        assert word in out.stdout
+    (seg,) = list((work / "seg").iterdir())
+    env = json.loads((seg / "state.json").read_text())["environment"]
+    assert env["backend"] == "jax" and "tensorflow" not in env
+    for model in ("cnn", "vgg19", "mobilenet"):
+        (run,) = list((work / "cls" / model).iterdir())
+        assert (run / "predictions.csv").is_file() and (run / "report.html").is_file(), model
+        assert list((run / "gradcam").glob("*.png")), model
+
+
+def test_image_data_generator_without_tensorflow_names_the_extra(tmp_path: Path) -> None:
+    out = busi_without_tensorflow(
+        "demo", "--workdir", str(tmp_path / "d"), "--per-class", "4",
+        "--set", "augmentation.engine=image_data_generator", *sum((["--set", t] for t in TINY),
+                                                                   []))
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "busi[tensorflow]" in out.stderr and "augmentation.engine" in out.stderr
+    assert "Traceback" not in out.stderr
