@@ -151,6 +151,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from busi.export import export_run, summary
+
+    out = export_run(args.run_dir, args.format, args.quantize, out=args.out,
+                     outputs_root=args.outputs)
+    print(summary(out))
+    print(f"outputs: {out} (export.json has the figures)")
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from busi.predict import predict_command
 
@@ -254,6 +264,21 @@ def build_parser() -> argparse.ArgumentParser:
         """))
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.set_defaults(func=cmd_rerun)
+
+    p = sub.add_parser("export", help="write a deployable model (keras, SavedModel, TFLite)",
+                       formatter_class=fmt, epilog=_examples("""
+            busi export outputs/cls/mobilenet/20261125-120000 --format tflite
+            busi export outputs/cls/mobilenet/20261125-120000 --format tflite --quantize int8
+            busi export outputs/seg/20261125-101500 --format savedmodel
+        """))
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--format", default="tflite", choices=["keras", "savedmodel", "tflite"],
+                   help="default: tflite")
+    p.add_argument("--quantize", default="none", choices=["none", "int8"],
+                   help="tflite only: full-integer int8, calibrated on 200 training images")
+    p.add_argument("--out", help="output folder (default: outputs/export/<timestamp>-...)")
+    p.add_argument("--outputs", default="outputs", help="outputs root (default: outputs)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("predict", help="mask and class probabilities for new images",
                        formatter_class=fmt, epilog=_examples("""
