@@ -66,11 +66,18 @@ def predict_probs(model, images: np.ndarray, *, flip_tta: bool = False,
     if len(images) == 0:
         return np.zeros(images.shape, np.float32)
     x = images[..., None].astype("float32") / 255.0
-    probs = model.predict(x, batch_size=batch_size, verbose=0)[..., 0].astype(np.float32)
-    if flip_tta:
-        mirrored = model.predict(x[:, :, ::-1], batch_size=batch_size, verbose=0)[..., 0]
-        probs = (probs + mirrored[:, :, ::-1].astype(np.float32)) / 2.0
-    return probs
+    if flip_tta:  # one pass over image and mirror together
+        both = _predict(model, np.concatenate([x, x[:, :, ::-1]]), batch_size)[..., 0]
+        return ((both[:len(x)] + both[len(x):, :, ::-1]) / 2.0).astype(np.float32)
+    return _predict(model, x, batch_size)[..., 0].astype(np.float32)
+
+
+def _predict(model, x: np.ndarray, batch_size: int) -> np.ndarray:
+    """``predict_on_batch`` for one small batch (no data-adapter set-up: the latency of
+    ``busi predict`` on one image), ``predict`` otherwise."""
+    if len(x) <= batch_size:
+        return np.asarray(model.predict_on_batch(x))
+    return model.predict(x, batch_size=batch_size, verbose=0)
 
 
 def save_masks(path: Path, files: list[str], probs: np.ndarray, source: np.ndarray,

@@ -37,31 +37,59 @@ def _images(inputs: list[str]) -> list[Path]:
     return found
 
 
+class Predictor:
+    """A U-Net run and a classifier run, loaded once; one image in, mask and probabilities out.
+
+    The same steps as training and ``evaluate``: gray, area resize, the U-Net's
+    stored mask rule (threshold, clean-up, flip TTA), the classifier's mask mode.
+    """
+
+    def __init__(self, seg_run: str | None = None, cls_run: str | None = None,
+                 outputs_root: str = "outputs"):
+        from busi.masks import read_rule
+        from busi.train import resolve_cls_run, resolve_seg_run
+
+        keras = runtime.import_keras()
+        self.seg = resolve_seg_run(seg_run, outputs_root)
+        self.cls = resolve_cls_run(cls_run, outputs_root)
+        cfg = load_config(self.cls / "config.yaml")
+        self.c = cfg.model.classifier
+        self.size = tuple(cfg.data.image_size)
+        self.classes = list(cfg.data.classes)
+        self.rule, self.flip_tta = read_rule(self.seg)
+        self.unet = keras.models.load_model(self.seg / "best.keras")
+        self.clf = keras.models.load_model(self.cls / "best.keras")
+        if tuple(self.unet.input_shape[1:3]) != self.size:
+            raise BusiError(f"U-Net input {self.unet.input_shape[1:3]} differs from the "
+                            f"classifier's {self.size}", where=str(self.seg),
+                            fix="use runs trained at the same image size")
+
+    def __call__(self, gray: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(mask at model size, classifier input, class probabilities) for a gray image."""
+        from busi.masks import as_stored, predict_probs
+        from busi.train import masked_inputs
+
+        small = resize_image(gray, self.size)
+        prob = as_stored(predict_probs(self.unet, small[None], flip_tta=self.flip_tta))
+        mask = self.rule.apply(prob)[0]
+        use_mask = None if self.c.masks == "none" else mask[None]
+        x = masked_inputs(small[None], use_mask, self.c.mask_mode, self.c.crop_margin)
+        p = np.asarray(self.clf.predict_on_batch(x[..., None].astype("float32")))[0]
+        return mask, x, p
+
+
 def predict_command(inputs: list[str], seg_run: str | None = None, cls_run: str | None = None,
                     out: str | None = None, outputs_root: str = "outputs",
                     explain: bool = False) -> Path:
-    from busi.masks import as_stored, predict_probs, read_rule
-    from busi.train import masked_inputs, resolve_cls_run, resolve_seg_run
-
-    keras = runtime.import_keras()
-    seg = resolve_seg_run(seg_run, outputs_root)
-    cls = resolve_cls_run(cls_run, outputs_root)
-    cfg = load_config(cls / "config.yaml")
-    c = cfg.model.classifier
-    size = tuple(cfg.data.image_size)
-    rule, flip_tta = read_rule(seg)
-    unet = keras.models.load_model(seg / "best.keras")
-    clf = keras.models.load_model(cls / "best.keras")
-    if tuple(unet.input_shape[1:3]) != size:
-        raise BusiError(f"U-Net input {unet.input_shape[1:3]} differs from the classifier's "
-                        f"{size}", where=str(seg), fix="use runs trained at the same image size")
+    predictor = Predictor(seg_run, cls_run, outputs_root)
+    seg, cls, rule, flip_tta = predictor.seg, predictor.cls, predictor.rule, predictor.flip_tta
     out_dir = Path(out) if out else new_run_dir(Path(outputs_root) / "predict")
     out_dir.mkdir(parents=True, exist_ok=True)
-    classes = list(cfg.data.classes)
+    classes = predictor.classes
     if explain:
         from busi.explain import gradcam, save_panels, split_model
 
-        parts = split_model(clf)
+        parts = split_model(predictor.clf)
     rows, skipped = [], []
     for path in _images(inputs):
         try:
@@ -75,12 +103,7 @@ def predict_command(inputs: list[str], seg_run: str | None = None, cls_run: str 
             skipped.append({"file": str(path), "problem": why})
             continue
         gray = to_gray(raw)
-        small = resize_image(gray, size)
-        prob = as_stored(predict_probs(unet, small[None], flip_tta=flip_tta))
-        mask = rule.apply(prob)[0]
-        use_mask = None if c.masks == "none" else mask[None]
-        x = masked_inputs(small[None], use_mask, c.mask_mode, c.crop_margin)
-        p = clf.predict(x[..., None].astype("float32"), verbose=0)[0]
+        mask, x, p = predictor(gray)
         full = cv2.resize(mask, (gray.shape[1], gray.shape[0]), interpolation=cv2.INTER_NEAREST)
         stem = path.stem.replace(" ", "_")
         ok, buf = cv2.imencode(".png", full * 255)
@@ -91,8 +114,9 @@ def predict_command(inputs: list[str], seg_run: str | None = None, cls_run: str 
         ok, buf = cv2.imencode(".png", view)
         atomic_write(out_dir / f"{stem}_overlay.png", buf.tobytes())
         if explain:
-            heat, _ = gradcam(clf, x, np.array([int(np.argmax(p))]), parts=parts)
-            save_panels(out_dir, [path.name], small[None], x, heat, None,
+            heat, _ = gradcam(predictor.clf, x, np.array([int(np.argmax(p))]), parts=parts)
+            save_panels(out_dir, [path.name], resize_image(gray, predictor.size)[None], x, heat,
+                        None,
                         [classes[int(np.argmax(p))]], np.array([float(p.max())]))
         rows.append({"file": str(path), "pred": classes[int(np.argmax(p))],
                      **{f"p_{k}": round(float(v), 6) for k, v in zip(classes, p, strict=True)},

@@ -1,0 +1,181 @@
+"""Benchmark: where training and prediction time goes, as ratios, in one run.
+
+1. Pipeline overhead: U-Net training img/s through busi's own input path
+   (``Batches`` with the config's augmentation, 2 worker threads, ``model.fit``)
+   vs ``model.fit`` on in-memory arrays of the same U-Net. Goal >= 0.95x.
+2. Input pipeline vs model: img/s one input thread prepares, per augmentation
+   engine, vs img/s the U-Net trains. Goal >= 5x.
+3. Compute efficiency: the U-Net's training GFLOP/s (3 x forward FLOPs of its
+   conv layers x img/s) vs this machine's measured matmul GFLOP/s (same backend,
+   same precision).
+4. ``busi predict`` latency per image (U-Net + classifier, as the CLI runs it:
+   resize, U-Net with its mask rule, masked input, classifier): p50 / p95.
+
+    python scripts/bench.py --config cpu --seg-run outputs/seg/<run> \
+        --cls-runs outputs/cls/cnn/<run> outputs/cls/vgg19/<run> outputs/cls/mobilenet/<run>
+
+Prints the command, machine, date and a Markdown table; copy it into docs/PERFORMANCE.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from busi import runtime
+from busi.config import find_config, load_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_train import DEFAULT_DATA, _images, bench_input  # noqa: E402
+
+
+def _unet(cfg):
+    from busi.losses import segmentation_loss, segmentation_metrics
+    from busi.models import build_unet
+
+    keras = runtime.import_keras()
+    u, t = cfg.model.unet, cfg.training.seg
+    h, w = cfg.data.image_size
+    model = build_unet((h, w, 1), u.base_filters, u.depth, u.encoder_dropout, u.decoder_dropout)
+    model.compile(optimizer=keras.optimizers.Adam(t.learning_rate),
+                  loss=segmentation_loss(t.loss), metrics=segmentation_metrics())
+    return model
+
+
+def _fit_rate(model, data, n_images: int, epochs: int, **kw) -> float:
+    model.fit(data, epochs=1, verbose=0, **kw)  # warm-up: tracing, thread start-up
+    t0 = time.perf_counter()
+    model.fit(data, epochs=epochs, verbose=0, **kw)
+    return epochs * n_images / (time.perf_counter() - t0)
+
+
+def pipeline_overhead(cfg, images, masks, n: int, epochs: int) -> tuple[float, float]:
+    """(img/s via busi's Batches + augmentation, img/s via model.fit on arrays)."""
+    from busi.augment import build_augment
+    from busi.pipeline import Batches
+
+    b = cfg.training.seg.batch_size
+    n = n - n % b  # whole batches on both sides
+    x = images[:n, ..., None].astype("float32") / 255.0
+    y = masks[:n, ..., None].astype("float32")
+    runtime.setup(0, cfg.runtime.precision)
+    plain = _fit_rate(_unet(cfg), x, n, epochs, y=y, batch_size=b, shuffle=True)
+    runtime.setup(0, cfg.runtime.precision)
+    aug = build_augment(cfg.augmentation, tuple(cfg.data.image_size))
+    batches = Batches(images[:n], masks[:n], b, augment=aug, shuffle=True, seed=0,
+                      workers=2 if aug is not None else 1)
+    busi = _fit_rate(_unet(cfg), batches, n, epochs)
+    return busi, plain
+
+
+def unet_train_flops_per_image(model) -> float:
+    """3 x forward FLOPs (multiply-adds x 2) of the conv and transposed-conv layers."""
+    total = 0.0
+    for layer in model.layers:
+        name = type(layer).__name__
+        if name not in ("Conv2D", "Conv2DTranspose"):
+            continue
+        kh, kw, cin, cout = layer.kernel.shape
+        if name == "Conv2DTranspose":  # kernel is (kh, kw, out, in); work scales with input
+            cin, cout = cout, cin
+            _, h, w, _ = layer.input.shape
+        else:
+            _, h, w, _ = layer.output.shape
+        total += 2.0 * h * w * kh * kw * cin * cout
+    return 3.0 * total
+
+
+def matmul_gflops(precision: str, n: int = 2048, repeats: int = 10) -> float:
+    """Measured dense matmul GFLOP/s of the backend at the compute dtype of ``precision``."""
+    keras = runtime.import_keras()
+    dtype = {"float32": "float32", "mixed_bfloat16": "bfloat16",
+             "mixed_float16": "float16"}[precision]
+    rng = np.random.default_rng(0)
+    a = keras.ops.convert_to_tensor(rng.standard_normal((n, n)).astype("float32"), dtype=dtype)
+    b = keras.ops.convert_to_tensor(rng.standard_normal((n, n)).astype("float32"), dtype=dtype)
+    keras.ops.convert_to_numpy(keras.ops.matmul(a, b))  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        c = keras.ops.matmul(a, b)
+    keras.ops.convert_to_numpy(c)
+    return repeats * 2.0 * n**3 / (time.perf_counter() - t0) / 1e9
+
+
+def predict_latency(seg_run: str, cls_run: str, images: np.ndarray,
+                    n: int) -> tuple[float, float]:
+    from busi.predict import Predictor
+
+    predictor = Predictor(seg_run, cls_run)
+    predictor(images[0])  # warm-up
+    times = []
+    for img in images[1:n + 1]:
+        t0 = time.perf_counter()
+        predictor(img)
+        times.append(time.perf_counter() - t0)
+    return float(np.percentile(times, 50) * 1e3), float(np.percentile(times, 95) * 1e3)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=str(DEFAULT_DATA), help="BUSI-layout folder")
+    ap.add_argument("--config", default="cpu")
+    ap.add_argument("--precision", help="override runtime.precision")
+    ap.add_argument("--images", type=int, default=256, help="images per timed epoch")
+    ap.add_argument("--epochs", type=int, default=2, help="timed epochs (after one warm-up)")
+    ap.add_argument("--seconds", type=float, default=4.0, help="time per input-pipeline case")
+    ap.add_argument("--seg-run", help="U-Net run for the predict latency")
+    ap.add_argument("--cls-runs", nargs="*", default=[], help="classifier runs for latency")
+    ap.add_argument("--latency-images", type=int, default=40)
+    args = ap.parse_args()
+
+    keras = runtime.import_keras()
+    cfg = load_config(find_config(args.config),
+                      [f"runtime.precision={args.precision}"] if args.precision else [])
+    prec = cfg.runtime.precision
+    print(f"command: python {' '.join(shlex.quote(a) for a in sys.argv)}")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+          f"date {time.strftime('%Y-%m-%d')}; Keras {keras.__version__}, backend "
+          f"{keras.backend.backend()}; config {args.config} (U-Net base "
+          f"{cfg.model.unet.base_filters}, batch {cfg.training.seg.batch_size}, {prec})")
+    images, masks, source = _images(args.data, tuple(cfg.data.image_size))
+    print(f"data: {source}")
+    rows = []
+
+    busi_rate, plain_rate = pipeline_overhead(cfg, images, masks, args.images, args.epochs)
+    rows.append(("U-Net training, busi input path (Batches + "
+                 f"{cfg.augmentation.engine}, 2 threads) vs model.fit on arrays",
+                 f"{busi_rate:.1f} vs {plain_rate:.1f} img/s", busi_rate / plain_rate, ">= 0.95"))
+    for engine in ("image_data_generator", "layers"):
+        rate = bench_input(images, masks, cfg, engine, cfg.training.seg.batch_size, args.seconds)
+        rows.append((f"input pipeline, {engine}, 1 thread vs U-Net training",
+                     f"{rate:.0f} vs {plain_rate:.1f} img/s", rate / plain_rate, ">= 5"))
+    runtime.setup(0, prec)
+    flops = unet_train_flops_per_image(_unet(cfg))
+    peak = matmul_gflops(prec)
+    achieved = flops * plain_rate / 1e9
+    rows.append((f"U-Net training GFLOP/s ({flops / 1e9:.2f} GFLOP per image) vs "
+                 f"{2048}x2048 matmul GFLOP/s, {prec}",
+                 f"{achieved:.1f} vs {peak:.1f} GFLOP/s", achieved / peak, "-"))
+    keras.mixed_precision.set_dtype_policy("float32")
+    for cls_run in args.cls_runs:
+        if not args.seg_run:
+            break
+        p50, p95 = predict_latency(args.seg_run, cls_run, images, args.latency_images)
+        model = Path(cls_run).parent.name
+        rows.append((f"busi predict, one image: U-Net + {model} (ms p50 / p95)",
+                     f"{p50:.1f} / {p95:.1f} ms", None, "-"))
+    print("\n| measurement | figures | ratio | goal |\n|---|---:|---:|---:|")
+    for what, figures, ratio, goal in rows:
+        print(f"| {what} | {figures} | {'' if ratio is None else f'{ratio:.2f}x'} | {goal} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
