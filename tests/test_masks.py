@@ -33,6 +33,9 @@ class _LeftHalf:
         out[:, :, : x.shape[2] // 2] = 1.0
         return out
 
+    def predict_on_batch(self, x):
+        return self.predict(x)
+
 
 def test_flip_tta_averages_with_the_mirrored_prediction() -> None:
     images = np.zeros((2, 4, 6), np.uint8)
@@ -40,3 +43,5 @@ def test_flip_tta_averages_with_the_mirrored_prediction() -> None:
     tta = predict_probs(_LeftHalf(), images, flip_tta=True)
     assert plain[0, 0].tolist() == [1, 1, 1, 0, 0, 0]
     assert tta[0, 0].tolist() == [0.5] * 6  # left-half bias cancels out when mirrored
+    many = np.zeros((40, 4, 6), np.uint8)   # more than a batch: the model.predict path
+    assert predict_probs(_LeftHalf(), many, flip_tta=True)[:, 0].tolist() == [[0.5] * 6] * 40
