@@ -118,25 +118,23 @@ def _mean_std(values: list[float]) -> dict[str, float]:
             "n": len(a)}
 
 
-def _fmt(s: dict[str, float]) -> str:
-    return f"{s['mean']:.3f} ± {s['std']:.3f}"
-
-
 def aggregate(cv_dir: str | Path) -> dict:
     """Per-fold table, mean ± std over folds, and the pooled out-of-fold report per model."""
     from busi.evaluate import (
         _markdown_table,
         _write_run_reports,
         compute,
+        evaluate_run,
         read_predictions,
         write_predictions,
     )
+    from busi.report import _fmt
 
     cv_dir = Path(cv_dir)
     meta = json.loads((cv_dir / "cv.json").read_text())
     folds, models = meta["folds"], meta["models"]
     seg_rows, cls_rows = [], {m: [] for m in models}
-    pooled: dict[str, list] = {m: [[], [], [], [], None] for m in models}
+    pooled: dict[str, list[tuple]] = {m: [] for m in models}  # per fold: predictions.csv
     for k in range(folds):
         seg, done = _run_in(cv_dir / f"fold{k}" / "seg")
         if not done:
@@ -153,18 +151,15 @@ def aggregate(cv_dir: str | Path) -> dict:
             if not done:
                 raise BusiError(f"fold {k} has no finished {m} run", where=str(cv_dir),
                                 fix=f"continue the CV: busi cv --resume {cv_dir}")
-            files, t, p, probs, classes = read_predictions(run / "predictions.csv")
-            r = compute(files, t, p, probs, classes)
+            # The fold's own report (written when the run finished), not a second bootstrap.
+            report_json = run / "classification_report.json"
+            r = (json.loads(report_json.read_text()) if report_json.is_file()
+                 else evaluate_run(run))
             cls_rows[m].append({"fold": k, "run": str(run), "n": r["n"],
                                 "accuracy": r["accuracy"], "macro_f1": r["macro_f1"],
                                 "roc_auc_macro": r["roc_auc_macro"],
                                 "recall": {c: r["report"][c]["recall"] for c in r["labels"]}})
-            acc = pooled[m]
-            acc[0] += files
-            acc[1] += t
-            acc[2] += p
-            acc[3].append(probs)
-            acc[4] = classes
+            pooled[m].append(read_predictions(run / "predictions.csv"))
     result: dict = {"folds": folds, "models": models, "segmentation": {
         "per_fold": seg_rows,
         **{key: _mean_std([row[key] for row in seg_rows])
@@ -188,8 +183,11 @@ def aggregate(cv_dir: str | Path) -> dict:
     result["classification"] = {}
     detail = []
     for m in models:
-        files, t, p, probs, classes = pooled[m]
-        probs = np.concatenate(probs)
+        files = [f for fold in pooled[m] for f in fold[0]]
+        t = [c for fold in pooled[m] for c in fold[1]]
+        p = [c for fold in pooled[m] for c in fold[2]]
+        probs = np.concatenate([fold[3] for fold in pooled[m]])
+        classes = pooled[m][0][4]
         pdir = cv_dir / "pooled" / m
         write_predictions(pdir / "predictions.csv", files,
                           np.array([classes.index(c) for c in t]), probs, classes)

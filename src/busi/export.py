@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -108,7 +109,8 @@ def _tflite_predict(model_bytes: bytes, x: np.ndarray) -> np.ndarray:
 def _to_tflite(model, quantize: str, calibration: np.ndarray) -> bytes:
     import tensorflow as tf
 
-    with _tmpdir() as tmp:
+    with tempfile.TemporaryDirectory(prefix="busi-export-") as name:
+        tmp = Path(name)
         model.export(str(tmp / "sm"), format="tf_saved_model", verbose=False)
         conv = tf.lite.TFLiteConverter.from_saved_model(str(tmp / "sm"))
         if quantize == "int8":
@@ -122,17 +124,6 @@ def _to_tflite(model, quantize: str, calibration: np.ndarray) -> bytes:
             conv.inference_input_type = tf.int8
             conv.inference_output_type = tf.int8
         return conv.convert()
-
-
-class _tmpdir:
-    def __enter__(self) -> Path:
-        import tempfile
-
-        self.path = Path(tempfile.mkdtemp(prefix="busi-export-"))
-        return self.path
-
-    def __exit__(self, *exc) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
 
 
 def _agreement(kind: str, reference: np.ndarray, exported: np.ndarray,

@@ -14,17 +14,7 @@ from pathlib import Path
 
 from busi.config import load_config
 from busi.errors import BusiError
-
-
-def run_kind(run_dir: Path) -> str:
-    """'cv', 'seg' or 'cls', from the files a run folder holds."""
-    if (run_dir / "cv.json").is_file():
-        return "cv"
-    split = run_dir / "split.json"
-    if not (run_dir / "config.yaml").is_file() or not split.is_file():
-        raise BusiError("not a run folder (needs config.yaml and split.json)", where=str(run_dir),
-                        fix="pass a folder under outputs/seg/, outputs/cls/<model>/ or outputs/cv/")
-    return "cls" if "seg_run" in json.loads(split.read_text()) else "seg"
+from busi.runs import run_kind
 
 
 def rerun(run_dir: str | Path) -> Path:
@@ -36,6 +26,9 @@ def rerun(run_dir: str | Path) -> Path:
         raise BusiError("run folder not found", where=str(run_dir),
                         fix="pass a folder under outputs/seg/, outputs/cls/<model>/ or outputs/cv/")
     kind = run_kind(run_dir)
+    if kind == "eval":
+        raise BusiError("an evaluation folder is not a training run", where=str(run_dir),
+                        fix="rerun the runs it evaluated, then busi evaluate them")
     cfg = load_config(run_dir / "config.yaml")
     if kind == "cv":
         from busi.cv import run_cv

@@ -20,7 +20,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from busi.errors import BusiError
-from busi.runs import atomic_write, list_runs
+from busi.runs import atomic_write, list_runs, run_kind
 
 Block = tuple  # ("h", level, text) | ("md", text) | ("img", path, caption) | ("pre", text)
 
@@ -148,19 +148,6 @@ def _json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _kind(run: Path) -> str:
-    if (run / "cv.json").is_file():
-        return "cv"
-    if (run / "evaluation.md").is_file():
-        return "eval"
-    if not (run / "config.yaml").is_file():
-        raise BusiError("not a run folder (no config.yaml)", where=str(run),
-                        fix="pass a folder under outputs/seg/, outputs/cls/<model>/, outputs/cv/ "
-                            "or outputs/eval/")
-    split = _json(run / "split.json")
-    return "cls" if "seg_run" in split else "seg"
-
-
 def _config_blocks(run: Path) -> list[Block]:
     import yaml
 
@@ -273,7 +260,7 @@ def _minutes(seconds: float | None) -> str:
 
 
 def build_blocks(run: Path) -> tuple[str, list[Block]]:
-    kind = _kind(run)
+    kind = run_kind(run)
     state = _json(run / "state.json")
     split = _json(run / "split.json")
     when = time.strftime("%Y-%m-%d %H:%M")

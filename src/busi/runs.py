@@ -51,6 +51,21 @@ def latest_run(parent: str | Path, *, require: str | None = None) -> Path | None
     return runs[-1] if runs else None
 
 
+def run_kind(run_dir: str | Path) -> str:
+    """'cv', 'eval', 'cls' or 'seg', from the files a run folder holds."""
+    run_dir = Path(run_dir)
+    if (run_dir / "cv.json").is_file():
+        return "cv"
+    if (run_dir / "evaluation.md").is_file():
+        return "eval"
+    split = run_dir / "split.json"
+    if not (run_dir / "config.yaml").is_file() or not split.is_file():
+        raise BusiError("not a run folder (needs config.yaml and split.json)", where=str(run_dir),
+                        fix="pass a folder under outputs/seg/, outputs/cls/<model>/, outputs/cv/ "
+                            "or outputs/eval/")
+    return "cls" if "seg_run" in json.loads(split.read_text()) else "seg"
+
+
 def atomic_write(path: str | Path, data: str | bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

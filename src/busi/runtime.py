@@ -168,6 +168,8 @@ def setup_distribution(rt) -> tuple[int, int]:
     n = rt.num_processes or _env_int("BUSI_NUM_PROCESSES", 1)
     pid = rt.process_id if rt.process_id >= 0 else _env_int("BUSI_PROCESS_ID", 0)
     address = rt.coordinator_address or os.environ.get("BUSI_COORDINATOR_ADDRESS", "")
+    import jax
+
     if n > 1:
         if not address:
             raise BusiError(f"{n} processes need a coordinator address",
@@ -177,8 +179,6 @@ def setup_distribution(rt) -> tuple[int, int]:
         if not 0 <= pid < n:
             raise BusiError(f"process id {pid} is outside 0..{n - 1}", where="runtime.process_id",
                             fix="give each process a distinct id from 0 to num_processes-1")
-        import jax
-
         # Must come before anything touches a JAX device (jax.devices() included).
         if not jax.distributed.is_initialized():
             keras.distribution.initialize(address, n, pid)
@@ -186,8 +186,6 @@ def setup_distribution(rt) -> tuple[int, int]:
     # Batches already give each process its own slice of every global batch.
     keras.distribution.set_distribution(
         keras.distribution.DataParallel(devices=devices, auto_shard_dataset=False))
-    import jax
-
     _SCOPE["process"] = (jax.process_index(), jax.process_count())
     _SCOPE["devices"] = len(devices)
     print(f"distribution: DataParallel over {len(devices)} device(s), process "
