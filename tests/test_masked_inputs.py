@@ -39,3 +39,17 @@ def test_an_empty_mask_keeps_the_whole_image_when_cropping_and_none_ignores_mask
     np.testing.assert_array_equal(masked_inputs(image, empty, "crop"), image)
     np.testing.assert_array_equal(masked_inputs(image, empty, "none"), image)
     assert masked_inputs(image, empty, "multiply").max() == 0  # the paper's leak, for normals
+
+
+def test_dilation_keeps_a_ring_of_that_width_around_the_lesion_and_nothing_else() -> None:
+    image, mask = _case()
+    out = masked_inputs(image, mask, "multiply", dilation=3)
+    kept = out > 0
+    # rows 20..29, cols 10..39 grown by a disc of radius 3: the straight edges move
+    # out by exactly 3 px; the corners are rounded, so the box corner stays blank
+    assert kept[0, 17, 25] and kept[0, 32, 25] and kept[0, 25, 7] and kept[0, 25, 42]
+    assert not kept[0, 16, 25] and not kept[0, 33, 25] and not kept[0, 25, 6]
+    assert not kept[0, 17, 7]
+    assert (out[kept] == image[kept]).all()  # kept pixels are the image's own
+    empty = np.zeros_like(image)
+    assert masked_inputs(image, empty, "multiply", dilation=5).max() == 0  # nothing to grow

@@ -225,6 +225,54 @@ def test_out_of_fold_masks_come_from_models_that_never_saw_the_image(work: Path)
     assert (run_dir / "oof" / "fold0" / "best.keras").is_file()
 
 
+def test_fold_ensemble_segments_test_and_new_images_with_every_fold_unet(
+        work: Path, cls_run: Path, synth_root: Path, tmp_path: Path) -> None:
+    import cv2
+
+    from busi.data import resize_image
+    from busi.masks import load_masks, load_unets, predict_probs
+
+    out_root = work / "ensemble"
+    assert run(work, "train-seg", "--set", f"outputs.root={out_root}",
+               "--set", "training.seg.epochs=1", "--set", "training.seg.out_of_fold_masks=2",
+               "--set", "training.seg.fold_ensemble=true") == 0
+    (run_dir,) = list((out_root / "seg").iterdir())
+    z = np.load(run_dir / "masks.npz")
+    files, source = z["files"].tolist(), dict(zip(z["files"].tolist(), z["source"].tolist(),
+                                                   strict=True))
+    test = sorted(json.loads((run_dir / "test_scores.json").read_text()))
+    assert {source[f] for f in test} == {"ensemble"}
+    assert {s for f, s in source.items() if f not in test} == {"oof0", "oof1"}
+    assert z["members"].tolist() == ["best.keras", "oof/fold0/best.keras", "oof/fold1/best.keras"]
+    assert json.loads((run_dir / "metrics.json").read_text())["unets"] == 3
+    # the stored test probabilities are the average of the three U-Nets (flip TTA on)
+    unets = load_unets(run_dir)
+    images = np.stack([resize_image(cv2.imread(str(synth_root / f), cv2.IMREAD_GRAYSCALE),
+                                    (32, 32)) for f in test])
+    single = [predict_probs(m, images, flip_tta=True) for m in unets]
+    stored = z["probs"][[files.index(f) for f in test]].astype(np.float32) / 255
+    np.testing.assert_allclose(stored, np.mean(single, axis=0), atol=1 / 255 + 1e-6)
+    assert not np.allclose(single[0], single[1], atol=0.02), "the members differ"
+    # busi predict segments a new image with the same ensemble
+    inputs = tmp_path / "scans"
+    inputs.mkdir()
+    shutil.copy(synth_root / test[0], inputs / Path(test[0]).name)
+    out = tmp_path / "pred"
+    assert main(["predict", str(inputs), "--seg-run", str(run_dir), "--cls-run", str(cls_run),
+                 "--out", str(out)]) == 0
+    full = cv2.imread(str(out / (Path(test[0]).stem.replace(" ", "_") + "_mask.png")), 0)
+    small = cv2.resize(full, (32, 32), interpolation=cv2.INTER_NEAREST)
+    np.testing.assert_array_equal(small > 0, load_masks(run_dir)[test[0]] > 0)
+
+
+def test_fold_ensemble_without_out_of_fold_unets_is_a_config_error(
+        work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(work, "train-seg", "--set", f"outputs.root={work / 'noens'}",
+               "--set", "training.seg.fold_ensemble=true") == 2
+    assert "out_of_fold_masks" in capsys.readouterr().err
+    assert not (work / "noens").exists(), "no half-made run folder"
+
+
 def test_frozen_base_then_fine_tuning_with_class_weights(work: Path, seg_run: Path) -> None:
     out_root = work / "finetune"
     assert run(work, "train-cls", "--model", "mobilenet", "--seg-run", str(seg_run),

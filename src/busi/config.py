@@ -96,6 +96,7 @@ class ClassifierConfig:
     masks: Literal["predicted", "ground_truth", "none"] = "predicted"
     mask_mode: Literal["multiply", "crop", "none"] = "multiply"
     crop_margin: float = field(default=0.15, metadata=_range(0, 2))
+    mask_dilation: int = field(default=0, metadata=_range(0, 64))  # px; 0 = the paper
     freeze_base: bool = False
     fine_tune_blocks: int = field(default=0, metadata=_range(0, 100))
     fine_tune_learning_rate: float = field(default=1e-5, metadata=_range(0, lo_open=True))
@@ -126,6 +127,8 @@ class TrainConfig:
     flip_tta: bool = False             # U-Net masks: average with the mirrored prediction
     postprocess: Literal["none", "largest_component"] = "none"  # U-Net masks: clean-up
     out_of_fold_masks: int = field(default=0, metadata=_range(0, 20))
+    fold_ensemble: bool = False        # U-Net masks of test/new images: average of the final
+                                       # U-Net and the out-of-fold ones (needs out_of_fold_masks)
     steps_per_epoch: int = field(default=0, metadata=_range(0))
 
 

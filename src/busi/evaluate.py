@@ -164,7 +164,8 @@ def _inputs_of(run_dir: Path) -> str:
     c = yaml.safe_load(cfg.read_text())["model"]["classifier"]
     if c["masks"] == "none" or c["mask_mode"] == "none":
         return "whole image"
-    return f"{c['masks'].replace('_', ' ')} masks, {c['mask_mode']}"
+    grown = f" (+{c['mask_dilation']} px)" if c.get("mask_dilation") else ""
+    return f"{c['masks'].replace('_', ' ')} masks{grown}, {c['mask_mode']}"
 
 
 def _run_title(run_dir: Path) -> str:
@@ -290,7 +291,7 @@ def evaluate_on_data(data: str, cls_run: str | None = None, seg_run: str | None 
     from busi import runtime
     from busi.config import load_config
     from busi.data import load_dataset
-    from busi.masks import as_stored, predict_probs, read_rule
+    from busi.masks import as_stored, load_unets, predict_probs, read_rule
     from busi.metrics import per_image, summarise
     from busi.report import segmentation_markdown, segmentation_text
     from busi.train import masked_inputs, resolve_cls_run, resolve_seg_run
@@ -314,8 +315,7 @@ def evaluate_on_data(data: str, cls_run: str | None = None, seg_run: str | None 
     masks = ds.masks if c.masks == "ground_truth" else None
     if seg is not None:
         rule, tta = read_rule(seg)
-        unet = keras.models.load_model(seg / "best.keras")
-        probs = as_stored(predict_probs(unet, ds.images, flip_tta=tta))
+        probs = as_stored(predict_probs(load_unets(seg), ds.images, flip_tta=tta))
         predicted = rule.apply(probs)
         masks = predicted if c.masks == "predicted" else masks
         scored = (ds.n_masks > 0) | (np.array(names) == "normal")
@@ -330,7 +330,8 @@ def evaluate_on_data(data: str, cls_run: str | None = None, seg_run: str | None 
             parts += [segmentation_markdown(summary).replace("# Segmentation on the test split",
                                                              "## Segmentation"), ""]
     clf = keras.models.load_model(cls / "best.keras")
-    x = masked_inputs(ds.images, masks if uses_masks else None, c.mask_mode, c.crop_margin)
+    x = masked_inputs(ds.images, masks if uses_masks else None, c.mask_mode, c.crop_margin,
+                      c.mask_dilation)
     probs_cls = clf.predict(x[..., None].astype("float32"), batch_size=64, verbose=0)
     write_predictions(out / "predictions.csv", ds.files, labels, probs_cls, model_classes)
     r = compute(ds.files, names, [model_classes[int(i)] for i in probs_cls.argmax(1)], probs_cls,

@@ -50,7 +50,7 @@ def run_inputs(run: Path, part: str = "test") -> tuple[np.ndarray, np.ndarray, s
     c = cfg.model.classifier
     seg = Path(split["seg_run"]) if split.get("seg_run") else None
     masks = _classifier_masks(cfg, ds, seg)
-    x = masked_inputs(ds.images, masks, c.mask_mode, c.crop_margin)[idx]
+    x = masked_inputs(ds.images, masks, c.mask_mode, c.crop_margin, c.mask_dilation)[idx]
     return x[..., None].astype("float32"), ds.labels[idx], "cls"
 
 
@@ -210,6 +210,14 @@ def export_run(run_dir: str | Path, fmt: str = "tflite", quantize: str = "none",
               "trained_precision": next((layer.dtype_policy.name for layer in trained.layers
                                          if layer.compute_dtype != "float32"), "float32"),
               **_agreement(kind, reference, exported, labels), **extra}
+    if (run / "masks.npz").is_file():
+        from busi.masks import unet_members
+
+        members = unet_members(run)
+        if len(members) > 1:
+            result["ensemble_note"] = (
+                f"this run segments with a fold ensemble of {len(members)} U-Nets; the export "
+                "holds the final U-Net alone, which is what the agreement figures compare")
     write_json(dest / "export.json", result)
     return dest
 
@@ -234,4 +242,6 @@ def summary(result_dir: Path) -> str:
         lines.append(f"  the run trained in {r['trained_precision']}; exported in float32. "
                      f"Mask Dice vs the float32 Keras model: "
                      f"{r['mask_dice_vs_keras_vs_float32_keras']:.3f}")
+    if "ensemble_note" in r:
+        lines.append(f"  note: {r['ensemble_note']}")
     return "\n".join(lines)

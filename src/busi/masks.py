@@ -62,7 +62,12 @@ def predict_probs(model, images: np.ndarray, *, flip_tta: bool = False,
 
     ``flip_tta`` averages the prediction of the image and of its mirror image
     (flipped back): a lesion looks the same mirrored, the U-Net's errors do not.
+    ``model`` may be a list of U-Nets (a fold ensemble): their probabilities are
+    averaged.
     """
+    if isinstance(model, list | tuple):
+        return np.mean([predict_probs(m, images, flip_tta=flip_tta, batch_size=batch_size)
+                        for m in model], axis=0).astype(np.float32)
     if len(images) == 0:
         return np.zeros(images.shape, np.float32)
     x = images[..., None].astype("float32") / 255.0
@@ -81,15 +86,39 @@ def _predict(model, x: np.ndarray, batch_size: int) -> np.ndarray:
 
 
 def save_masks(path: Path, files: list[str], probs: np.ndarray, source: np.ndarray,
-               rule: MaskRule, flip_tta: bool) -> None:
-    """Write ``masks.npz`` atomically: probabilities (uint8, 1/255 steps) and the rule."""
+               rule: MaskRule, flip_tta: bool, members: list[str] | None = None) -> None:
+    """Write ``masks.npz`` atomically: probabilities (uint8, 1/255 steps), the rule, and
+    the U-Net checkpoints (relative to the run) that new images are segmented with."""
     tmp = path.with_name(f".{path.name}.tmp.npz")
     np.savez_compressed(tmp, files=np.array(files, dtype=str),
                         probs=np.round(probs * 255).astype(np.uint8),
                         source=np.array(source, dtype=str),
                         threshold=np.float32(rule.threshold),
-                        postprocess=np.array(rule.postprocess), flip_tta=np.bool_(flip_tta))
+                        postprocess=np.array(rule.postprocess), flip_tta=np.bool_(flip_tta),
+                        members=np.array(members or ["best.keras"], dtype=str))
     os.replace(tmp, path)
+
+
+def unet_members(seg_run: Path) -> list[Path]:
+    """The checkpoints a segmentation run segments new images with: its ``best.keras``,
+    plus its out-of-fold U-Nets when it was trained with ``fold_ensemble``."""
+    read_rule(seg_run)  # a clear error when the run has no masks.npz
+    with np.load(seg_run / "masks.npz") as z:
+        names = z["members"].tolist() if "members" in z.files else ["best.keras"]
+    paths = [seg_run / n for n in names]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise BusiError("a U-Net checkpoint of this segmentation run is missing",
+                        where=str(missing[0]), fix="use a complete run folder, or retrain it")
+    return paths
+
+
+def load_unets(seg_run: Path) -> list:
+    """The run's U-Net(s), loaded: one model, or the members of its fold ensemble."""
+    from busi import runtime
+
+    keras = runtime.import_keras()
+    return [keras.models.load_model(p) for p in unet_members(seg_run)]
 
 
 def read_rule(seg_run: Path) -> tuple[MaskRule, bool]:

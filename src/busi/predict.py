@@ -46,7 +46,7 @@ class Predictor:
 
     def __init__(self, seg_run: str | None = None, cls_run: str | None = None,
                  outputs_root: str = "outputs"):
-        from busi.masks import read_rule
+        from busi.masks import load_unets, read_rule
         from busi.train import resolve_cls_run, resolve_seg_run
 
         keras = runtime.import_keras()
@@ -57,10 +57,10 @@ class Predictor:
         self.size = tuple(cfg.data.image_size)
         self.classes = list(cfg.data.classes)
         self.rule, self.flip_tta = read_rule(self.seg)
-        self.unet = keras.models.load_model(self.seg / "best.keras")
+        self.unets = load_unets(self.seg)  # one U-Net, or a run's fold ensemble
         self.clf = keras.models.load_model(self.cls / "best.keras")
-        if tuple(self.unet.input_shape[1:3]) != self.size:
-            raise BusiError(f"U-Net input {self.unet.input_shape[1:3]} differs from the "
+        if tuple(self.unets[0].input_shape[1:3]) != self.size:
+            raise BusiError(f"U-Net input {self.unets[0].input_shape[1:3]} differs from the "
                             f"classifier's {self.size}", where=str(self.seg),
                             fix="use runs trained at the same image size")
 
@@ -70,10 +70,11 @@ class Predictor:
         from busi.train import masked_inputs
 
         small = resize_image(gray, self.size)
-        prob = as_stored(predict_probs(self.unet, small[None], flip_tta=self.flip_tta))
+        prob = as_stored(predict_probs(self.unets, small[None], flip_tta=self.flip_tta))
         mask = self.rule.apply(prob)[0]
         use_mask = None if self.c.masks == "none" else mask[None]
-        x = masked_inputs(small[None], use_mask, self.c.mask_mode, self.c.crop_margin)
+        x = masked_inputs(small[None], use_mask, self.c.mask_mode, self.c.crop_margin,
+                          self.c.mask_dilation)
         p = np.asarray(self.clf.predict_on_batch(x[..., None].astype("float32")))[0]
         return mask, x, p
 

@@ -138,6 +138,8 @@ def _mask_rule(s: dict) -> str:
         parts.append(s["postprocess"].replace("_", " "))
     if s.get("flip_tta"):
         parts.append("flip TTA")
+    if s.get("unets", 1) > 1:
+        parts.append(f"average of {s['unets']} U-Nets (fold ensemble)")
     return ", ".join(parts)
 
 

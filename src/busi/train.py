@@ -222,12 +222,13 @@ def fit_unet(cfg: Config, ds: Dataset, train_idx: np.ndarray, val_idx: np.ndarra
 
 
 def _out_of_fold(cfg: Config, ds: Dataset, pool: np.ndarray, run_dir: Path, k: int,
-                 probs: np.ndarray, source: np.ndarray) -> None:
+                 probs: np.ndarray, source: np.ndarray) -> list:
     """Replace the masks of training images by those of k U-Nets that never saw them.
 
     A classifier trained on masks the U-Net drew for its own training images sees
     cleaner masks than it will at test time; out-of-fold masks are as imperfect
     as test masks. Folds keep duplicate groups together, as the split does.
+    Returns the k U-Nets (a fold ensemble can reuse them).
     """
     from sklearn.model_selection import GroupKFold
 
@@ -236,6 +237,7 @@ def _out_of_fold(cfg: Config, ds: Dataset, pool: np.ndarray, run_dir: Path, k: i
     groups = (duplicate_groups(ds, cfg.split.near_duplicate_distance)
               if cfg.split.group_duplicates else np.arange(len(ds)))
     folds = GroupKFold(n_splits=k).split(pool, groups=groups[pool])
+    models = []
     for fold, (fit_part, held_part) in enumerate(folds):
         held = pool[held_part]
         sub = run_dir / "oof" / f"fold{fold}"
@@ -245,8 +247,11 @@ def _out_of_fold(cfg: Config, ds: Dataset, pool: np.ndarray, run_dir: Path, k: i
         print(f"out-of-fold masks: fold {fold + 1}/{k} ({len(held)} images held out)")
         model, _, _ = fit_unet(cfg, ds, perm[n_val:], perm[:n_val], sub, {},
                                f"(out-of-fold fold {fold} restarts with the run)")
-        probs[held] = predict_probs(model, ds.images[held], flip_tta=cfg.training.seg.flip_tta)
+        probs[held] = as_stored(predict_probs(model, ds.images[held],
+                                              flip_tta=cfg.training.seg.flip_tta))
         source[held] = f"oof{fold}"
+        models.append(model)
+    return models
 
 
 def train_segmentation(cfg: Config, *, resume: str | None = None,
@@ -257,6 +262,10 @@ def train_segmentation(cfg: Config, *, resume: str | None = None,
     last.keras, history.csv, loss_curve.png, metrics.json/.md, overlays/, and
     masks.npz (the predicted mask of every image, which ``train-cls`` reads).
     """
+    if cfg.training.seg.fold_ensemble and cfg.training.seg.out_of_fold_masks < 2:
+        raise BusiError("fold_ensemble needs the out-of-fold U-Nets",
+                        where="training.seg.fold_ensemble",
+                        fix="set training.seg.out_of_fold_masks to 2 or more (e.g. 5)")
     cfg, run_dir, state = _start_run(cfg, SEG_DIR, resume, config_source)
     runtime.setup(cfg.runtime.seed, cfg.runtime.precision, cfg.runtime.deterministic)
     ds, manifest = _load_data(cfg)
@@ -272,9 +281,9 @@ def train_segmentation(cfg: Config, *, resume: str | None = None,
         raise BusiError("the split has no validation images", where="split.val_size",
                         fix="set split.val_size > 0 (e.g. 0.1)")
 
+    t = cfg.training.seg
     hint = f"busi train-seg --resume {run_dir}"
     model, final, wall = fit_unet(cfg, ds, idx["train"], idx["val"], run_dir, state, hint)
-    t = cfg.training.seg
 
     probs = as_stored(predict_probs(model, ds.images, flip_tta=t.flip_tta))
     source = np.array(["final"] * len(ds), dtype=object)
@@ -282,22 +291,35 @@ def train_segmentation(cfg: Config, *, resume: str | None = None,
     if t.tune_threshold:
         threshold = tune_threshold(ds.masks[idx["val"]], probs[idx["val"]],
                                    postprocess=t.postprocess)
+    members = ["best.keras"]
+    if t.out_of_fold_masks > 1:
+        pool = np.concatenate([idx["train"], idx["val"]])
+        folds = _out_of_fold(cfg, ds, pool, run_dir, t.out_of_fold_masks, probs, source)
+        if t.fold_ensemble:
+            # nnU-Net's practice: images outside the pool (the test split, new images)
+            # get the average of the final U-Net and the fold U-Nets. The threshold is
+            # then tuned on the pool's out-of-fold masks: 702 images no model saw.
+            rest = np.setdiff1d(np.arange(len(ds)), pool)
+            probs[rest] = as_stored(predict_probs([model, *folds], ds.images[rest],
+                                                  flip_tta=t.flip_tta))
+            source[rest] = "ensemble"
+            members += [f"oof/fold{k}/best.keras" for k in range(len(folds))]
+            if t.tune_threshold:
+                threshold = tune_threshold(ds.masks[pool], probs[pool],
+                                           postprocess=t.postprocess)
     rule = MaskRule(threshold, t.postprocess)
     scores = per_image(ds.masks[idx["test"]], rule.apply(probs[idx["test"]]), 0.5)
     summary = summarise(scores, ds.labels[idx["test"]], ds.classes)
     summary.update({"threshold": threshold, "postprocess": t.postprocess,
                     "flip_tta": t.flip_tta, "best_epoch": final.get("best_epoch", -1) + 1,
                     "epochs_done": final.get("epochs_done"), "train_seconds": round(wall, 1),
-                    "n_test": int(len(idx["test"]))})
-    if t.out_of_fold_masks > 1:
-        pool = np.concatenate([idx["train"], idx["val"]])
-        _out_of_fold(cfg, ds, pool, run_dir, t.out_of_fold_masks, probs, source)
+                    "n_test": int(len(idx["test"])), "unets": len(members)})
     write_json(run_dir / "metrics.json", summary)
     atomic_write(run_dir / "metrics.md", report.segmentation_markdown(summary))
     per_file = {f: {m: float(scores[m][i]) for m in ("dice", "iou", "hd95")}
                 for i, f in enumerate(parts["test"])}
     write_json(run_dir / "test_scores.json", per_file)
-    save_masks(run_dir / "masks.npz", ds.files, probs, source, rule, t.flip_tta)
+    save_masks(run_dir / "masks.npz", ds.files, probs, source, rule, t.flip_tta, members)
     report.plot_history(run_dir / "history.csv", run_dir / "loss_curve.png",
                         title="U-Net: training and validation loss")
     report.save_overlays(run_dir / "overlays", ds, idx["test"], rule.apply(probs), 0.5)
@@ -343,19 +365,26 @@ def resolve_cls_run(cls_run: str | None, outputs_root: str) -> Path:
 
 
 def masked_inputs(images: np.ndarray, masks: np.ndarray | None, mode: str,
-                  margin: float = 0.15) -> np.ndarray:
+                  margin: float = 0.15, dilation: int = 0) -> np.ndarray:
     """Apply (binary) lesion masks to uint8 images as the classifier config says.
 
     ``multiply`` is the paper's image x mask. ``crop`` cuts the mask's bounding
     box plus ``margin`` (a fraction of the box size) and resizes it back, which
     keeps the lesion's surroundings (margins, posterior shadow) that radiologists
     read; an empty mask keeps the whole image. ``none`` ignores the mask.
+    ``dilation`` (pixels, 0 = the paper) first grows each mask by a disc of that
+    radius, so that ``multiply`` keeps the lesion's margin, where benign and
+    malignant differ most, even when the U-Net draws the boundary a little inside.
     """
     if masks is None or mode == "none":
         return images
+    import cv2
+
+    if dilation > 0:
+        disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * dilation + 1,) * 2)
+        masks = np.stack([cv2.dilate((m > 0).astype(np.uint8), disc) for m in masks])
     if mode == "multiply":
         return (images * (masks > 0)).astype(np.uint8)
-    import cv2
 
     out = np.empty_like(images)
     h, w = images.shape[1:]
@@ -457,7 +486,7 @@ def train_classifier(cfg: Config, *, seg_run: str | None = None, resume: str | N
                                         "seg_run": str(seg_path) if seg_path else None,
                                         **{k: len(v) for k, v in idx.items()}})
     masks = _classifier_masks(cfg, ds, seg_path)
-    x = masked_inputs(ds.images, masks, c.mask_mode, c.crop_margin)
+    x = masked_inputs(ds.images, masks, c.mask_mode, c.crop_margin, c.mask_dilation)
     y = keras.utils.to_categorical(ds.labels, len(ds.classes)).astype("float32")
     print(f"busi train-cls: {c.name} run {run_dir}\n  masks: {c.masks} ({c.mask_mode})"
           f"{f' from {seg_path}' if seg_path else ''}; train {len(idx['train'])}, "
