@@ -118,6 +118,8 @@ def load_unets(seg_run: Path) -> list:
     from busi import runtime
 
     keras = runtime.import_keras()
+    import busi.losses  # noqa: F401  (registers the loss and metrics the checkpoints name)
+
     return [keras.models.load_model(p) for p in unet_members(seg_run)]
 
 
