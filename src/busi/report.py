@@ -159,9 +159,14 @@ def segmentation_markdown(s: dict) -> str:
     lines += ["", f"HD95 undefined (empty prediction) on {le['hd95_undefined']} lesion image(s)."]
     lf = s["lesion_free_images"]
     if lf["n"]:
-        lines.append(f"Lesion-free (normal) images predicted empty: "
-                     f"{lf['fraction_predicted_empty']:.3f} of {lf['n']}.")
+        lines.append(f"Lesion-free (normal) images predicted empty: {_empty_count(lf)}.")
     return "\n".join(lines) + "\n"
+
+
+def _empty_count(lf: dict) -> str:
+    """'9 of 14 (0.643)': a count reads better than a bare fraction of a small number."""
+    frac = lf["fraction_predicted_empty"]
+    return f"{round(frac * lf['n'])} of {lf['n']} ({frac:.3f})"
 
 
 def segmentation_text(s: dict) -> str:
@@ -173,8 +178,7 @@ def segmentation_text(s: dict) -> str:
             out.append(f"  {name:10} Dice {_fmt(e['dice'])}  IoU {_fmt(e['iou'])}")
     lf = s["lesion_free_images"]
     if lf["n"]:
-        out.append(f"  normal     predicted empty: {lf['fraction_predicted_empty']:.3f} "
-                   f"of {lf['n']}")
+        out.append(f"  normal     predicted empty: {_empty_count(lf)}")
     return "\n".join(out)
 
 

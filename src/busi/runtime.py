@@ -51,6 +51,9 @@ def import_keras():
             import tensorflow as tf
 
             tf.config.list_physical_devices()  # device discovery prints its own lines
+            # "N out of the last N calls ... triggered tf.function retracing": each member
+            # of a fold ensemble traces its own predict function once, as it should.
+            tf.get_logger().setLevel("ERROR")
     return keras
 
 
