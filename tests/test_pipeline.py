@@ -265,6 +265,42 @@ def test_fold_ensemble_segments_test_and_new_images_with_every_fold_unet(
     np.testing.assert_array_equal(small > 0, load_masks(run_dir)[test[0]] > 0)
 
 
+def test_a_run_killed_among_its_out_of_fold_unets_resumes_without_retraining(
+        work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The final U-Net stopped early; Ctrl-C in the second fold's first epoch. The resume
+    must keep the final U-Net and fold 0 as they are and finish fold 1 once."""
+    from busi import train
+
+    real = train.RunCheckpoint.on_epoch_end
+
+    def early_stop_then_ctrl_c(self, epoch, logs=None):
+        real(self, epoch, logs)
+        if self.run_dir.name == "fold1":
+            raise KeyboardInterrupt
+        if self.run_dir.name != "fold0":
+            self.model.stop_training = True  # as EarlyStopping does, after epoch 0
+
+    monkeypatch.setattr(train.RunCheckpoint, "on_epoch_end", early_stop_then_ctrl_c)
+    out_root = work / "oof-resume"
+    assert run(work, "train-seg", "--set", f"outputs.root={out_root}",
+               "--set", "training.seg.epochs=2", "--set", "training.seg.out_of_fold_masks=2",
+               "--set", "training.seg.fold_ensemble=true") == 130
+    (run_dir,) = list((out_root / "seg").iterdir())
+    kept = {p: p.stat().st_mtime_ns for p in [run_dir / "best.keras", run_dir / "last.keras",
+                                              run_dir / "oof/fold0/best.keras"]}
+    monkeypatch.setattr(train.RunCheckpoint, "on_epoch_end", real)
+    assert main(["train-seg", "--resume", str(run_dir)]) == 0
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept, "finished models were retrained"
+
+    def epochs(folder: Path) -> list[int]:
+        with open(folder / "history.csv") as fh:
+            return [int(r["epoch"]) for r in csv.DictReader(fh)]
+
+    assert epochs(run_dir) == [0], "the early-stopped U-Net was trained on"
+    assert epochs(run_dir / "oof/fold1") == [0, 1]
+    assert np.load(run_dir / "masks.npz")["members"].size == 3
+
+
 def test_fold_ensemble_without_out_of_fold_unets_is_a_config_error(
         work: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert run(work, "train-seg", "--set", f"outputs.root={work / 'noens'}",

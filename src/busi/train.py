@@ -131,13 +131,10 @@ def _start_run(cfg: Config, kind: str, resume: str | None, config_source: str | 
         if not (run_dir / "config.yaml").is_file():
             raise BusiError("not a run folder (no config.yaml)", where=str(run_dir),
                             fix="pass a folder under outputs/seg/ or outputs/cls/<model>/")
-        state_file = run_dir / "state.json"
-        state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+        state = _saved_state(run_dir)
         if state.get("finished"):
             raise BusiError("this run has already finished", where=str(run_dir),
                             fix="start a new run instead of --resume")
-        if not (run_dir / "last.keras").is_file():
-            state = {}
         return load_config(run_dir / "config.yaml"), run_dir, state
     parent = Path(cfg.outputs.root) / kind
     run_dir = new_run_dir(parent, cfg.outputs.run_name)
@@ -148,6 +145,17 @@ def _start_run(cfg: Config, kind: str, resume: str | None, config_source: str | 
                  f"busi rerun {run_dir}\n# continue if interrupted: busi {kind_command(kind)} "
                  f"--resume {run_dir}\n")
     return cfg, run_dir, {}
+
+
+def _saved_state(run_dir: Path) -> dict[str, Any]:
+    """What a (possibly interrupted) training in ``run_dir`` committed; {} if nothing usable."""
+    state_file = run_dir / "state.json"
+    if not state_file.is_file():
+        return {}
+    state = json.loads(state_file.read_text())
+    if not (run_dir / "last.keras").is_file() and not state.get("finished"):
+        return {}
+    return state
 
 
 def kind_command(kind: str) -> str:
@@ -162,6 +170,8 @@ def _load_data(cfg: Config) -> tuple[Dataset, Manifest]:
 def _fit(model, train: Batches, val: Batches, train_cfg, run_dir: Path, state: dict[str, Any],
          resume_hint: str, class_weight: dict[int, float] | None = None):
     initial = int(state.get("epochs_done", 0))
+    if state.get("fit_done_for") == train_cfg.epochs and (run_dir / "best.keras").is_file():
+        return state, 0.0  # this stage ended (all epochs, or early stopping) before the interrupt
     t0 = time.perf_counter()
     try:
         model.fit(train, validation_data=val, epochs=train_cfg.epochs, initial_epoch=initial,
@@ -177,6 +187,10 @@ def _fit(model, train: Batches, val: Batches, train_cfg, run_dir: Path, state: d
     if not (run_dir / "best.keras").is_file():
         raise BusiError("training produced no finite val_loss, so there is no best checkpoint",
                         where=str(run_dir), fix="lower the learning rate or check the data")
+    # Committed: a resume after a later interrupt (evaluation, out-of-fold U-Nets) must not
+    # train an early-stopped model on to its epoch limit.
+    final = {**final, "fit_done_for": train_cfg.epochs}
+    write_json(run_dir / "state.json", final)
     return final, wall
 
 
@@ -222,13 +236,14 @@ def fit_unet(cfg: Config, ds: Dataset, train_idx: np.ndarray, val_idx: np.ndarra
 
 
 def _out_of_fold(cfg: Config, ds: Dataset, pool: np.ndarray, run_dir: Path, k: int,
-                 probs: np.ndarray, source: np.ndarray) -> list:
+                 probs: np.ndarray, source: np.ndarray, resume_hint: str) -> list:
     """Replace the masks of training images by those of k U-Nets that never saw them.
 
     A classifier trained on masks the U-Net drew for its own training images sees
     cleaner masks than it will at test time; out-of-fold masks are as imperfect
     as test masks. Folds keep duplicate groups together, as the split does.
-    Returns the k U-Nets (a fold ensemble can reuse them).
+    Returns the k U-Nets (a fold ensemble can reuse them). On ``--resume``, finished
+    folds are loaded and an interrupted one continues from its last epoch.
     """
     from sklearn.model_selection import GroupKFold
 
@@ -245,8 +260,8 @@ def _out_of_fold(cfg: Config, ds: Dataset, pool: np.ndarray, run_dir: Path, k: i
         perm = np.random.default_rng([cfg.runtime.seed, fold]).permutation(pool[fit_part])
         n_val = max(1, round(len(perm) * cfg.split.val_size))
         print(f"out-of-fold masks: fold {fold + 1}/{k} ({len(held)} images held out)")
-        model, _, _ = fit_unet(cfg, ds, perm[n_val:], perm[:n_val], sub, {},
-                               f"(out-of-fold fold {fold} restarts with the run)")
+        model, _, _ = fit_unet(cfg, ds, perm[n_val:], perm[:n_val], sub, _saved_state(sub),
+                               resume_hint)
         probs[held] = as_stored(predict_probs(model, ds.images[held],
                                               flip_tta=cfg.training.seg.flip_tta))
         source[held] = f"oof{fold}"
@@ -294,7 +309,7 @@ def train_segmentation(cfg: Config, *, resume: str | None = None,
     members = ["best.keras"]
     if t.out_of_fold_masks > 1:
         pool = np.concatenate([idx["train"], idx["val"]])
-        folds = _out_of_fold(cfg, ds, pool, run_dir, t.out_of_fold_masks, probs, source)
+        folds = _out_of_fold(cfg, ds, pool, run_dir, t.out_of_fold_masks, probs, source, hint)
         if t.fold_ensemble:
             # nnU-Net's practice: images outside the pool (the test split, new images)
             # get the average of the final U-Net and the fold U-Nets. The threshold is
