@@ -294,7 +294,7 @@ def evaluate_on_data(data: str, cls_run: str | None = None, seg_run: str | None 
     from busi.masks import as_stored, load_unets, predict_probs, read_rule
     from busi.metrics import per_image, summarise
     from busi.report import segmentation_markdown, segmentation_text
-    from busi.train import masked_inputs, resolve_cls_run, resolve_seg_run
+    from busi.train import classifier_inputs, resolve_cls_run, resolve_seg_run
 
     keras = runtime.import_keras()
     cls = resolve_cls_run(cls_run, outputs_root)
@@ -330,8 +330,7 @@ def evaluate_on_data(data: str, cls_run: str | None = None, seg_run: str | None 
             parts += [segmentation_markdown(summary).replace("# Segmentation on the test split",
                                                              "## Segmentation"), ""]
     clf = keras.models.load_model(cls / "best.keras")
-    x = masked_inputs(ds.images, masks if uses_masks else None, c.mask_mode, c.crop_margin,
-                      c.mask_dilation)
+    x = classifier_inputs(ds.images, masks if uses_masks else None, c)
     probs_cls = clf.predict(x[..., None].astype("float32"), batch_size=64, verbose=0)
     write_predictions(out / "predictions.csv", ds.files, labels, probs_cls, model_classes)
     r = compute(ds.files, names, [model_classes[int(i)] for i in probs_cls.argmax(1)], probs_cls,

@@ -45,12 +45,12 @@ def run_inputs(run: Path, part: str = "test") -> tuple[np.ndarray, np.ndarray, s
     idx = ds.index(manifest.partition(split.get("fold"))[part])
     if "seg_run" not in split:
         return (ds.images[idx][..., None] / 255.0).astype("float32"), ds.masks[idx], "seg"
-    from busi.train import _classifier_masks, masked_inputs
+    from busi.train import _classifier_masks, classifier_inputs
 
     c = cfg.model.classifier
     seg = Path(split["seg_run"]) if split.get("seg_run") else None
     masks = _classifier_masks(cfg, ds, seg)
-    x = masked_inputs(ds.images, masks, c.mask_mode, c.crop_margin, c.mask_dilation)[idx]
+    x = classifier_inputs(ds.images, masks, c)[idx]
     return x[..., None].astype("float32"), ds.labels[idx], "cls"
 
 

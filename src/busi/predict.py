@@ -67,14 +67,13 @@ class Predictor:
     def __call__(self, gray: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(mask at model size, classifier input, class probabilities) for a gray image."""
         from busi.masks import as_stored, predict_probs
-        from busi.train import masked_inputs
+        from busi.train import classifier_inputs
 
         small = resize_image(gray, self.size)
         prob = as_stored(predict_probs(self.unets, small[None], flip_tta=self.flip_tta))
         mask = self.rule.apply(prob)[0]
         use_mask = None if self.c.masks == "none" else mask[None]
-        x = masked_inputs(small[None], use_mask, self.c.mask_mode, self.c.crop_margin,
-                          self.c.mask_dilation)
+        x = classifier_inputs(small[None], use_mask, self.c)
         p = np.asarray(self.clf.predict_on_batch(x[..., None].astype("float32")))[0]
         return mask, x, p
 

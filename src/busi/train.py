@@ -302,26 +302,24 @@ def train_segmentation(cfg: Config, *, resume: str | None = None,
 
     probs = as_stored(predict_probs(model, ds.images, flip_tta=t.flip_tta))
     source = np.array(["final"] * len(ds), dtype=object)
-    threshold = t.threshold
-    if t.tune_threshold:
-        threshold = tune_threshold(ds.masks[idx["val"]], probs[idx["val"]],
-                                   postprocess=t.postprocess)
+    # The threshold is tuned on images the masks' U-Net(s) never trained on: the final
+    # U-Net's validation images, or with a fold ensemble the pool's out-of-fold masks.
+    tune_idx, tune_probs = idx["val"], probs[idx["val"]]  # a copy: OOF overwrites probs
     members = ["best.keras"]
     if t.out_of_fold_masks > 1:
         pool = np.concatenate([idx["train"], idx["val"]])
         folds = _out_of_fold(cfg, ds, pool, run_dir, t.out_of_fold_masks, probs, source, hint)
         if t.fold_ensemble:
             # nnU-Net's practice: images outside the pool (the test split, new images)
-            # get the average of the final U-Net and the fold U-Nets. The threshold is
-            # then tuned on the pool's out-of-fold masks: 702 images no model saw.
+            # get the average of the final U-Net and the fold U-Nets.
             rest = np.setdiff1d(np.arange(len(ds)), pool)
             probs[rest] = as_stored(predict_probs([model, *folds], ds.images[rest],
                                                   flip_tta=t.flip_tta))
             source[rest] = "ensemble"
             members += [f"oof/fold{k}/best.keras" for k in range(len(folds))]
-            if t.tune_threshold:
-                threshold = tune_threshold(ds.masks[pool], probs[pool],
-                                           postprocess=t.postprocess)
+            tune_idx, tune_probs = pool, probs[pool]
+    threshold = (tune_threshold(ds.masks[tune_idx], tune_probs, postprocess=t.postprocess)
+                 if t.tune_threshold else t.threshold)
     rule = MaskRule(threshold, t.postprocess)
     scores = per_image(ds.masks[idx["test"]], rule.apply(probs[idx["test"]]), 0.5)
     summary = summarise(scores, ds.labels[idx["test"]], ds.classes)
@@ -415,6 +413,12 @@ def masked_inputs(images: np.ndarray, masks: np.ndarray | None, mode: str,
     return out
 
 
+def classifier_inputs(images: np.ndarray, masks: np.ndarray | None, c) -> np.ndarray:
+    """:func:`masked_inputs` as a classifier config (``model.classifier``) says: the one
+    call train-cls, evaluate, predict and export share, so they cannot drift apart."""
+    return masked_inputs(images, masks, c.mask_mode, c.crop_margin, c.mask_dilation)
+
+
 def _classifier_masks(cfg: Config, ds: Dataset, seg_run: Path | None) -> np.ndarray | None:
     source = cfg.model.classifier.masks
     if source == "none" or cfg.model.classifier.mask_mode == "none":
@@ -501,7 +505,7 @@ def train_classifier(cfg: Config, *, seg_run: str | None = None, resume: str | N
                                         "seg_run": str(seg_path) if seg_path else None,
                                         **{k: len(v) for k, v in idx.items()}})
     masks = _classifier_masks(cfg, ds, seg_path)
-    x = masked_inputs(ds.images, masks, c.mask_mode, c.crop_margin, c.mask_dilation)
+    x = classifier_inputs(ds.images, masks, c)
     y = keras.utils.to_categorical(ds.labels, len(ds.classes)).astype("float32")
     print(f"busi train-cls: {c.name} run {run_dir}\n  masks: {c.masks} ({c.mask_mode})"
           f"{f' from {seg_path}' if seg_path else ''}; train {len(idx['train'])}, "
