@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# busi's CLI turns an unexpected exception into one line; in tests it must stay a traceback,
+# so that a defect fails loudly (and a "no traceback" test notices it).
+os.environ.setdefault("BUSI_DEBUG", "1")
 
 REAL_BUSI = Path(__file__).resolve().parents[1].parent / "shared/data/busi/Dataset_BUSI_with_GT"
 REAL_BUSI = Path(os.environ.get("BUSI_DATA", REAL_BUSI))

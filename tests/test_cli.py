@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -76,3 +77,29 @@ def test_split_command_prints_the_manifest_and_counts(synth_root: Path, tmp_path
     out = capsys.readouterr().out
     assert "Split manifest:" in out and "test" in out
     assert len(list((tmp_path / "m").glob("*.csv"))) == 1
+
+
+def test_a_zero_byte_image_in_the_data_exits_2_naming_it(synth_root: Path,
+                                                         tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(synth_root, data)
+    (data / "normal/normal (2).png").write_bytes(b"")
+    proc = run_busi("data", "split", "--data", str(data), "--set",
+                    f"split.manifest_dir={tmp_path}/splits", "--set",
+                    f"data.cache_dir={tmp_path}/cache", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "normal (2).png" in proc.stderr and "fix:" in proc.stderr
+    proc = run_busi("data", "check", "--data", str(data), "--set",
+                    f"data.cache_dir={tmp_path}/cache", cwd=tmp_path)
+    assert proc.returncode == 0 and "normal (2).png" in proc.stdout
+
+
+def test_an_unwritable_output_place_is_one_line_not_a_traceback(synth_root: Path,
+                                                                tmp_path: Path) -> None:
+    blocker = tmp_path / "splits"
+    blocker.write_text("a file where a folder is needed")
+    proc = run_busi("data", "split", "--data", str(synth_root), "--set",
+                    f"split.manifest_dir={blocker}/sub", "--set",
+                    f"data.cache_dir={tmp_path}/cache", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert str(blocker) in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

@@ -183,3 +183,33 @@ def test_csv_manifest_errors_name_the_line_and_the_fix(synth_root: Path, text: s
     with pytest.raises(BusiError, match="fix:") as err:
         load_dataset(csv_path, size=(32, 32), cache_dir=None)
     assert message in str(err.value)
+
+
+def test_zero_byte_image_is_a_bad_file_not_a_crash(data_copy: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    # OpenCV raises on an empty buffer instead of returning None
+    (data_copy / "benign/benign (5).png").write_bytes(b"")
+    with pytest.raises(BusiError, match="cannot decode image") as err:
+        load(data_copy, tmp_path)
+    assert "benign (5).png" in str(err.value)
+    ds = load(data_copy, tmp_path, on_bad_file="skip")
+    assert "benign/benign (5).png" not in ds.files and len(ds) == 35
+    (data_copy / "malignant/malignant (2)_mask.png").write_bytes(b"")
+    ds = load(data_copy, tmp_path, collect=True)
+    assert {Path(p.file).name for p in ds.problems} >= {"benign (5).png",
+                                                        "malignant (2)_mask.png"}
+
+
+def test_two_images_whose_names_differ_only_in_extension_are_refused(
+        data_copy: Path, tmp_path: Path) -> None:
+    # x.png and x.jpg: x_mask.png cannot say whose mask it is; neither may silently win
+    src = data_copy / "benign/benign (3).png"
+    cv2.imwrite(str(src.with_suffix(".jpg")), cv2.imread(str(src)))
+    with pytest.raises(BusiError, match="same name before the extension") as err:
+        load(data_copy, tmp_path)
+    assert "benign (3)" in str(err.value) and "rename" in str(err.value)
+    ds = load(data_copy, tmp_path, on_bad_file="skip")
+    assert not any(f.startswith("benign/benign (3).") for f in ds.files)
+    assert len(ds) == 35
+    names = {Path(p.file).name for p in load(data_copy, tmp_path, collect=True).problems}
+    assert {"benign (3).png", "benign (3).jpg"} <= names

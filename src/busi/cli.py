@@ -350,6 +350,21 @@ def main(argv: list[str] | None = None) -> int:
         print("busi: interrupted; completed files are kept and a training run can be continued "
               "with --resume RUN_DIR", file=sys.stderr)
         return 130
+    except OSError as exc:
+        # The file system said no (no space, no permission, a path that is a folder):
+        # the user's to fix, so one line that names the path, like any BusiError.
+        where = exc.filename or "file system"
+        print(f"busi: error: {where}: {exc.strerror or exc} -- fix: check that the path exists, "
+              "is of the right kind (file or folder) and that you may read/write it, and that "
+              "the disk has space", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:  # a defect in busi, not in the input: say so, in one line
+        if os.environ.get("BUSI_DEBUG"):
+            raise
+        print(f"busi: internal error: {type(exc).__name__}: {exc} -- this is a bug in busi, "
+              "not in your input; rerun with BUSI_DEBUG=1 for the traceback and report it",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

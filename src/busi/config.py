@@ -112,16 +112,34 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    """One training loop's optimiser, loss and schedule."""
+    """What every training loop has: optimiser, schedule, logging.
+
+    Stage-specific settings live in :class:`SegTrainConfig` and :class:`ClsTrainConfig`, so a
+    segmentation-only key under ``training.cls`` is an unknown key, not a silently ignored one.
+    """
 
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     learning_rate: float = field(default=5e-5, metadata=_range(0, lo_open=True))
-    loss: str = "mse"
     batch_size: int = field(default=64, metadata=_range(1))
     epochs: int = field(default=100, metadata=_range(1))
     early_stopping_patience: int = field(default=0, metadata=_range(0))
     reduce_lr_patience: int = field(default=0, metadata=_range(0))
     tensorboard: bool = False
+    steps_per_epoch: int = field(default=0, metadata=_range(0))
+
+
+# The names busi.losses.segmentation_loss builds (a test keeps the two lists equal).
+SegLoss = Literal["mse", "bce", "dice", "bce_dice"]
+# Keras losses that take one-hot labels and softmax outputs (a test builds each with Keras).
+ClsLoss = Literal["categorical_crossentropy", "categorical_focal_crossentropy",
+                  "categorical_hinge", "kl_divergence", "mse"]
+
+
+@dataclass
+class SegTrainConfig(TrainConfig):
+    """The U-Net's loop, and how its probabilities become the masks everything else uses."""
+
+    loss: SegLoss = "mse"
     threshold: float = field(default=0.5, metadata=_range(0, 1, lo_open=True, hi_open=True))
     tune_threshold: bool = False
     flip_tta: bool = False             # U-Net masks: average with the mirrored prediction
@@ -129,18 +147,21 @@ class TrainConfig:
     out_of_fold_masks: int = field(default=0, metadata=_range(0, 20))
     fold_ensemble: bool = False        # U-Net masks of test/new images: average of the final
                                        # U-Net and the out-of-fold ones (needs out_of_fold_masks)
-    steps_per_epoch: int = field(default=0, metadata=_range(0))
 
 
-def _cls_training() -> TrainConfig:
-    return TrainConfig(learning_rate=1e-4, loss="categorical_crossentropy", batch_size=32,
-                       epochs=100)
+@dataclass
+class ClsTrainConfig(TrainConfig):
+    """The classifier's loop: cross-entropy on one-hot labels by default."""
+
+    learning_rate: float = field(default=1e-4, metadata=_range(0, lo_open=True))
+    batch_size: int = field(default=32, metadata=_range(1))
+    loss: ClsLoss = "categorical_crossentropy"
 
 
 @dataclass
 class TrainingConfig:
-    seg: TrainConfig = field(default_factory=TrainConfig)
-    cls: TrainConfig = field(default_factory=_cls_training)
+    seg: SegTrainConfig = field(default_factory=SegTrainConfig)
+    cls: ClsTrainConfig = field(default_factory=ClsTrainConfig)
 
 
 @dataclass
@@ -289,6 +310,8 @@ def _build(cls: type, raw: dict[str, Any], where: str, prefix: str = "",
         if key not in fields:
             close = difflib.get_close_matches(str(key), fields, n=1)
             hint = f"did you mean '{prefix}{close[0]}'? " if close else ""
+            if prefix == "training.cls." and key in _field_names(SegTrainConfig):
+                hint = f"'{key}' is a segmentation setting: put it under training.seg. "
             raise BusiError(
                 f"unknown key '{prefix}{key}'", where=where,
                 fix=f"{hint}allowed keys under '{prefix.rstrip('.') or 'top level'}': "
@@ -297,6 +320,10 @@ def _build(cls: type, raw: dict[str, Any], where: str, prefix: str = "",
                              getattr(default, name))
               for name, f in fields.items() if name in raw}
     return dataclasses.replace(default, **kwargs)
+
+
+def _field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -311,7 +338,15 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise BusiError("config file not found", where=str(path),
                         fix="pass an existing file to --config, e.g. configs/paper.yaml")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise BusiError(f"not a UTF-8 text file (byte {exc.start} cannot be decoded)",
+                        where=str(path), fix="pass a YAML text file, saved as UTF-8") from None
+    except OSError as exc:
+        raise BusiError(f"cannot read the config file: {exc.strerror}", where=str(path),
+                        fix="check the path and its permissions") from None
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -366,7 +401,45 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         extra = parse_override(text)
         _build(Config, extra, f"--set {text}")
         raw = _merge(raw, extra)
-    return _build(Config, raw, str(path) if path else "--set")
+    where = " ".join(([str(path)] if path else []) + [f"--set {o}" for o in overrides]) \
+        or "defaults"
+    return check_consistency(_build(Config, raw, where), where)
+
+
+def check_consistency(cfg: Config, where: str) -> Config:
+    """Rules that tie two settings together, checked when the config is read.
+
+    Each would otherwise surface minutes into a run, inside Keras or after a
+    run folder was made: a U-Net input that its pooling levels cannot halve
+    evenly is a shape error in the decoder's concatenation; ImageNet
+    backbones refuse inputs under 32 px.
+    """
+    h, w = cfg.data.image_size
+    depth = cfg.model.unet.depth
+    step = 2 ** depth
+    if h % step or w % step:
+        def near(v: int) -> int:
+            return max(step, round(v / step) * step)
+
+        raise BusiError(f"'data.image_size' {h}x{w} cannot pass through the U-Net's {depth} "
+                        f"pooling levels: both sides must be multiples of 2^{depth} = {step}",
+                        where=where, fix=f"use e.g. [{near(h)}, {near(w)}], or lower "
+                                         "model.unet.depth")
+    name = cfg.model.classifier.name
+    if name in ("vgg19", "mobilenet") and min(h, w) < 32:
+        raise BusiError(f"'model.classifier.name' {name} needs images of at least 32x32, "
+                        f"'data.image_size' is {h}x{w}", where=where,
+                        fix="raise data.image_size to 32 or more, or use the cnn classifier")
+    seg = cfg.training.seg
+    if seg.fold_ensemble and seg.out_of_fold_masks < 2:
+        raise BusiError("'training.seg.fold_ensemble' needs the out-of-fold U-Nets",
+                        where=where, fix="set training.seg.out_of_fold_masks to 2 or more "
+                                         "(e.g. 5), or fold_ensemble: false")
+    classes = cfg.data.classes
+    if len(classes) < 2 or len(set(classes)) != len(classes):
+        raise BusiError(f"'data.classes' must name two or more different classes, got {classes}",
+                        where=where, fix="e.g. [benign, malignant, normal]")
+    return cfg
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
@@ -380,7 +453,7 @@ def with_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Confi
         extra = parse_override(text)
         _build(Config, extra, f"--set {text}")
         raw = _merge(raw, extra)
-    return _build(Config, raw, "--set")
+    return check_consistency(_build(Config, raw, "--set"), "--set")
 
 
 def dump_yaml(cfg: Config) -> str:

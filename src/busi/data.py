@@ -68,6 +68,9 @@ class Layout:
     orphan_masks: list[Path] = field(default_factory=list)
     missing_masks: list[Path] = field(default_factory=list)
     other_files: list[Path] = field(default_factory=list)
+    # Images whose name, less the extension, another image of the same class folder has
+    # (x.png and x.jpg): their masks (x_mask.png) cannot say which image they belong to.
+    name_clashes: list[tuple[Path, Path]] = field(default_factory=list)
 
 
 CSV_COLUMNS = ("image", "mask", "label")
@@ -150,6 +153,7 @@ def scan(root: str | Path, classes: Iterable[str]) -> Layout:
                             where=str(root), fix=f"create {folder} or set data.classes "
                                                  "to the folders that exist")
         images: dict[str, Path] = {}
+        clashed: set[str] = set()
         masks: dict[str, list[tuple[int, Path]]] = {}
         for path in sorted(folder.iterdir()):
             if not path.is_file() or path.name.startswith("."):
@@ -160,9 +164,15 @@ def scan(root: str | Path, classes: Iterable[str]) -> Layout:
             m = MASK_RE.match(path.stem)
             if m:
                 masks.setdefault(m["stem"], []).append((int(m["k"] or 0), path))
+            elif path.stem in images or path.stem in clashed:
+                other = images.pop(path.stem, None)
+                if other is not None:
+                    layout.name_clashes.append((other, path))
+                layout.name_clashes.append((path, other or layout.name_clashes[-1][0]))
+                clashed.add(path.stem)
             else:
                 images[path.stem] = path
-        if not images:
+        if not images and not clashed:
             raise BusiError(f"class folder '{label}/' has no images", where=str(folder),
                             fix="put the images of this class there, or remove the class "
                                 "from data.classes")
@@ -172,8 +182,8 @@ def scan(root: str | Path, classes: Iterable[str]) -> Layout:
                 layout.missing_masks.append(image)
                 continue
             layout.cases.append(Case(image=image, masks=tuple(found), label=label))
-        layout.orphan_masks += [p for stem, ms in masks.items() if stem not in images
-                                for _, p in ms]
+        layout.orphan_masks += [p for stem, ms in masks.items()
+                                if stem not in images and stem not in clashed for _, p in ms]
     return layout
 
 
@@ -227,7 +237,18 @@ def phash(gray: np.ndarray) -> np.ndarray:
 
 
 def decode(data: bytes) -> np.ndarray | None:
-    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    """Decoded pixels, or None for anything that is not a readable image.
+
+    OpenCV returns None for most bad files but raises for some (an empty buffer,
+    some truncated headers); every caller treats both the same way: a bad file.
+    """
+    if not data:
+        return None
+    try:
+        array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error:
+        return None
+    return array if array is not None and array.size else None
 
 
 @dataclass
@@ -343,6 +364,11 @@ def load_dataset(root: str | Path, classes: Iterable[str] = ("benign", "malignan
                 for p in layout.missing_masks]
     problems += [Problem(str(p), "mask has no image (<name>.png) beside it",
                          fix="add the image or remove the stray mask") for p in layout.orphan_masks]
+    problems += [Problem(str(p), f"another image has the same name before the extension "
+                                 f"({other.name}), so its mask cannot be told apart; neither "
+                                 "image is used",
+                         fix="rename one of the two images (and its mask files)")
+                 for p, other in layout.name_clashes]
     if problems and on_bad_file == "error" and not collect:
         raise problems[0].as_error()
 
