@@ -16,6 +16,7 @@ import pytest
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix
 
 from busi.cli import main
+from busi.split import read_manifest
 
 TINY = """
 data: {{root: {data}, image_size: [32, 32], cache_dir: {work}/cache}}
@@ -242,7 +243,21 @@ def test_fold_ensemble_segments_test_and_new_images_with_every_fold_unet(
                                                    strict=True))
     test = sorted(json.loads((run_dir / "test_scores.json").read_text()))
     assert {source[f] for f in test} == {"ensemble"}
-    assert {s for f, s in source.items() if f not in test} == {"oof0", "oof1"}
+    # the validation images are outside the out-of-fold pool: no member trained on them, so
+    # they get the ensemble's average too, and the threshold is tuned on exactly those
+    # averaged probabilities -- the kind it is then applied to
+    split = json.loads((run_dir / "split.json").read_text())
+    val = read_manifest(split["manifest"]).partition(split["fold"])["val"]
+    assert {source[f] for f in val} == {"ensemble"}
+    assert {s for f, s in source.items() if f not in test and f not in val} == {"oof0", "oof1"}
+    from busi.data import load_dataset
+    from busi.metrics import tune_threshold
+
+    ds = load_dataset(synth_root, size=(32, 32), cache_dir=work / "cache")
+    vi = ds.index(val)
+    val_probs = z["probs"][[files.index(f) for f in val]].astype(np.float32) / 255
+    assert float(z["threshold"]) == pytest.approx(
+        tune_threshold(ds.masks[vi], val_probs, postprocess="largest_component"))
     assert z["members"].tolist() == ["best.keras", "oof/fold0/best.keras", "oof/fold1/best.keras"]
     assert json.loads((run_dir / "metrics.json").read_text())["unets"] == 3
     # the stored test probabilities are the average of the three U-Nets (flip TTA on)

@@ -110,3 +110,19 @@ def test_stratified_holdout_on_a_tiny_set_falls_back_and_says_so(
     parts = m.partition()
     assert sum(map(len, parts.values())) == len(ds) and parts["test"]
     assert "without stratification" in capsys.readouterr().err
+
+
+def test_out_of_fold_unets_keep_duplicate_groups_on_one_side_of_every_split() -> None:
+    # Pairs of near-duplicates (the same lesion saved twice), as BUSI has ~140 of.
+    from busi.train import oof_partitions
+
+    groups = np.repeat(np.arange(60), 2)          # 120 images, 60 pairs
+    pool = np.arange(100)                         # the rest stands for the test split
+    parts = oof_partitions(pool, groups, 5, 0.1, seed=42)
+    held_all = np.concatenate([held for _, _, held in parts])
+    assert sorted(held_all.tolist()) == pool.tolist()   # every pool image held out once
+    for train, val, held in parts:
+        assert len(val) >= 2 and len(train) > len(val)
+        assert sorted(np.concatenate([train, val, held]).tolist()) == pool.tolist()
+        for a, b in ((train, val), (train, held), (val, held)):
+            assert not set(groups[a]) & set(groups[b]), "a duplicate group straddles a split"

@@ -235,33 +235,54 @@ def fit_unet(cfg: Config, ds: Dataset, train_idx: np.ndarray, val_idx: np.ndarra
     return keras.models.load_model(run_dir / "best.keras"), final, wall
 
 
-def _out_of_fold(cfg: Config, ds: Dataset, pool: np.ndarray, run_dir: Path, k: int,
-                 probs: np.ndarray, source: np.ndarray, resume_hint: str) -> list:
-    """Replace the masks of training images by those of k U-Nets that never saw them.
+def oof_partitions(pool: np.ndarray, groups: np.ndarray, k: int, val_size: float,
+                   seed: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(train, val, held-out) image indices of each out-of-fold U-Net.
 
-    A classifier trained on masks the U-Net drew for its own training images sees
-    cleaner masks than it will at test time; out-of-fold masks are as imperfect
-    as test masks. Folds keep duplicate groups together, as the split does.
-    Returns the k U-Nets (a fold ensemble can reuse them). On ``--resume``, finished
-    folds are loaded and an interrupted one continues from its last epoch.
+    Duplicate groups (``groups``, one id per image of the data set) never straddle
+    any of the three: a near-duplicate in a fold's validation part would flatter
+    the val_loss that picks its checkpoint, and one in its training part would leak
+    into the held-out masks that stand in for test-time masks.
     """
     from sklearn.model_selection import GroupKFold
 
+    from busi.split import _take_groups
+
+    out = []
+    for fold, (fit_part, held_part) in enumerate(
+            GroupKFold(n_splits=k).split(pool, groups=groups[pool])):
+        fit = pool[fit_part]
+        train, val = _take_groups(fit, groups, np.zeros(len(groups), np.int64), val_size,
+                                  seed + fold, False)
+        if not len(val):  # every group larger than the share asked: take the smallest one
+            sizes = {g: int((groups[fit] == g).sum()) for g in np.unique(groups[fit])}
+            smallest = min(sizes, key=sizes.get)
+            val, train = fit[groups[fit] == smallest], fit[groups[fit] != smallest]
+        out.append((train, val, pool[held_part]))
+    return out
+
+
+def _out_of_fold(cfg: Config, ds: Dataset, pool: np.ndarray, run_dir: Path, k: int,
+                 probs: np.ndarray, source: np.ndarray, resume_hint: str) -> list:
+    """Replace the masks of ``pool`` images by those of k U-Nets that never saw them.
+
+    A classifier trained on masks the U-Net drew for its own training images sees
+    cleaner masks than it will at test time; out-of-fold masks are as imperfect
+    as test masks. Folds, and each fold's validation part, keep duplicate groups
+    together, as the split does. Returns the k U-Nets (a fold ensemble reuses them).
+    On ``--resume``, finished folds are loaded and an interrupted one continues.
+    """
     from busi.split import duplicate_groups
 
     groups = (duplicate_groups(ds, cfg.split.near_duplicate_distance)
               if cfg.split.group_duplicates else np.arange(len(ds)))
-    folds = GroupKFold(n_splits=k).split(pool, groups=groups[pool])
     models = []
-    for fold, (fit_part, held_part) in enumerate(folds):
-        held = pool[held_part]
+    for fold, (train, val, held) in enumerate(
+            oof_partitions(pool, groups, k, cfg.split.val_size, cfg.runtime.seed)):
         sub = run_dir / "oof" / f"fold{fold}"
         sub.mkdir(parents=True, exist_ok=True)
-        perm = np.random.default_rng([cfg.runtime.seed, fold]).permutation(pool[fit_part])
-        n_val = max(1, round(len(perm) * cfg.split.val_size))
         print(f"out-of-fold masks: fold {fold + 1}/{k} ({len(held)} images held out)")
-        model, _, _ = fit_unet(cfg, ds, perm[n_val:], perm[:n_val], sub, _saved_state(sub),
-                               resume_hint)
+        model, _, _ = fit_unet(cfg, ds, train, val, sub, _saved_state(sub), resume_hint)
         probs[held] = as_stored(predict_probs(model, ds.images[held],
                                               flip_tta=cfg.training.seg.flip_tta))
         source[held] = f"oof{fold}"
@@ -302,22 +323,26 @@ def train_segmentation(cfg: Config, *, resume: str | None = None,
 
     probs = as_stored(predict_probs(model, ds.images, flip_tta=t.flip_tta))
     source = np.array(["final"] * len(ds), dtype=object)
-    # The threshold is tuned on images the masks' U-Net(s) never trained on: the final
-    # U-Net's validation images, or with a fold ensemble the pool's out-of-fold masks.
-    tune_idx, tune_probs = idx["val"], probs[idx["val"]]  # a copy: OOF overwrites probs
+    # The threshold is tuned on probabilities of the kind it is applied to, from images
+    # that no U-Net behind them trained on: the final U-Net's validation images. With a
+    # fold ensemble the out-of-fold U-Nets train inside the train part only, so the
+    # validation images are unseen by every member and get the ensemble's average, as
+    # the test split and new images do.
+    tune_idx = idx["val"]
+    tune_probs = probs[tune_idx]  # a copy, taken before out-of-fold masks replace them
     members = ["best.keras"]
     if t.out_of_fold_masks > 1:
-        pool = np.concatenate([idx["train"], idx["val"]])
+        pool = idx["train"] if t.fold_ensemble else np.concatenate([idx["train"], idx["val"]])
         folds = _out_of_fold(cfg, ds, pool, run_dir, t.out_of_fold_masks, probs, source, hint)
         if t.fold_ensemble:
-            # nnU-Net's practice: images outside the pool (the test split, new images)
+            # nnU-Net's practice: images outside the pool (validation, test, new images)
             # get the average of the final U-Net and the fold U-Nets.
             rest = np.setdiff1d(np.arange(len(ds)), pool)
             probs[rest] = as_stored(predict_probs([model, *folds], ds.images[rest],
                                                   flip_tta=t.flip_tta))
             source[rest] = "ensemble"
             members += [f"oof/fold{k}/best.keras" for k in range(len(folds))]
-            tune_idx, tune_probs = pool, probs[pool]
+            tune_probs = probs[tune_idx]
     threshold = (tune_threshold(ds.masks[tune_idx], tune_probs, postprocess=t.postprocess)
                  if t.tune_threshold else t.threshold)
     rule = MaskRule(threshold, t.postprocess)
