@@ -103,3 +103,22 @@ def test_an_unwritable_output_place_is_one_line_not_a_traceback(synth_root: Path
                     f"data.cache_dir={tmp_path}/cache", cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert str(blocker) in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["data", "split", "--set", "split.test_size=0.99"], "split.test_size"),
+    (["data", "split", "--set", "split.val_size=0.95", "--set", "split.test_size=0.9"],
+     "split.test_size, split.val_size"),
+    (["cv", "--models", ",", "--set", "training.seg.epochs=1"], "--models"),
+    (["data", "synth", "--out", "x", "--per-class", "-1"], "--per-class"),
+    (["demo", "--per-class", "0"], "--per-class"),
+])
+def test_impossible_sizes_and_counts_are_one_line_before_any_work(
+        synth_root: Path, tmp_path: Path, argv: list[str], expected: str) -> None:
+    extra = [] if argv[0] in ("demo",) or argv[:2] == ["data", "synth"] else [
+        "--data", str(synth_root), "--set", f"split.manifest_dir={tmp_path}/splits",
+        "--set", f"data.cache_dir={tmp_path}/cache", "--set", f"outputs.root={tmp_path}/out"]
+    proc = run_busi(*argv, *extra, cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert expected in proc.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "outputs").exists()

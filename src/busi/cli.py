@@ -33,6 +33,17 @@ def _add_config_args(p: argparse.ArgumentParser, default: str | None = "paper") 
                         "(repeatable)")
 
 
+def _count(text: str) -> int:
+    """argparse type for image counts: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def load_cli_config(args: argparse.Namespace):
     """Config from --config, then --set, then --data (the most specific wins)."""
     from busi.config import find_config, load_config
@@ -130,6 +141,9 @@ def cmd_cv(args: argparse.Namespace) -> int:
     from busi.cv import run_cv
 
     models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    if not models and not args.resume:
+        raise BusiError("no classifier named", where="--models",
+                        fix="name one or more, e.g. --models cnn,vgg19,mobilenet")
     cfg = None if args.resume else load_cli_config(args)
     run_cv(cfg, folds=args.folds, models=models, resume=args.resume)
     return 0
@@ -322,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
             busi data synth --out data/synthetic --per-class 50 --seed 0
         """))
     p.add_argument("--out", required=True, help="new folder to write into")
-    p.add_argument("--per-class", type=int, default=40, help="images per class (default 40)")
+    p.add_argument("--per-class", type=_count, default=40, help="images per class (default 40)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.set_defaults(func=cmd_data_synth)
 
@@ -332,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
             busi demo --workdir outputs/demo --per-class 40
         """))
     p.add_argument("--workdir", default="outputs/demo", help="where the demo writes everything")
-    p.add_argument("--per-class", type=int, default=40, help="synthetic images per class")
+    p.add_argument("--per-class", type=_count, default=40, help="synthetic images per class")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a value of configs/demo.yaml")
     p.set_defaults(func=cmd_demo)

@@ -210,7 +210,14 @@ def get_manifest(ds: Dataset, cfg: SplitConfig, seed: int) -> Manifest:
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(_to_csv(build_manifest_rows(ds, cfg, seed)), encoding="utf-8")
+        try:
+            rows = build_manifest_rows(ds, cfg, seed)
+        except ValueError as exc:  # scikit-learn: a part of the split would be empty
+            raise BusiError(f"cannot split {len(ds)} images with test_size {cfg.test_size:g} "
+                            f"and val_size {cfg.val_size:g}: {exc}".split(" Adjust")[0],
+                            where="split.test_size, split.val_size",
+                            fix="lower them so that every part keeps images") from None
+        tmp.write_text(_to_csv(rows), encoding="utf-8")
         os.replace(tmp, path)
     manifest = read_manifest(path, cfg.val_size, seed)
     if sorted(manifest.files) != sorted(ds.files):
