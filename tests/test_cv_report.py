@@ -153,3 +153,44 @@ def test_rerun_of_a_non_run_folder_is_a_clear_error(tmp_path: Path,
                                                     capsys: pytest.CaptureFixture) -> None:
     assert main(["rerun", str(tmp_path)]) == 2
     assert "not a run folder" in capsys.readouterr().err
+
+
+def test_pooled_report_follows_a_changed_fold_and_its_interval_resamples_folds(
+        cv_run: Path, tmp_path: Path) -> None:
+    """The pooled files are derived: a second aggregate after a fold's predictions changed
+    rewrites them (it used to keep the first ones)."""
+    import csv
+    import shutil
+
+    from busi.cv import aggregate
+
+    cv = tmp_path / "cv"
+    shutil.copytree(cv_run, cv, ignore=shutil.ignore_patterns("*.keras", "*.png", "report.*"))
+    (fold0,) = list((cv / "fold0" / "cls" / "cnn").iterdir())
+    with open(fold0 / "predictions.csv", newline="") as fh:
+        reader = csv.DictReader(fh)
+        header, rows = reader.fieldnames, list(reader)
+    classes = [c[2:] for c in header if c.startswith("p_")]
+    for r in rows:  # every fold-0 prediction made wrong
+        r["pred"] = classes[(classes.index(r["true"]) + 1) % len(classes)]
+        r.update({f"p_{c}": "0.900000" if c == r["pred"] else "0.050000" for c in classes})
+    with open(fold0 / "predictions.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=header, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    aggregate(cv)
+    with open(cv / "pooled" / "cnn" / "predictions.csv", newline="") as fh:
+        pooled = list(csv.DictReader(fh))
+    correct = sum(r["true"] == r["pred"] for r in pooled)
+    assert all(r["true"] != r["pred"] for r in pooled if r["file"] in
+               {row["file"] for row in rows})
+    report = json.loads((cv / "pooled" / "cnn" / "classification_report.json").read_text())
+    assert report["accuracy"] == pytest.approx(correct / len(pooled))
+    assert f"| Accuracy | | | {correct / len(pooled):.2f} | {len(pooled)} |" in (
+        cv / "pooled" / "cnn" / "classification_report.md").read_text()
+    result = json.loads((cv / "cv_results.json").read_text())["classification"]["cnn"]
+    assert result["per_fold"][0]["accuracy"] == 0.0
+    assert result["pooled"]["accuracy"] == pytest.approx(correct / len(pooled))
+    assert "two-level" in result["pooled"]["ci95_method"]
+    assert "duplicate groups" in result["pooled"]["ci95_method"]
+    assert "Pooled 95% intervals: cnn: two-level" in (cv / "cv_results.md").read_text()

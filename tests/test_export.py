@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from test_pipeline import TINY
 
@@ -21,20 +22,110 @@ def mobilenet_run(tmp_path_factory: pytest.TempPathFactory, synth_root: Path) ->
     return run
 
 
+def _run_exported(path: Path, x: np.ndarray) -> np.ndarray:
+    """Class probabilities from the exported file itself, loaded here without busi's code."""
+    if path.suffix == ".keras":
+        import keras
+
+        return keras.models.load_model(path).predict(x, verbose=0)
+    import tensorflow as tf
+
+    if path.is_dir():
+        serve = tf.saved_model.load(str(path)).signatures["serving_default"]
+        return list(serve(tf.constant(x)).values())[0].numpy()
+    try:  # LiteRT, the runtime that replaces tf.lite.Interpreter
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        Interpreter = tf.lite.Interpreter  # noqa: N806
+    interp = Interpreter(model_path=str(path))
+    inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
+    interp.resize_tensor_input(inp["index"], [1, *x.shape[1:]])
+    interp.allocate_tensors()
+    probs = []
+    for sample in x:
+        value = sample[None]
+        if inp["dtype"] == np.int8:
+            scale, zero = inp["quantization"]
+            value = np.clip(np.round(value / scale + zero), -128, 127).astype(np.int8)
+        interp.set_tensor(inp["index"], value)
+        interp.invoke()
+        y = interp.get_tensor(out["index"])[0]
+        if out["dtype"] == np.int8:
+            scale, zero = out["quantization"]
+            y = (y.astype(np.float32) - zero) * scale
+        probs.append(y)
+    return np.stack(probs)
+
+
+# The largest |p_exported - p_keras| an export may have: float formats, rounding error;
+# int8, what 8-bit weights, activations and outputs (1/256 steps) cost.
+TOLERANCE = {"none": 1e-4, "int8": 0.05}
+
+
+def check_agreement(reference: np.ndarray, exported: np.ndarray, quantize: str) -> float:
+    """Compare an export's probabilities with the Keras model's own; return top-1 agreement.
+
+    Every probability within the tolerance, and the same top-1 class wherever the Keras
+    model's top two classes are further apart than twice the tolerance (an export within
+    it cannot flip those; closer calls may flip under int8 rounding).
+    """
+    tol = TOLERANCE[quantize]
+    diff = float(np.abs(reference - exported).max())
+    assert diff <= tol, f"max |p - p_keras| {diff:.4f} > {tol}"
+    top2 = np.sort(reference, axis=1)[:, -2:]
+    decisive = top2[:, 1] - top2[:, 0] > 2 * tol
+    agree = reference.argmax(1) == exported.argmax(1)
+    assert agree[decisive].all(), f"{int((~agree[decisive]).sum())} clear calls changed class"
+    return float(agree.mean())
+
+
+@pytest.fixture(scope="module")
+def keras_reference(mobilenet_run: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The run's test inputs and the trained Keras model's probabilities on them."""
+    import keras
+
+    from busi.export import run_inputs
+
+    x, _, _ = run_inputs(mobilenet_run)
+    return x, keras.models.load_model(mobilenet_run / "best.keras").predict(x, verbose=0)
+
+
 @pytest.mark.parametrize("fmt,quantize", [("tflite", "none"), ("tflite", "int8"),
                                           ("savedmodel", "none"), ("keras", "none")])
-def test_export_matches_the_keras_model(mobilenet_run: Path, tmp_path: Path, fmt: str,
-                                        quantize: str) -> None:
+def test_export_matches_the_keras_model(mobilenet_run: Path, keras_reference: tuple,
+                                        tmp_path: Path, fmt: str, quantize: str) -> None:
     out = tmp_path / "export"
     assert main(["export", str(mobilenet_run), "--format", fmt, "--quantize", quantize,
                  "--out", str(out)]) == 0
     r = json.loads((out / "export.json").read_text())
-    assert Path(r["path"]).exists() and r["n_test"] > 0
-    if quantize == "int8":  # recorded, not promised: int8 changes the numbers
+    x, reference = keras_reference
+    assert r["n_test"] == len(x) > 0
+    agreement = check_agreement(reference, _run_exported(Path(r["path"]), x), quantize)
+    assert r["top1_agreement"] == pytest.approx(agreement), "export.json says what was measured"
+    if quantize == "int8":
         assert r["size_bytes"] < 0.5 * r["keras_size_bytes"]
-        assert 0 <= r["top1_agreement"] <= 1
-    else:
-        assert r["top1_agreement"] >= 0.99
+
+
+def test_the_agreement_check_fails_for_a_wrong_model(mobilenet_run: Path,
+                                                     keras_reference: tuple) -> None:
+    """Other models of the same architecture in place of the export: rejected."""
+    import keras
+
+    x, reference = keras_reference
+    for quantize in ("none", "int8"):
+        check_agreement(reference, reference, quantize)
+    shuffled = keras.models.load_model(mobilenet_run / "best.keras")
+    rng = np.random.default_rng(0)
+    shuffled.set_weights([rng.permutation(w.ravel()).reshape(w.shape)
+                          for w in shuffled.get_weights()])
+    with pytest.raises(AssertionError):
+        check_agreement(reference, shuffled.predict(x, verbose=0), "none")
+    biased = keras.models.load_model(mobilenet_run / "best.keras")  # leans to one class
+    kernel, bias = biased.layers[-1].get_weights()
+    biased.layers[-1].set_weights([kernel, bias + np.eye(len(bias))[0] * 2.0])
+    for quantize in ("none", "int8"):
+        with pytest.raises(AssertionError):
+            check_agreement(reference, biased.predict(x, verbose=0), quantize)
 
 
 def test_export_options_that_do_not_fit_are_clear_errors(

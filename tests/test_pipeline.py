@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sklearn.metrics import accuracy_score, classification_report, confusion_matrix
 
 from busi.cli import main
 from busi.split import read_manifest
@@ -127,23 +126,36 @@ def test_classifier_uses_the_segmentation_runs_test_set(cls_run: Path, seg_run: 
     assert sorted(files) == sorted(scores)
 
 
-def test_report_files_equal_what_sklearn_computes(cls_run: Path) -> None:
+def test_report_files_equal_counts_of_the_predictions(cls_run: Path) -> None:
+    """Every figure recomputed from predictions.csv by plain counting, not by scikit-learn."""
     with open(cls_run / "predictions.csv") as fh:
         rows = list(csv.DictReader(fh))
-    t, p = [r["true"] for r in rows], [r["pred"] for r in rows]
-    labels = ["benign", "normal", "malignant"]
-    expected = classification_report(t, p, labels=labels, output_dict=True, zero_division=0)
+    t, p = np.array([r["true"] for r in rows]), np.array([r["pred"] for r in rows])
+    labels = ["benign", "normal", "malignant"]  # the paper's row order
+    present = [c for c in labels if (t == c).any()]
     saved = json.loads((cls_run / "classification_report.json").read_text())
-    assert saved["accuracy"] == pytest.approx(accuracy_score(t, p))
-    for c in labels:
-        for k in ("precision", "recall", "f1-score", "support"):
-            assert saved["report"][c][k] == pytest.approx(expected[c][k])
-    assert saved["confusion_matrix"] == confusion_matrix(t, p, labels=labels).tolist()
+    assert saved["labels"] == labels and saved["present"] == present
+    assert saved["accuracy"] == pytest.approx(np.mean(t == p))
+    f1s = []
+    for c in present:
+        hits, n_true, n_pred = np.sum((t == c) & (p == c)), np.sum(t == c), np.sum(p == c)
+        e = saved["report"][c]
+        assert e["precision"] == pytest.approx(hits / n_pred if n_pred else 0.0), c
+        assert e["recall"] == pytest.approx(hits / n_true), c
+        f1s.append(2 * hits / (n_true + n_pred))
+        assert e["f1-score"] == pytest.approx(f1s[-1]), c
+        assert e["support"] == n_true
+    assert saved["macro_f1"] == pytest.approx(np.mean(f1s))
+    assert saved["report"]["macro avg"]["f1-score"] == pytest.approx(np.mean(f1s))
+    assert saved["confusion_matrix"] == [[int(np.sum((t == a) & (p == b))) for b in labels]
+                                         for a in labels]
     lo, hi = saved["ci95"]["accuracy"]
     assert lo <= saved["accuracy"] <= hi
+    assert "duplicate groups" in saved["ci95_method"], "the run's manifest groups are resampled"
     with open(cls_run / "classification_report.csv") as fh:
         table = {r["class"]: r for r in csv.DictReader(fh)}
-    assert float(table["benign"]["recall"]) == pytest.approx(expected["benign"]["recall"], abs=1e-4)
+    for c in present:
+        assert float(table[c]["recall"]) == pytest.approx(saved["report"][c]["recall"], abs=1e-4)
     for name in ("classification_report.txt", "classification_report.md", "confusion_matrix.png",
                  "confusion_matrix.csv", "loss_curve.png"):
         assert (cls_run / name).is_file()
@@ -361,7 +373,8 @@ def test_evaluate_trained_runs_on_other_data_without_retraining(
     seg = json.loads((out / "segmentation.json").read_text())
     assert seg["n_test"] == 6, "images without a mask file are not scored for segmentation"
     report = json.loads((out / "classification_report.json").read_text())
-    assert report["report"]["normal"]["support"] == 0
+    assert report["present"] == ["benign", "malignant"], "macro averages: classes in the data"
+    assert report["report"]["macro avg"]["support"] == 8
     assert "Dice" in capsys.readouterr().out
 
 
@@ -374,3 +387,40 @@ def test_evaluate_on_data_with_an_unknown_class_folder_is_a_clear_error(
                  "--seg-run", str(seg_run), "--outputs", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "cancer" in err and "fix:" in err
+
+
+def _seg_eval():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "seg_eval.py"
+    spec = importlib.util.spec_from_file_location("seg_eval", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_seg_eval_measures_a_run_under_other_mask_rules_and_members(
+        seg_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The command behind docs/RESULTS.md's validation gains and single-member figures."""
+    seg_eval = _seg_eval()
+    metrics = json.loads((seg_run / "metrics.json").read_text())
+    out = tmp_path / "rows.json"
+    # the run's own rule and U-Net on its test images: the run's own test figures
+    assert seg_eval.main([str(seg_run), "--part", "test", "--member", "best.keras",
+                          "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())
+    assert row["dice"] == pytest.approx(metrics["lesion_images"]["dice"]["mean"], abs=0.01)
+    assert row["missed"] == metrics["lesion_images"]["hd95_undefined"]
+    assert row["threshold"] == pytest.approx(metrics["threshold"])
+    # every rule on the validation images, threshold tuned there as train-seg tunes it
+    assert seg_eval.main([str(seg_run), "--part", "val", "--variants", "--tune",
+                          "--json", str(out)]) == 0
+    rows = {(r["flip_tta"], r["postprocess"]): r for r in json.loads(out.read_text())}
+    assert set(rows) == {(False, "none"), (True, "none"), (False, "largest_component"),
+                         (True, "largest_component")}
+    assert rows[(True, "largest_component")]["threshold"] == pytest.approx(
+        metrics["threshold"]), "the run's rule, tuned on val as train-seg did"
+    printed = capsys.readouterr().out
+    assert "Dice vs first row" in printed and "command: python scripts/seg_eval.py" in printed
+    assert seg_eval.main([str(seg_run), "--member", "nope.keras"]) == 2
+    assert "best.keras" in capsys.readouterr().err

@@ -124,8 +124,8 @@ def aggregate(cv_dir: str | Path) -> dict:
         _markdown_table,
         _write_run_reports,
         compute,
-        evaluate_run,
         read_predictions,
+        split_groups,
         write_predictions,
     )
     from busi.report import _fmt
@@ -135,6 +135,7 @@ def aggregate(cv_dir: str | Path) -> dict:
     folds, models = meta["folds"], meta["models"]
     seg_rows, cls_rows = [], {m: [] for m in models}
     pooled: dict[str, list[tuple]] = {m: [] for m in models}  # per fold: predictions.csv
+    groups: dict[str, list[np.ndarray | None]] = {m: [] for m in models}  # per fold
     for k in range(folds):
         seg, done = _run_in(cv_dir / f"fold{k}" / "seg")
         if not done:
@@ -144,6 +145,8 @@ def aggregate(cv_dir: str | Path) -> dict:
         le = s["lesion_images"]
         seg_rows.append({"fold": k, "run": str(seg), "dice": le["dice"]["mean"],
                          "iou": le["iou"]["mean"], "hd95": le["hd95"]["mean"],
+                         "missed": le["hd95_undefined"],
+                         "hd95_all": le.get("hd95_all", {}).get("mean", float("nan")),
                          "normal_empty": s["lesion_free_images"]["fraction_predicted_empty"],
                          "n": s["n_test"]})
         for m in models:
@@ -151,35 +154,46 @@ def aggregate(cv_dir: str | Path) -> dict:
             if not done:
                 raise BusiError(f"fold {k} has no finished {m} run", where=str(cv_dir),
                                 fix=f"continue the CV: busi cv --resume {cv_dir}")
-            # The fold's own report (written when the run finished), not a second bootstrap.
-            report_json = run / "classification_report.json"
-            r = (json.loads(report_json.read_text()) if report_json.is_file()
-                 else evaluate_run(run))
+            # From the fold's predictions.csv, as the pooled report: these tables are derived
+            # files and follow the predictions, whatever report the run wrote when it finished.
+            fold_pred = read_predictions(run / "predictions.csv")
+            groups[m].append(split_groups(run, fold_pred[0]))
+            r = compute(*fold_pred, groups=groups[m][-1])
             cls_rows[m].append({"fold": k, "run": str(run), "n": r["n"],
                                 "accuracy": r["accuracy"], "macro_f1": r["macro_f1"],
                                 "roc_auc_macro": r["roc_auc_macro"],
-                                "recall": {c: r["report"][c]["recall"] for c in r["labels"]}})
-            pooled[m].append(read_predictions(run / "predictions.csv"))
+                                "recall": {c: r["report"][c]["recall"] for c in r["present"]}})
+            pooled[m].append(fold_pred)
     result: dict = {"folds": folds, "models": models, "segmentation": {
         "per_fold": seg_rows,
         **{key: _mean_std([row[key] for row in seg_rows])
-           for key in ("dice", "iou", "hd95", "normal_empty")}}}
+           for key in ("dice", "iou", "hd95_all", "hd95", "missed", "normal_empty")}}}
     lines = [f"# {folds}-fold cross-validation", "",
              f"Run: {cv_dir}. Every image is in exactly one test fold; a fold's U-Net and "
              "classifiers never saw its test images. Mean ± std over folds (sample std); "
              "pooled = one report over all out-of-fold predictions.", "",
              "## Segmentation (U-Net), test fold of each split", "",
-             "| fold | n | Dice (lesion images) | IoU | HD95 (px) | normal predicted empty |",
-             "|---:|---:|---:|---:|---:|---:|"]
+             "HD95 in pixels of the model's input grid; \"misses counted\" scores a missed "
+             "lesion (empty prediction) at the image diagonal, \"detected\" leaves it out.", "",
+             "| fold | n | Dice (lesion images) | IoU | HD95, misses counted (px) | "
+             "HD95, detected (px) | missed lesions | normal predicted empty |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in seg_rows:
         lines.append(f"| {row['fold']} | {row['n']} | {row['dice']:.3f} | {row['iou']:.3f} | "
-                     f"{row['hd95']:.1f} | {row['normal_empty']:.2f} |")
+                     f"{row['hd95_all']:.1f} | {row['hd95']:.1f} | {row['missed']} | "
+                     f"{row['normal_empty']:.2f} |")
     sg = result["segmentation"]
+
+    def px(stat: dict) -> str:
+        return f"{stat['mean']:.1f} ± {stat['std']:.1f}"
+
     lines += [f"| mean ± std | | {_fmt(sg['dice'])} | {_fmt(sg['iou'])} | "
-              f"{sg['hd95']['mean']:.1f} ± {sg['hd95']['std']:.1f} | "
+              f"{px(sg['hd95_all'])} | {px(sg['hd95'])} | {px(sg['missed'])} | "
               f"{_fmt(sg['normal_empty'])} |", ""]
-    summary = ["| model | accuracy (mean ± std) | macro-F1 (mean ± std) | pooled accuracy | "
-               "pooled macro-F1 (95% CI) | pooled ROC AUC |", "|---|---:|---:|---:|---:|---:|"]
+    summary = ["| model | accuracy (mean ± std) | macro-F1 (mean ± std) | pooled accuracy "
+               "(95% CI) | pooled macro-F1 (95% CI) | pooled ROC AUC |",
+               "|---|---:|---:|---:|---:|---:|"]
+    methods = []
     result["classification"] = {}
     detail = []
     for m in models:
@@ -191,22 +205,30 @@ def aggregate(cv_dir: str | Path) -> dict:
         pdir = cv_dir / "pooled" / m
         write_predictions(pdir / "predictions.csv", files,
                           np.array([classes.index(c) for c in t]), probs, classes)
-        r = compute(files, t, p, probs, classes)
+        # Each fold has its own models: the intervals resample folds, then duplicate groups
+        # (images where a fold's manifest is gone) within each drawn fold.
+        fold_of = np.concatenate([np.full(len(fold[0]), k) for k, fold in enumerate(pooled[m])])
+        group_of = (np.concatenate(groups[m]) if all(g is not None for g in groups[m])
+                    else None)
+        r = compute(files, t, p, probs, classes, groups=group_of, folds=fold_of)
+        methods.append(f"{m}: {r['ci95_method']}")
         title = f"{m}: pooled out-of-fold predictions, {folds} folds"
         r["title"], r["text"] = title, f"{title}\n{r['report_text']}"
-        if not (pdir / "classification_report.json").is_file():
-            _write_run_reports(pdir, r, title)
+        # Derived from the folds' predictions: rewritten (file by file, atomically) on every
+        # aggregate, so they can never describe predictions that have since changed.
+        _write_run_reports(pdir, r, title)
         rows = cls_rows[m]
         agg = {key: _mean_std([row[key] for row in rows]) for key in ("accuracy", "macro_f1")}
         result["classification"][m] = {"per_fold": rows, **agg, "pooled": {
             "accuracy": r["accuracy"], "macro_f1": r["macro_f1"], "ci95": r["ci95"],
+            "ci95_method": r["ci95_method"],
             "roc_auc_macro": r["roc_auc_macro"], "confusion_matrix": r["confusion_matrix"],
             "labels": r["labels"], "report": r["report"]}}
-        ci = r["ci95"]["macro_f1"]
+        ci, ca = r["ci95"]["macro_f1"], r["ci95"]["accuracy"]
         auc = "n/a" if r["roc_auc_macro"] is None else f"{r['roc_auc_macro']:.3f}"
         summary.append(f"| {m} | {_fmt(agg['accuracy'])} | {_fmt(agg['macro_f1'])} | "
-                       f"{r['accuracy']:.3f} | {r['macro_f1']:.3f} ({ci[0]:.3f}-{ci[1]:.3f}) | "
-                       f"{auc} |")
+                       f"{r['accuracy']:.3f} ({ca[0]:.3f}-{ca[1]:.3f}) | "
+                       f"{r['macro_f1']:.3f} ({ci[0]:.3f}-{ci[1]:.3f}) | {auc} |")
         labels = r["labels"]
         detail += [f"### {m}, per fold", "",
                    "| fold | n | accuracy | macro-F1 | " + " | ".join(f"recall {c}"
@@ -218,7 +240,8 @@ def aggregate(cv_dir: str | Path) -> dict:
                           + " | ".join(f"{row['recall'].get(c, float('nan')):.2f}"
                                        for c in labels) + " |")
         detail += ["", _markdown_table(r, f"{m}: pooled out-of-fold report"), ""]
-    lines += ["## Classification", "", *summary, "", *detail]
+    lines += ["## Classification", "", *summary, "",
+              "Pooled 95% intervals: " + "; ".join(methods) + ".", "", *detail]
     text = "\n".join(lines) + "\n"
     atomic_write(cv_dir / "cv_results.md", text)
     write_json(cv_dir / "cv_results.json", result)

@@ -57,18 +57,99 @@ def read_predictions(path: Path) -> tuple[list[str], list[str], list[str], np.nd
             probs, classes)
 
 
-def bootstrap_ci(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str], seed: int = 0,
+def bootstrap_ci(y_true: np.ndarray, y_pred: np.ndarray, groups: np.ndarray | None = None,
+                 folds: np.ndarray | None = None, seed: int = 0,
                  n: int = N_BOOTSTRAP) -> dict[str, list[float]]:
-    """95% percentile intervals for accuracy and macro-F1, resampling test images."""
+    """95% percentile intervals for accuracy and macro-F1, resampling what varies together.
+
+    An interval is only as honest as its resampling unit (:func:`resampled_units` says
+    which in words): images; or duplicate groups (``groups``: near-duplicates of one
+    lesion are one draw, not several independent ones); or, for pooled cross-validation
+    predictions (``folds``), a two-level bootstrap -- the folds with replacement, then
+    each drawn fold's groups with replacement. Each fold has its own models, so
+    resampling the pooled images as if one model had made them leaves out the
+    fold-to-fold spread and gives an interval narrower than the folds' own range.
+
+    Counting is done on per-unit confusion matrices (a resample is a weighted sum of
+    them), so 2000 resamples cost milliseconds. Macro-F1 of a resample averages over
+    the classes with true labels in it, as :func:`compute` does over the data.
+    """
+    t, p = np.asarray(y_true), np.asarray(y_pred)
+    names = sorted(set(t.tolist()) | set(p.tolist()))
+    k = len(names)
+    code = {c: i for i, c in enumerate(names)}
+    cell = np.array([code[a] * k + code[b] for a, b in zip(t, p, strict=True)], dtype=np.int64)
+    fold = np.zeros(len(t), np.int64) if folds is None else np.asarray(folds)
+    group = np.arange(len(t)) if groups is None else np.asarray(groups)
+    pairs = np.stack([np.unique(fold, return_inverse=True)[1],
+                      np.unique(group, return_inverse=True)[1]], axis=1)
+    units, unit = np.unique(pairs, axis=0, return_inverse=True)
+    unit = unit.ravel()
+    counts = np.bincount(unit * k * k + cell, minlength=len(units) * k * k).reshape(
+        len(units), k * k).astype(np.float64)
     rng = np.random.default_rng(seed)
-    acc, f1 = [], []
-    for _ in range(n):
-        i = rng.integers(0, len(y_true), len(y_true))
-        acc.append(accuracy_score(y_true[i], y_pred[i]))
-        f1.append(f1_score(y_true[i], y_pred[i], labels=labels, average="macro",
-                           zero_division=0))
+    weights = np.zeros((n, len(units)))
+    if folds is None:
+        draws = rng.integers(0, len(units), (n, len(units)))
+        np.add.at(weights, (np.repeat(np.arange(n), len(units)), draws.ravel()), 1)
+    else:
+        members = [np.flatnonzero(units[:, 0] == f) for f in range(units[:, 0].max() + 1)]
+        for b in range(n):
+            for f in rng.integers(0, len(members), len(members)):
+                drawn = members[f][rng.integers(0, len(members[f]), len(members[f]))]
+                np.add.at(weights[b], drawn, 1)
+    acc, f1 = accuracy_macro_f1((weights @ counts).reshape(n, k, k))
     return {"accuracy": np.percentile(acc, [2.5, 97.5]).round(4).tolist(),
             "macro_f1": np.percentile(f1, [2.5, 97.5]).round(4).tolist()}
+
+
+def accuracy_macro_f1(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Accuracy and macro-F1 of a stack of confusion matrices (..., true, predicted).
+
+    F1 of a class is 2 TP / (true + predicted), averaged over the classes with true
+    labels (the same numbers as scikit-learn's ``f1_score(labels=present)``; a test
+    checks it).
+    """
+    k = cm.shape[-1]
+    tp = cm[..., np.arange(k), np.arange(k)]
+    true_n, pred_n = cm.sum(-1), cm.sum(-2)
+    acc = tp.sum(-1) / true_n.sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1 = np.where(true_n > 0, 2 * tp / (true_n + pred_n), np.nan)
+    return acc, np.nanmean(f1, axis=-1)
+
+
+def resampled_units(n_images: int, groups: np.ndarray | None = None,
+                    folds: np.ndarray | None = None, n: int = N_BOOTSTRAP) -> str:
+    """What :func:`bootstrap_ci` resampled, as the tables print it."""
+    n_groups = (len({(f, g) for f, g in zip(np.zeros(n_images) if folds is None else folds,
+                                            groups, strict=True)})
+                if groups is not None else None)
+    unit = (f"the {n_groups} duplicate groups ({n_images} images; near-duplicates are drawn "
+            "together)" if n_groups is not None else f"the {n_images} images")
+    if folds is not None:
+        return (f"two-level percentile bootstrap, {n} resamples: the {len(set(folds))} folds "
+                f"with replacement, then within each drawn fold its share of {unit} with "
+                "replacement (so the interval carries the fold-to-fold spread)")
+    return f"percentile bootstrap, {n} resamples of {unit} with replacement"
+
+
+def split_groups(run_dir: Path, files: list[str]) -> np.ndarray | None:
+    """The duplicate group of each file, from the split manifest the run used.
+
+    None when the manifest (path in the run's split.json) is gone or does not
+    list every file; the interval is then over images, and its note says so.
+    """
+    from busi.split import read_manifest
+
+    try:
+        manifest = read_manifest(json.loads((run_dir / "split.json").read_text())["manifest"])
+    except (OSError, KeyError, TypeError, ValueError, BusiError):
+        return None
+    group_of = dict(zip(manifest.files, manifest.groups.tolist(), strict=True))
+    if not all(f in group_of for f in files):
+        return None
+    return np.array([group_of[f] for f in files])
 
 
 def _order(classes: list[str]) -> list[str]:
@@ -78,13 +159,28 @@ def _order(classes: list[str]) -> list[str]:
 
 
 def compute(files: list[str], y_true: list[str], y_pred: list[str], probs: np.ndarray,
-            classes: list[str]) -> dict:
+            classes: list[str], groups: np.ndarray | None = None,
+            folds: np.ndarray | None = None) -> dict:
+    """Every figure of a classification report, from (true, predicted) class names.
+
+    Per-class rows and the macro/weighted averages cover the classes *present* in
+    the data (true labels), not all the model's classes: on external data without
+    ``normal`` images a perfect classifier would otherwise score macro-F1 0.667
+    (an F1 of 0 for a class that cannot be found). A prediction of an absent class
+    still counts: it is a miss (lower recall) of the true class, and the
+    confusion matrix keeps every class of the model. ``groups`` and ``folds`` say
+    what the bootstrap intervals resample (:func:`bootstrap_ci`).
+    """
     labels = _order(classes)
     t, p = np.array(y_true), np.array(y_pred)
-    rep = classification_report(t, p, labels=labels, output_dict=True, zero_division=0)
-    text = classification_report(t, p, labels=labels, digits=2, zero_division=0)
+    present = [c for c in labels if c in set(y_true)]
+    rep = classification_report(t, p, labels=present, output_dict=True, zero_division=0)
+    text = classification_report(t, p, labels=present, digits=2, zero_division=0)
+    absent = [c for c in labels if c not in present]
+    if absent:
+        text += (f"macro/weighted avg over the classes in the data ({', '.join(present)}); "
+                 f"not in the data: {', '.join(absent)}\n")
     cm = confusion_matrix(t, p, labels=labels)
-    present = sorted(set(y_true))
     auc: dict[str, float | None] = {}
     for k, c in enumerate(classes):
         onehot = (t == c).astype(int)
@@ -93,9 +189,21 @@ def compute(files: list[str], y_true: list[str], y_pred: list[str], probs: np.nd
                  if any(v is not None for v in auc.values()) else None)
     return {"n": len(files), "labels": labels, "present": present, "report": rep,
             "report_text": text, "accuracy": float(accuracy_score(t, p)),
-            "macro_f1": float(f1_score(t, p, labels=labels, average="macro", zero_division=0)),
+            "macro_f1": float(f1_score(t, p, labels=present, average="macro", zero_division=0)),
             "confusion_matrix": cm.tolist(), "roc_auc_ovr": auc, "roc_auc_macro": macro_auc,
-            "ci95": bootstrap_ci(t, p, labels)}
+            "ci95": bootstrap_ci(t, p, groups, folds),
+            "ci95_method": resampled_units(len(t), groups, folds)}
+
+
+def _averaged_over(r: dict) -> str:
+    """The sentence that says which classes the macro averages cover."""
+    absent = [c for c in r["labels"] if c not in r["present"]]
+    line = (f"Macro and weighted averages are over the {len(r['present'])} classes in the data "
+            f"({', '.join(r['present'])})")
+    if absent:
+        line += (f"; {', '.join(absent)} {'is' if len(absent) == 1 else 'are'} not in the data, "
+                 "and a prediction of it counts as an error of the true class")
+    return line + "."
 
 
 def _markdown_table(r: dict, title: str) -> str:
@@ -103,6 +211,9 @@ def _markdown_table(r: dict, title: str) -> str:
     lines = [f"### {title}", "", "| | Precision | Recall | F1-score | Support |",
              "|---|---:|---:|---:|---:|"]
     for c in r["labels"]:
+        if c not in r["present"]:
+            lines.append(f"| {c.capitalize()} | not in data | | | 0 |")
+            continue
         e = rep[c]
         lines.append(f"| {c.capitalize()} | {e['precision']:.2f} | {e['recall']:.2f} | "
                      f"{e['f1-score']:.2f} | {int(e['support'])} |")
@@ -113,10 +224,11 @@ def _markdown_table(r: dict, title: str) -> str:
                      f"{e['f1-score']:.2f} | {int(e['support'])} |")
     ci = r["ci95"]
     auc = "n/a" if r["roc_auc_macro"] is None else f"{r['roc_auc_macro']:.3f}"
-    lines += ["", f"Accuracy {r['accuracy']:.3f} (95% CI {ci['accuracy'][0]:.3f}-"
-                  f"{ci['accuracy'][1]:.3f}); macro-F1 {r['macro_f1']:.3f} (95% CI "
-                  f"{ci['macro_f1'][0]:.3f}-{ci['macro_f1'][1]:.3f}); one-vs-rest ROC AUC "
-                  f"(macro) {auc}.", "",
+    lines += ["", _averaged_over(r), "",
+              f"Accuracy {r['accuracy']:.3f} (95% CI {ci['accuracy'][0]:.3f}-"
+              f"{ci['accuracy'][1]:.3f}); macro-F1 {r['macro_f1']:.3f} (95% CI "
+              f"{ci['macro_f1'][0]:.3f}-{ci['macro_f1'][1]:.3f}); one-vs-rest ROC AUC "
+              f"(macro) {auc}. 95% intervals: {r.get('ci95_method', 'bootstrap')}.", "",
               "Confusion matrix (rows: true, columns: predicted):", "",
               "| true \\ pred | " + " | ".join(r["labels"]) + " |",
               "|---|" + "---:|" * len(r["labels"])]
@@ -127,7 +239,7 @@ def _markdown_table(r: dict, title: str) -> str:
 
 def _csv_table(r: dict) -> str:
     rows = ["class,precision,recall,f1,support"]
-    for c in [*r["labels"], "macro avg", "weighted avg"]:
+    for c in [*r["present"], "macro avg", "weighted avg"]:  # averages over these classes
         e = r["report"][c]
         rows.append(f"{c},{e['precision']:.4f},{e['recall']:.4f},{e['f1-score']:.4f},"
                     f"{int(e['support'])}")
@@ -181,13 +293,14 @@ def evaluate_run(run_dir: str | Path) -> dict:
     """
     run_dir = Path(run_dir)
     files, y_true, y_pred, probs, classes = read_predictions(run_dir / "predictions.csv")
-    r = compute(files, y_true, y_pred, probs, classes)
+    r = compute(files, y_true, y_pred, probs, classes, groups=split_groups(run_dir, files))
     title = _run_title(run_dir)
     r["title"] = title
     r["text"] = f"{title}\n{r['report_text']}" + (
         f"accuracy {r['accuracy']:.3f} (95% CI {r['ci95']['accuracy'][0]:.3f}-"
         f"{r['ci95']['accuracy'][1]:.3f}), macro-F1 {r['macro_f1']:.3f} (95% CI "
-        f"{r['ci95']['macro_f1'][0]:.3f}-{r['ci95']['macro_f1'][1]:.3f})")
+        f"{r['ci95']['macro_f1'][0]:.3f}-{r['ci95']['macro_f1'][1]:.3f}; "
+        f"{r['ci95_method']})")
     if not (run_dir / "classification_report.json").is_file():
         _write_run_reports(run_dir, r, title)
     return r
@@ -241,6 +354,9 @@ def comparison_markdown(results: list[dict], runs: list[Path]) -> str:
                      f"({ci['accuracy'][0]:.2f}-{ci['accuracy'][1]:.2f}) | {r['macro_f1']:.3f} "
                      f"({ci['macro_f1'][0]:.2f}-{ci['macro_f1'][1]:.2f}) | {auc} | "
                      + " | ".join(rec_s) + f" | {paper if paper is not None else ''} |")
+    methods = sorted({r.get("ci95_method", "bootstrap") for r in results})
+    lines += ["", "macro-F1: averaged over the classes present in each run's test data "
+                  "(n/a: a class not in the data). 95% CI: " + "; ".join(methods) + "."]
     return "\n".join(lines) + "\n"
 
 

@@ -6,6 +6,12 @@ is the 95th percentile of the symmetric surface distances, in pixels of the
 model's input grid, and undefined (NaN, counted separately) when either mask is
 empty. Normal images have no lesion, so for them the one honest number is the
 fraction predicted empty.
+
+A missed lesion (empty prediction) has no HD95; a mean over the detected lesions
+alone would *improve* when a model misses its hardest lesions. So the summary
+gives, next to that mean and the count of misses, ``hd95_all``: every lesion
+image, a miss scored at the image diagonal sqrt(H^2 + W^2) px -- more than any
+distance inside the grid, so missing a lesion never lowers it.
 """
 
 from __future__ import annotations
@@ -42,15 +48,26 @@ def hd95(t: np.ndarray, p: np.ndarray) -> float:
     return float(np.percentile(distances, 95))
 
 
+def miss_distance(shape: tuple[int, ...]) -> float:
+    """The HD95 a missed lesion is scored at: the diagonal of the (H, W) grid, in pixels."""
+    return float(np.hypot(shape[-2], shape[-1]))
+
+
 def per_image(truth: np.ndarray, prob: np.ndarray, threshold: float = 0.5) -> dict[str, np.ndarray]:
-    """Dice, IoU, HD95 and "predicted empty" for each image of (N, H, W) arrays."""
+    """Dice, IoU, HD95 and "predicted empty" for each image of (N, H, W) arrays.
+
+    ``hd95_all`` is HD95 with a missed lesion scored at :func:`miss_distance`
+    (NaN only for images without a lesion); ``miss_px`` is that distance.
+    """
     pred = prob > threshold
     truth = truth > 0
-    out = {"dice": [], "iou": [], "hd95": [], "pred_empty": [], "true_empty": []}
+    out = {"dice": [], "iou": [], "hd95": [], "hd95_all": [], "pred_empty": [], "true_empty": [],
+           "miss_px": miss_distance(truth.shape)}
     for t, p in zip(truth, pred, strict=True):
         out["dice"].append(dice(t, p))
         out["iou"].append(iou(t, p))
         out["hd95"].append(hd95(t, p))
+        out["hd95_all"].append(out["miss_px"] if t.any() and not p.any() else out["hd95"][-1])
         out["pred_empty"].append(not p.any())
         out["true_empty"].append(not t.any())
     return {k: np.array(v) for k, v in out.items()}
@@ -68,9 +85,11 @@ def summarise(scores: dict[str, np.ndarray], labels: np.ndarray,
               classes: tuple[str, ...] | list[str]) -> dict:
     """Mean ± std per class and over all lesion images; empty-rate for lesion-free images."""
     lesion = ~scores["true_empty"]
-    result: dict = {"lesion_images": {m: _stats(scores[m][lesion])
-                                      for m in ("dice", "iou", "hd95")}}
+    metrics = ("dice", "iou", "hd95", "hd95_all")
+    result: dict = {"lesion_images": {m: _stats(scores[m][lesion]) for m in metrics}}
+    # hd95: detected lesions only; hd95_undefined: the misses it leaves out; hd95_all: both.
     result["lesion_images"]["hd95_undefined"] = int(np.isnan(scores["hd95"][lesion]).sum())
+    result["lesion_images"]["hd95_miss_px"] = round(float(scores["miss_px"]), 2)
     result["per_class"] = {}
     for k, name in enumerate(classes):
         sel = labels == k
@@ -78,7 +97,8 @@ def summarise(scores: dict[str, np.ndarray], labels: np.ndarray,
             continue
         entry: dict = {"n": int(sel.sum())}
         if (sel & lesion).any():
-            entry.update({m: _stats(scores[m][sel & lesion]) for m in ("dice", "iou", "hd95")})
+            entry.update({m: _stats(scores[m][sel & lesion]) for m in metrics})
+            entry["hd95_undefined"] = int(np.isnan(scores["hd95"][sel & lesion]).sum())
         if (sel & ~lesion).any():
             entry["fraction_predicted_empty"] = float(scores["pred_empty"][sel & ~lesion].mean())
         result["per_class"][name] = entry

@@ -143,20 +143,37 @@ def _mask_rule(s: dict) -> str:
     return ", ".join(parts)
 
 
+def _hd95_cells(e: dict) -> str:
+    """'HD95 with misses | HD95 of detected | missed' cells (n/a in summaries older than that)."""
+    missed = e.get("hd95_undefined", "n/a")
+    every = _fmt(e["hd95_all"]) if "hd95_all" in e else "n/a"
+    return f"{every} | {_fmt(e['hd95'])} | {missed}"
+
+
+def _hd95_note(le: dict) -> str:
+    miss = le.get("hd95_miss_px")
+    return ("HD95 in pixels of the model's input grid. A missed lesion (empty prediction) has no "
+            "HD95: \"HD95, detected\" leaves the missed ones out (so missing a hard lesion would "
+            "lower it); \"HD95, misses counted\" scores each miss at the image diagonal"
+            + (f" ({miss:.1f} px)" if miss is not None else "")
+            + ", so a miss never improves it.")
+
+
 def segmentation_markdown(s: dict) -> str:
+    le = s["lesion_images"]
     lines = ["# Segmentation on the test split", "",
              f"Masks: {_mask_rule(s)}; best epoch {s['best_epoch']} of "
-             f"{s['epochs_done']}; {s['n_test']} test images. HD95 in pixels of the "
-             "model's input grid.", "",
-             "| images | n | Dice | IoU | HD95 (px) |", "|---|---:|---:|---:|---:|"]
-    le = s["lesion_images"]
+             f"{s['epochs_done']}; {s['n_test']} test images. {_hd95_note(le)}", "",
+             "| images | n | Dice | IoU | HD95, misses counted (px) | HD95, detected (px) | "
+             "missed |", "|---|---:|---:|---:|---:|---:|---:|"]
     lines.append(f"| all lesion images | {le['dice']['n']} | {_fmt(le['dice'])} | "
-                 f"{_fmt(le['iou'])} | {_fmt(le['hd95'])} |")
+                 f"{_fmt(le['iou'])} | {_hd95_cells(le)} |")
     for name, e in s["per_class"].items():
         if "dice" in e:
             lines.append(f"| {name} | {e['n']} | {_fmt(e['dice'])} | {_fmt(e['iou'])} | "
-                         f"{_fmt(e['hd95'])} |")
-    lines += ["", f"HD95 undefined (empty prediction) on {le['hd95_undefined']} lesion image(s)."]
+                         f"{_hd95_cells(e)} |")
+    lines += ["", f"Lesions missed (empty prediction): {le['hd95_undefined']} of "
+                  f"{le['dice']['n']}."]
     lf = s["lesion_free_images"]
     if lf["n"]:
         lines.append(f"Lesion-free (normal) images predicted empty: {_empty_count(lf)}.")
@@ -171,7 +188,9 @@ def _empty_count(lf: dict) -> str:
 
 def segmentation_text(s: dict) -> str:
     le = s["lesion_images"]
-    out = [f"test Dice {_fmt(le['dice'])}, IoU {_fmt(le['iou'])}, HD95 {_fmt(le['hd95'])} px "
+    every = f"{_fmt(le['hd95_all'])} px (misses at the diagonal), " if "hd95_all" in le else ""
+    out = [f"test Dice {_fmt(le['dice'])}, IoU {_fmt(le['iou'])}, HD95 {every}"
+           f"{_fmt(le['hd95'])} px on detected lesions, {le['hd95_undefined']} missed, "
            f"on {le['dice']['n']} lesion images ({_mask_rule(s)})"]
     for name, e in s["per_class"].items():
         if "dice" in e:

@@ -268,8 +268,11 @@ def build_blocks(run: Path) -> tuple[str, list[Block]]:
         metrics = _json(run / "metrics.json")
         title = f"busi U-Net run {run.name}"
         le = metrics.get("lesion_images", {})
+        every = (f"{le['hd95_all']['mean']:.1f} px with misses at the image diagonal, "
+                 if "hd95_all" in le else "")
         summary = (f"Test Dice {le['dice']['mean']:.3f}, IoU {le['iou']['mean']:.3f}, HD95 "
-                   f"{le['hd95']['mean']:.1f} px on {le['dice']['n']} lesion images; "
+                   f"{every}{le['hd95']['mean']:.1f} px on the detected lesions "
+                   f"({le['hd95_undefined']} missed) of {le['dice']['n']} lesion images; "
                    f"training {_minutes(metrics.get('train_seconds'))}."
                    if le else "The run has not finished: no metrics yet.")
         cfg = _cfg(run)
