@@ -47,18 +47,20 @@ class Predictor:
     def __init__(self, seg_run: str | None = None, cls_run: str | None = None,
                  outputs_root: str = "outputs"):
         from busi.masks import load_unets, read_rule
-        from busi.train import resolve_cls_run, resolve_seg_run
+        from busi.train import paired_seg_run, resolve_cls_run
 
-        keras = runtime.import_keras()
-        self.seg = resolve_seg_run(seg_run, outputs_root)
         self.cls = resolve_cls_run(cls_run, outputs_root)
+        self.seg, why = paired_seg_run(self.cls, seg_run, outputs_root, "busi predict")
+        print(f"busi predict: classifier run {self.cls}"
+              f"{'' if cls_run else ' (the latest finished)'}\n"
+              f"  U-Net run {self.seg} ({why})")
         cfg = load_config(self.cls / "config.yaml")
         self.c = cfg.model.classifier
         self.size = tuple(cfg.data.image_size)
         self.classes = list(cfg.data.classes)
         self.rule, self.flip_tta = read_rule(self.seg)
         self.unets = load_unets(self.seg)  # one U-Net, or a run's fold ensemble
-        self.clf = keras.models.load_model(self.cls / "best.keras")
+        self.clf = runtime.load_model(self.cls / "best.keras")
         if tuple(self.unets[0].input_shape[1:3]) != self.size:
             raise BusiError(f"U-Net input {self.unets[0].input_shape[1:3]} differs from the "
                             f"classifier's {self.size}", where=str(self.seg),
