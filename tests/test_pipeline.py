@@ -528,3 +528,50 @@ def test_a_model_file_keras_refuses_or_cannot_read_is_one_clear_error(
     assert main(["export", str(cut), "--format", "keras", "--out", str(tmp_path / "e")]) == 2
     assert "not a .keras model file" in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
+
+
+# --------------------------------------------------------------------------- issue 11: outputs
+
+
+def test_predictions_csv_keeps_any_file_name(tmp_path: Path) -> None:
+    from busi.errors import BusiError
+    from busi.evaluate import read_predictions, write_predictions
+
+    files = ['benign/a, "b".png', "normal/plain.png", 'malignant/"quoted".png']
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]])
+    write_predictions(tmp_path / "p.csv", files, np.array([0, 1, 2]), probs,
+                      ("benign", "normal", "malignant"))
+    names, true, pred, got, classes = read_predictions(tmp_path / "p.csv")
+    assert names == files and true == pred == ["benign", "normal", "malignant"]
+    np.testing.assert_allclose(got, probs)
+    (tmp_path / "bad.csv").write_text("file,true,pred,p_benign\nx.png,benign,benign,oops\n")
+    with pytest.raises(BusiError, match="line 2: a probability is missing or not a number"):
+        read_predictions(tmp_path / "bad.csv")
+
+
+def test_predict_never_overwrites_its_own_outputs_or_a_folder(
+        seg_run: Path, cls_run: Path, synth_root: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    odd = 'scan, "left".png'
+    shutil.copy(synth_root / "benign" / "benign (1).png", a / "x.png")
+    shutil.copy(synth_root / "malignant" / "malignant (1).png", b / "x.png")
+    shutil.copy(synth_root / "benign" / "benign (2).png", b / odd)
+    out = tmp_path / "pred"
+    argv = ["predict", str(a), str(b), "--seg-run", str(seg_run), "--cls-run", str(cls_run),
+            "--out", str(out)]
+    assert main(argv) == 0
+    assert f"{b / 'x.png'} has the same name as {a / 'x.png'}; its outputs are named x-2_*" \
+        in capsys.readouterr().err
+    assert sorted(p.name for p in out.glob("*_mask.png")) == \
+        ['scan,_"left"_mask.png', "x-2_mask.png", "x_mask.png"]
+    with open(out / "predictions.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["file"], r["output_stem"]) for r in rows] == \
+        [(str(a / "x.png"), "x"), (str(b / odd), 'scan,_"left"'), (str(b / "x.png"), "x-2")]
+    before = {p: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert main(argv) == 2
+    assert "--out exists and is not an empty folder" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in out.iterdir()} == before

@@ -279,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: tflite")
     p.add_argument("--quantize", default="none", choices=["none", "int8"],
                    help="tflite only: full-integer int8, calibrated on 200 training images")
-    p.add_argument("--out", help="output folder (default: outputs/export/<timestamp>-...)")
+    p.add_argument("--out", help="new or empty output folder (default: "
+                                 "outputs/export/<timestamp>-...)")
     p.add_argument("--outputs", default="outputs", help="outputs root (default: outputs)")
     p.set_defaults(func=cmd_export)
 
@@ -293,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="U-Net run (default: the one the classifier was trained with)")
     p.add_argument("--cls-run", metavar="RUN_DIR",
                    help="classifier run (default: the latest finished)")
-    p.add_argument("--out", help="output folder (default: outputs/predict/<timestamp>)")
+    p.add_argument("--out", help="new or empty output folder (default: "
+                                 "outputs/predict/<timestamp>)")
     p.add_argument("--explain", action="store_true",
                    help="also write a Grad-CAM heatmap per image (<name>_gradcam.png)")
     p.set_defaults(func=cmd_predict)

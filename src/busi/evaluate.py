@@ -10,6 +10,7 @@ gets 95% bootstrap intervals for accuracy and macro-F1.
 from __future__ import annotations
 
 import csv
+import io
 import time
 from pathlib import Path
 
@@ -43,25 +44,51 @@ N_BOOTSTRAP = 2000
 
 def write_predictions(path: Path, files: list[str], labels: np.ndarray, probs: np.ndarray,
                       classes: tuple[str, ...] | list[str]) -> None:
-    rows = ["file,true,pred," + ",".join(f"p_{c}" for c in classes)]
+    """``file,true,pred,p_<class>...``, written by the csv module: a file name with a comma,
+    a quote or a line break is quoted and escaped, so it reads back as it was."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["file", "true", "pred", *[f"p_{c}" for c in classes]])
     for f, t, p in zip(files, labels, probs, strict=True):
-        name = f'"{f}"' if "," in f else f
-        rows.append(f"{name},{classes[t]},{classes[int(np.argmax(p))]},"
-                    + ",".join(f"{v:.6f}" for v in p))
-    atomic_write(path, "\n".join(rows) + "\n")
+        writer.writerow([f, classes[t], classes[int(np.argmax(p))], *[f"{v:.6f}" for v in p]])
+    atomic_write(path, buf.getvalue())
 
 
 def read_predictions(path: Path) -> tuple[list[str], list[str], list[str], np.ndarray, list[str]]:
+    """The columns of a predictions.csv; a damaged file is a BusiError naming it."""
     if not path.is_file():
         raise BusiError("run has no predictions.csv (did it finish?)", where=str(path.parent),
                         fix="finish it with --resume, or pick a finished run")
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        rows = list(reader)
-        classes = [c[2:] for c in (reader.fieldnames or []) if c.startswith("p_")]
-    probs = np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows])
+    fix = "restore the file, or rerun the run it belongs to"
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            rows = list(reader)
+            fields = reader.fieldnames or []
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise BusiError(f"cannot read predictions ({exc})", where=str(path), fix=fix) from None
+    classes = [c[2:] for c in fields if c.startswith("p_")]
+    missing = [c for c in ("file", "true", "pred") if c not in fields]
+    if missing or not classes:
+        raise BusiError(f"not a predictions file (columns {', '.join(missing) or 'p_<class>'} "
+                        "missing)", where=str(path), fix=fix)
+    try:
+        probs = np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows],
+                         dtype=float).reshape(len(rows), len(classes))
+    except (TypeError, ValueError):  # a short row (None) or a non-number
+        bad = next(k for k, r in enumerate(rows, start=2) if not _numbers(r, classes))
+        raise BusiError(f"line {bad}: a probability is missing or not a number",
+                        where=str(path), fix=fix) from None
     return ([r["file"] for r in rows], [r["true"] for r in rows], [r["pred"] for r in rows],
             probs, classes)
+
+
+def _numbers(row: dict, classes: list[str]) -> bool:
+    try:
+        [float(row[f"p_{c}"]) for c in classes]
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def bootstrap_ci(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str], seed: int = 0,

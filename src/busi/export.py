@@ -155,6 +155,9 @@ def export_run(run_dir: str | Path, fmt: str = "tflite", quantize: str = "none",
                         fix="pass a folder under outputs/seg/ or outputs/cls/<model>/")
     kind = run_kind(run)  # a clear error for a folder without config.yaml / split.json
     require_run(run, kind if kind in ("seg", "cls") else "cls", option="`busi export`")
+    if out and Path(out).exists() and (not Path(out).is_dir() or any(Path(out).iterdir())):
+        raise BusiError("--out exists and is not an empty folder", where=out,
+                        fix="choose a new or empty --out folder; busi export never overwrites")
     if fmt not in FORMATS:
         raise BusiError(f"unknown format {fmt!r}", where="--format", fix=f"use {'|'.join(FORMATS)}")
     if quantize != "none" and fmt != "tflite":
