@@ -129,8 +129,14 @@ def test_the_agreement_check_fails_for_a_wrong_model(mobilenet_run: Path,
 
 
 def test_export_options_that_do_not_fit_are_clear_errors(
-        mobilenet_run: Path, capsys: pytest.CaptureFixture) -> None:
+        mobilenet_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["export", str(mobilenet_run), "--format", "keras", "--quantize", "int8"]) == 2
     assert "tflite only" in capsys.readouterr().err
     assert main(["export", str(mobilenet_run.parent)]) == 2
     assert "no best.keras" in capsys.readouterr().err
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "model.keras").write_text("the user's own file")
+    assert main(["export", str(mobilenet_run), "--format", "keras", "--out", str(full)]) == 2
+    assert "--out exists and is not an empty folder" in capsys.readouterr().err
+    assert (full / "model.keras").read_text() == "the user's own file"

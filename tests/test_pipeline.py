@@ -424,3 +424,219 @@ def test_seg_eval_measures_a_run_under_other_mask_rules_and_members(
     assert "Dice vs first row" in printed and "command: python scripts/seg_eval.py" in printed
     assert seg_eval.main([str(seg_run), "--member", "nope.keras"]) == 2
     assert "best.keras" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- issue 11: runs
+
+
+def _copy_run(src: Path, dst: Path, **state: object) -> Path:
+    shutil.copytree(src, dst)
+    if state:
+        saved = json.loads((dst / "state.json").read_text())
+        (dst / "state.json").write_text(json.dumps({**saved, **state}))
+    return dst
+
+
+def test_predict_and_evaluate_pair_a_classifier_with_its_own_unet(
+        seg_run: Path, cls_run: Path, synth_root: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A later U-Net run must not change a classifier's inputs; a run still training is no
+    'latest run'; every command says which runs it used."""
+    outputs = tmp_path / "outputs"
+    newer_unet = _copy_run(seg_run, outputs / "seg" / "99990101-000000")
+    mine = _copy_run(cls_run, outputs / "cls" / "cnn" / "20000101-000000")  # names seg_run
+    _copy_run(cls_run, outputs / "cls" / "mobilenet" / "99990101-000000", finished=False)
+    monkeypatch.chdir(tmp_path)
+    image = str(synth_root / "benign" / "benign (1).png")
+    assert main(["predict", image, "--out", str(tmp_path / "p1")]) == 0
+    used = json.loads((tmp_path / "p1" / "predictions.json").read_text())
+    assert Path(used["cls_run"]).resolve() == mine.resolve(), "not the latest finished run"
+    assert Path(used["seg_run"]).resolve() == seg_run.resolve(), "not the classifier's U-Net"
+    captured = capsys.readouterr()
+    assert f"U-Net run {seg_run} (the classifier's own)" in captured.out
+    assert "warning" not in captured.err
+    # naming another U-Net is allowed, with a warning
+    assert main(["predict", image, "--seg-run", str(newer_unet), "--out",
+                 str(tmp_path / "p2")]) == 0
+    err = capsys.readouterr().err
+    assert "busi: warning:" in err and "not the U-Net run classifier" in err
+    # busi evaluate --data: the same default
+    assert main(["evaluate", "--data", str(synth_root), "--cls-run", str(mine),
+                 "--outputs", str(outputs)]) == 0
+    (report,) = (outputs / "eval").glob("*/evaluation.md")
+    assert f"segmentation run: {seg_run};" in report.read_text()
+
+
+def _change_one_image(root: Path) -> None:
+    import cv2
+
+    path = root / "benign" / "benign (1).png"
+    img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    img[0, :] = 255 - img[0, :]
+    cv2.imwrite(str(path), img)
+
+
+def test_train_cls_refuses_a_unet_of_other_data_or_image_size(
+        work: Path, seg_run: Path, data_copy: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    out_root = tmp_path / "o"
+    _change_one_image(data_copy)  # same file names, other bytes
+    assert run(work, "train-cls", "--model", "cnn", "--seg-run", str(seg_run),
+               "--data", str(data_copy), "--set", f"outputs.root={out_root}") == 2
+    err = capsys.readouterr().err
+    assert f"{seg_run}: this segmentation run used other data than {data_copy}" in err
+    assert run(work, "train-cls", "--model", "cnn", "--seg-run", str(seg_run),
+               "--set", "data.image_size=[48, 48]", "--set", f"outputs.root={out_root}") == 2
+    assert "used 32x32 images, not 48x48" in capsys.readouterr().err
+    assert not (out_root / "cls").exists(), "no run folder for a refused run"
+
+
+def test_rerun_of_a_classifier_on_changed_data_is_refused(
+        cls_run: Path, data_copy: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    copy = _copy_run(cls_run, tmp_path / "runs" / "cls" / "cnn" / cls_run.name)
+    cfg = yaml.safe_load((copy / "config.yaml").read_text())
+    cfg["data"]["root"], cfg["outputs"]["root"] = str(data_copy), str(tmp_path / "new")
+    (copy / "config.yaml").write_text(yaml.safe_dump(cfg))
+    _change_one_image(data_copy)
+    assert main(["rerun", str(copy)]) == 2
+    assert "this run used other data" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_wrong_or_incomplete_run_folder_is_one_clear_error(
+        work: Path, seg_run: Path, cls_run: Path, synth_root: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Each command that takes a run folder: exit 2, one line naming the folder, what it is
+    instead of what was expected, and no half-made output."""
+    no_split = _copy_run(seg_run, tmp_path / "no-split")
+    (no_split / "split.json").unlink()
+    corrupt = _copy_run(seg_run, tmp_path / "corrupt")
+    (corrupt / "split.json").write_text('{"manifest": ')
+    out_root = tmp_path / "o"
+    image = str(synth_root / "benign" / "benign (1).png")
+    cases = [
+        (["train-cls", "--config", str(work / "tiny.yaml"), "--seg-run", str(no_split),
+          "--set", f"outputs.root={out_root}"], no_split,
+         "not a segmentation (U-Net) run (split.json missing)"),
+        (["train-cls", "--config", str(work / "tiny.yaml"), "--seg-run", str(cls_run),
+          "--set", f"outputs.root={out_root}"], cls_run,
+         "this is a classifier run, not a segmentation (U-Net) run"),
+        (["train-seg", "--resume", str(cls_run)], cls_run, "this is a classifier run"),
+        (["train-cls", "--resume", str(seg_run)], seg_run, "this is a segmentation (U-Net) run"),
+        (["predict", image, "--cls-run", str(seg_run), "--out", str(tmp_path / "p")], seg_run,
+         "not a classifier run"),
+        (["evaluate", str(seg_run), "--outputs", str(out_root)], seg_run,
+         "this is a segmentation (U-Net) run, not a classifier run"),
+        (["evaluate", "--seg-run", str(cls_run), "--outputs", str(out_root)], cls_run,
+         "this is a classifier run"),
+        (["export", str(corrupt), "--out", str(tmp_path / "e")], corrupt, "not valid JSON"),
+        (["rerun", str(corrupt)], corrupt, "not valid JSON"),
+        (["report", str(corrupt)], corrupt, "not valid JSON"),
+    ]
+    for argv, folder, words in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert words in err and str(folder) in err and "fix:" in err, (argv, err)
+        assert len(err.strip().splitlines()) == 1, (argv, err)
+    assert not out_root.exists() and not (tmp_path / "p").exists()
+    assert not (tmp_path / "e").exists()
+
+
+def test_an_old_unet_run_is_not_refused_and_a_bad_weights_file_leaves_no_run_folder(
+        work: Path, seg_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A U-Net run of an older busi has no data fingerprint: not refused, a warning. (Stopped
+    by a bad model.classifier.weights file after that check, so nothing is trained.)"""
+    old = _copy_run(seg_run, tmp_path / "old-seg")
+    split = json.loads((old / "split.json").read_text())
+    for key in ("data_fingerprint", "image_size"):
+        split.pop(key)
+    (old / "split.json").write_text(json.dumps(split))
+    weights = tmp_path / "mobilenet.h5"
+    weights.write_bytes(b"not an HDF5 file")
+    out_root = tmp_path / "o"
+    assert run(work, "train-cls", "--model", "mobilenet", "--seg-run", str(old),
+               "--set", f"model.classifier.weights={weights}",
+               "--set", f"outputs.root={out_root}") == 2
+    err = capsys.readouterr().err
+    assert f"busi: warning: {old} records no data fingerprint" in err
+    assert f"busi: error: {weights}: cannot load weights file" in err
+    assert not list((out_root / "cls" / "mobilenet").iterdir()), "no half-made run folder"
+
+
+def test_a_model_file_keras_refuses_or_cannot_read_is_one_clear_error(
+        seg_run: Path, cls_run: Path, synth_root: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import keras
+
+    lam = _copy_run(cls_run, tmp_path / "lambda")
+    inp = keras.Input((32, 32, 1))
+    keras.Model(inp, keras.layers.Lambda(lambda x: x * 2)(inp)).save(lam / "best.keras")
+    cut = _copy_run(cls_run, tmp_path / "truncated")
+    blob = (cut / "best.keras").read_bytes()
+    (cut / "best.keras").write_bytes(blob[:len(blob) // 2])
+    image = str(synth_root / "benign" / "benign (1).png")
+    for bad, words in ((lam, "Keras' safe mode does not run"),
+                       (cut, "not a .keras model file (not a zip archive")):
+        out = tmp_path / f"pred-{bad.name}"
+        assert main(["predict", image, "--cls-run", str(bad), "--seg-run", str(seg_run),
+                     "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"{bad / 'best.keras'}: " in err and words in err, err
+        assert "Traceback" not in err and not out.exists()
+        assert main(["evaluate", "--data", str(synth_root), "--cls-run", str(bad),
+                     "--seg-run", str(seg_run), "--outputs", str(tmp_path / "ev")]) == 2
+        assert words in capsys.readouterr().err
+        assert not (tmp_path / "ev" / "eval").exists(), "no half-made evaluation folder"
+    assert main(["export", str(cut), "--format", "keras", "--out", str(tmp_path / "e")]) == 2
+    assert "not a .keras model file" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()
+
+
+# --------------------------------------------------------------------------- issue 11: outputs
+
+
+def test_predictions_csv_keeps_any_file_name(tmp_path: Path) -> None:
+    from busi.errors import BusiError
+    from busi.evaluate import read_predictions, write_predictions
+
+    files = ['benign/a, "b".png', "normal/plain.png", 'malignant/"quoted".png']
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]])
+    write_predictions(tmp_path / "p.csv", files, np.array([0, 1, 2]), probs,
+                      ("benign", "normal", "malignant"))
+    names, true, pred, got, classes = read_predictions(tmp_path / "p.csv")
+    assert names == files and true == pred == ["benign", "normal", "malignant"]
+    np.testing.assert_allclose(got, probs)
+    (tmp_path / "bad.csv").write_text("file,true,pred,p_benign\nx.png,benign,benign,oops\n")
+    with pytest.raises(BusiError, match="line 2: a probability is missing or not a number"):
+        read_predictions(tmp_path / "bad.csv")
+
+
+def test_predict_never_overwrites_its_own_outputs_or_a_folder(
+        seg_run: Path, cls_run: Path, synth_root: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    odd = 'scan, "left".png'
+    shutil.copy(synth_root / "benign" / "benign (1).png", a / "x.png")
+    shutil.copy(synth_root / "malignant" / "malignant (1).png", b / "x.png")
+    shutil.copy(synth_root / "benign" / "benign (2).png", b / odd)
+    out = tmp_path / "pred"
+    argv = ["predict", str(a), str(b), "--seg-run", str(seg_run), "--cls-run", str(cls_run),
+            "--out", str(out)]
+    assert main(argv) == 0
+    assert f"{b / 'x.png'} has the same name as {a / 'x.png'}; its outputs are named x-2_*" \
+        in capsys.readouterr().err
+    assert sorted(p.name for p in out.glob("*_mask.png")) == \
+        ['scan,_"left"_mask.png', "x-2_mask.png", "x_mask.png"]
+    with open(out / "predictions.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["file"], r["output_stem"]) for r in rows] == \
+        [(str(a / "x.png"), "x"), (str(b / odd), 'scan,_"left"'), (str(b / "x.png"), "x-2")]
+    before = {p: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert main(argv) == 2
+    assert "--out exists and is not an empty folder" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in out.iterdir()} == before

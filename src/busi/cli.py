@@ -229,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", choices=["cnn", "vgg19", "mobilenet"],
                    help="classifier (overrides model.classifier.name)")
     p.add_argument("--seg-run", metavar="RUN_DIR",
-                   help="segmentation run whose predicted masks to use (default: the latest)")
+                   help="segmentation run whose predicted masks to use (default: the latest "
+                        "finished one)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
     p.set_defaults(func=cmd_train_cls)
 
@@ -242,12 +243,14 @@ def build_parser() -> argparse.ArgumentParser:
             busi evaluate --data other_site.csv --seg-run outputs/seg/A --cls-run outputs/cls/cnn/B
         """))
     p.add_argument("runs", nargs="*", metavar="RUN_DIR", help="classifier run folders")
-    p.add_argument("--seg-run", metavar="RUN_DIR", help="also report this U-Net's Dice/IoU/HD95")
+    p.add_argument("--seg-run", metavar="RUN_DIR",
+                   help="also report this U-Net's Dice/IoU/HD95; with --data, the U-Net that "
+                        "segments the images (default: the classifier's own)")
     p.add_argument("--data", metavar="PATH",
                    help="evaluate trained runs on this data (BUSI-layout folder or CSV manifest "
                         "with columns image,mask,label) instead of their own test split")
     p.add_argument("--cls-run", metavar="RUN_DIR",
-                   help="with --data: the classifier run (default: the newest)")
+                   help="with --data: the classifier run (default: the newest finished)")
     p.add_argument("--outputs", default="outputs", help="outputs root (default: outputs)")
     p.set_defaults(func=cmd_evaluate)
 
@@ -290,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: tflite")
     p.add_argument("--quantize", default="none", choices=["none", "int8"],
                    help="tflite only: full-integer int8, calibrated on 200 training images")
-    p.add_argument("--out", help="output folder (default: outputs/export/<timestamp>-...)")
+    p.add_argument("--out", help="new or empty output folder (default: "
+                                 "outputs/export/<timestamp>-...)")
     p.add_argument("--outputs", default="outputs", help="outputs root (default: outputs)")
     p.set_defaults(func=cmd_export)
 
@@ -300,9 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
             busi predict scan1.png --explain        # + Grad-CAM heatmap of the classifier
         """))
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
-    p.add_argument("--seg-run", metavar="RUN_DIR", help="U-Net run (default: the latest)")
-    p.add_argument("--cls-run", metavar="RUN_DIR", help="classifier run (default: the latest)")
-    p.add_argument("--out", help="output folder (default: outputs/predict/<timestamp>)")
+    p.add_argument("--seg-run", metavar="RUN_DIR",
+                   help="U-Net run (default: the one the classifier was trained with)")
+    p.add_argument("--cls-run", metavar="RUN_DIR",
+                   help="classifier run (default: the latest finished)")
+    p.add_argument("--out", help="new or empty output folder (default: "
+                                 "outputs/predict/<timestamp>)")
     p.add_argument("--explain", action="store_true",
                    help="also write a Grad-CAM heatmap per image (<name>_gradcam.png)")
     p.set_defaults(func=cmd_predict)

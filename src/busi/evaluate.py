@@ -10,6 +10,7 @@ gets 95% bootstrap intervals for accuracy and macro-F1.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import time
 from pathlib import Path
@@ -24,7 +25,15 @@ from sklearn.metrics import (
 )
 
 from busi.errors import BusiError
-from busi.runs import atomic_write, list_runs, new_run_dir, write_json
+from busi.runs import (
+    atomic_write,
+    is_finished,
+    list_runs,
+    new_run_dir,
+    read_json,
+    require_run,
+    write_json,
+)
 
 PAPER = {  # Tables 1-3 of the paper: accuracy and macro-F1 on its 78 test images
     "cnn": {"accuracy": 0.82, "macro_f1": 0.82},
@@ -36,25 +45,51 @@ N_BOOTSTRAP = 2000
 
 def write_predictions(path: Path, files: list[str], labels: np.ndarray, probs: np.ndarray,
                       classes: tuple[str, ...] | list[str]) -> None:
-    rows = ["file,true,pred," + ",".join(f"p_{c}" for c in classes)]
+    """``file,true,pred,p_<class>...``, written by the csv module: a file name with a comma,
+    a quote or a line break is quoted and escaped, so it reads back as it was."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["file", "true", "pred", *[f"p_{c}" for c in classes]])
     for f, t, p in zip(files, labels, probs, strict=True):
-        name = f'"{f}"' if "," in f else f
-        rows.append(f"{name},{classes[t]},{classes[int(np.argmax(p))]},"
-                    + ",".join(f"{v:.6f}" for v in p))
-    atomic_write(path, "\n".join(rows) + "\n")
+        writer.writerow([f, classes[t], classes[int(np.argmax(p))], *[f"{v:.6f}" for v in p]])
+    atomic_write(path, buf.getvalue())
 
 
 def read_predictions(path: Path) -> tuple[list[str], list[str], list[str], np.ndarray, list[str]]:
+    """The columns of a predictions.csv; a damaged file is a BusiError naming it."""
     if not path.is_file():
         raise BusiError("run has no predictions.csv (did it finish?)", where=str(path.parent),
                         fix="finish it with --resume, or pick a finished run")
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        rows = list(reader)
-        classes = [c[2:] for c in (reader.fieldnames or []) if c.startswith("p_")]
-    probs = np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows])
+    fix = "restore the file, or rerun the run it belongs to"
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            rows = list(reader)
+            fields = reader.fieldnames or []
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise BusiError(f"cannot read predictions ({exc})", where=str(path), fix=fix) from None
+    classes = [c[2:] for c in fields if c.startswith("p_")]
+    missing = [c for c in ("file", "true", "pred") if c not in fields]
+    if missing or not classes:
+        raise BusiError(f"not a predictions file (columns {', '.join(missing) or 'p_<class>'} "
+                        "missing)", where=str(path), fix=fix)
+    try:
+        probs = np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows],
+                         dtype=float).reshape(len(rows), len(classes))
+    except (TypeError, ValueError):  # a short row (None) or a non-number
+        bad = next(k for k, r in enumerate(rows, start=2) if not _numbers(r, classes))
+        raise BusiError(f"line {bad}: a probability is missing or not a number",
+                        where=str(path), fix=fix) from None
     return ([r["file"] for r in rows], [r["true"] for r in rows], [r["pred"] for r in rows],
             probs, classes)
+
+
+def _numbers(row: dict, classes: list[str]) -> bool:
+    try:
+        [float(row[f"p_{c}"]) for c in classes]
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def bootstrap_ci(y_true: np.ndarray, y_pred: np.ndarray, groups: np.ndarray | None = None,
@@ -328,12 +363,12 @@ def find_classifier_runs(outputs_root: str | Path) -> list[Path]:
     """Finished classifier runs of the most recent split (the newest run's manifest)."""
     root = Path(outputs_root) / "cls"
     runs = [r for m in sorted(root.glob("*")) for r in list_runs(m)
-            if (r / "predictions.csv").is_file()]
+            if (r / "predictions.csv").is_file() and is_finished(r)]
     if not runs:
         raise BusiError(f"no finished classifier run under {root}",
                         fix="train one first: busi train-cls --model cnn --config <config>")
     def manifest(r: Path) -> str:
-        return json.loads((r / "split.json").read_text()).get("manifest", "")
+        return read_json(r / "split.json").get("manifest", "")
 
     newest = max(runs, key=lambda r: r.name)
     return [r for r in runs if manifest(r) == manifest(newest)]
@@ -362,19 +397,16 @@ def comparison_markdown(results: list[dict], runs: list[Path]) -> str:
 
 def evaluate_command(runs: list[str] | None = None, seg_run: str | None = None,
                      outputs_root: str = "outputs") -> Path:
-    run_dirs = [Path(r) for r in runs] if runs else find_classifier_runs(outputs_root)
-    for r in run_dirs:
-        if not r.is_dir():
-            raise BusiError("run folder not found", where=str(r),
-                            fix="pass a folder under outputs/cls/<model>/")
+    if seg_run:
+        seg = require_run(seg_run, "seg", option="--seg-run", needs=("metrics.md",)) / "metrics.md"
+    run_dirs = ([require_run(r, "cls", option="`busi evaluate`", needs=("predictions.csv",))
+                 for r in runs] if runs else find_classifier_runs(outputs_root))
+    print("busi evaluate: classifier run(s) " + ", ".join(map(str, run_dirs))
+          + (f"; U-Net run {seg.parent}" if seg_run else ""))
     results = [evaluate_run(r) for r in run_dirs]
     out = new_run_dir(Path(outputs_root) / "eval")
     parts = [f"# Evaluation, {time.strftime('%Y-%m-%d %H:%M')}", ""]
     if seg_run:
-        seg = Path(seg_run) / "metrics.md"
-        if not seg.is_file():
-            raise BusiError("segmentation run has no metrics.md", where=str(seg_run),
-                            fix="pass a finished segmentation run")
         print(seg.read_text())
         parts += [seg.read_text().replace("# Segmentation", "## Segmentation"), ""]
     for r in results:
@@ -410,9 +442,8 @@ def evaluate_on_data(data: str, cls_run: str | None = None, seg_run: str | None 
     from busi.masks import as_stored, load_unets, predict_probs, read_rule
     from busi.metrics import per_image, summarise
     from busi.report import segmentation_markdown, segmentation_text
-    from busi.train import classifier_inputs, resolve_cls_run, resolve_seg_run
+    from busi.train import classifier_inputs, paired_seg_run, resolve_cls_run
 
-    keras = runtime.import_keras()
     cls = resolve_cls_run(cls_run, outputs_root)
     cfg = load_config(cls / "config.yaml")
     c = cfg.model.classifier
@@ -422,8 +453,13 @@ def evaluate_on_data(data: str, cls_run: str | None = None, seg_run: str | None 
     names = [ds.classes[k] for k in ds.labels]
     labels = np.array([model_classes.index(n) for n in names])  # model's class indices
     uses_masks = c.masks != "none" and c.mask_mode != "none"
-    seg = resolve_seg_run(seg_run, outputs_root) if (uses_masks and c.masks == "predicted"
-                                                      or seg_run) else None
+    seg, why = (paired_seg_run(cls, seg_run, outputs_root, "busi evaluate")
+                if uses_masks and c.masks == "predicted" or seg_run else (None, ""))
+    print(f"busi evaluate: classifier run {cls}{'' if cls_run else ' (the latest finished)'}; "
+          f"U-Net run {f'{seg} ({why})' if seg else 'none'}")
+    # Every model is loaded before the output folder is made: a bad one leaves nothing behind.
+    unets = load_unets(seg) if seg is not None else []
+    clf = runtime.load_model(cls / "best.keras")
     out = new_run_dir(Path(outputs_root) / "eval")
     parts = [f"# Evaluation on {data}, {time.strftime('%Y-%m-%d %H:%M')}", "",
              f"Classifier run: {cls}; segmentation run: {seg or 'none'}; {len(ds)} images "
@@ -431,7 +467,7 @@ def evaluate_on_data(data: str, cls_run: str | None = None, seg_run: str | None 
     masks = ds.masks if c.masks == "ground_truth" else None
     if seg is not None:
         rule, tta = read_rule(seg)
-        probs = as_stored(predict_probs(load_unets(seg), ds.images, flip_tta=tta))
+        probs = as_stored(predict_probs(unets, ds.images, flip_tta=tta))
         predicted = rule.apply(probs)
         masks = predicted if c.masks == "predicted" else masks
         scored = (ds.n_masks > 0) | (np.array(names) == "normal")
@@ -445,7 +481,6 @@ def evaluate_on_data(data: str, cls_run: str | None = None, seg_run: str | None 
             print(segmentation_text(summary))
             parts += [segmentation_markdown(summary).replace("# Segmentation on the test split",
                                                              "## Segmentation"), ""]
-    clf = keras.models.load_model(cls / "best.keras")
     x = classifier_inputs(ds.images, masks if uses_masks else None, c)
     probs_cls = clf.predict(x[..., None].astype("float32"), batch_size=64, verbose=0)
     write_predictions(out / "predictions.csv", ds.files, labels, probs_cls, model_classes)

@@ -23,7 +23,7 @@ import numpy as np
 
 from busi import runtime
 from busi.errors import BusiError
-from busi.runs import atomic_write, new_run_dir, write_json
+from busi.runs import atomic_write, new_run_dir, read_json, require_run, run_kind, write_json
 
 FORMATS = ("keras", "savedmodel", "tflite")
 
@@ -39,16 +39,18 @@ def run_inputs(run: Path, part: str = "test") -> tuple[np.ndarray, np.ndarray, s
     from busi.split import read_manifest
 
     cfg = load_config(run / "config.yaml")
-    split = json.loads((run / "split.json").read_text())
+    split = read_json(run / "split.json")
     ds = dataset_from_config(cfg)
     manifest = read_manifest(split["manifest"], cfg.split.val_size, cfg.runtime.seed)
     idx = ds.index(manifest.partition(split.get("fold"))[part])
     if "seg_run" not in split:
         return (ds.images[idx][..., None] / 255.0).astype("float32"), ds.masks[idx], "seg"
-    from busi.train import _classifier_masks, classifier_inputs
+    from busi.train import _classifier_masks, classifier_inputs, resolve_seg_run
 
     c = cfg.model.classifier
-    seg = Path(split["seg_run"]) if split.get("seg_run") else None
+    seg = (resolve_seg_run(split["seg_run"], cfg.outputs.root,
+                           option="the classifier's split.json (seg_run)")
+           if split.get("seg_run") else None)
     masks = _classifier_masks(cfg, ds, seg)
     x = classifier_inputs(ds.images, masks, c)[idx]
     return x[..., None].astype("float32"), ds.labels[idx], "cls"
@@ -146,13 +148,16 @@ def export_run(run_dir: str | Path, fmt: str = "tflite", quantize: str = "none",
                out: str | None = None, outputs_root: str = "outputs") -> Path:
     """Export a finished run's best checkpoint; verify it on the run's test images."""
     keras = runtime.import_keras()
-    import busi.losses  # noqa: F401  (registers the custom objects saved models refer to)
-    import busi.models  # noqa: F401
 
     run = Path(run_dir)
     if not (run / "best.keras").is_file():
         raise BusiError("not a finished run (no best.keras)", where=str(run),
                         fix="pass a folder under outputs/seg/ or outputs/cls/<model>/")
+    kind = run_kind(run)  # a clear error for a folder without config.yaml / split.json
+    require_run(run, kind if kind in ("seg", "cls") else "cls", option="`busi export`")
+    if out and Path(out).exists() and (not Path(out).is_dir() or any(Path(out).iterdir())):
+        raise BusiError("--out exists and is not an empty folder", where=out,
+                        fix="choose a new or empty --out folder; busi export never overwrites")
     if fmt not in FORMATS:
         raise BusiError(f"unknown format {fmt!r}", where="--format", fix=f"use {'|'.join(FORMATS)}")
     if quantize != "none" and fmt != "tflite":
@@ -163,8 +168,9 @@ def export_run(run_dir: str | Path, fmt: str = "tflite", quantize: str = "none",
                         f"{keras.backend.backend()}", where="KERAS_BACKEND",
                         fix="run the export with KERAS_BACKEND=tensorflow "
                             "(pip install 'busi[tensorflow]'); a .keras file loads on any backend")
-    trained = keras.models.load_model(run / "best.keras")
+    trained = runtime.load_model(run / "best.keras")
     x, labels, kind = run_inputs(run)
+    print(f"busi export: {'U-Net' if kind == 'seg' else 'classifier'} run {run}")
     # The reference is the model as trained (its own precision), so the check covers
     # every change the export makes, float32 conversion included.
     reference = trained.predict(x, batch_size=32, verbose=0).astype(np.float32)
@@ -177,7 +183,7 @@ def export_run(run_dir: str | Path, fmt: str = "tflite", quantize: str = "none",
     if fmt == "keras":
         path = dest / "model.keras"
         shutil.copyfile(run / "best.keras", path)
-        exported = keras.models.load_model(path).predict(x, batch_size=32, verbose=0)
+        exported = runtime.load_model(path).predict(x, batch_size=32, verbose=0)
     elif fmt == "savedmodel":
         import tensorflow as tf
 

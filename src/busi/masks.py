@@ -102,9 +102,8 @@ def save_masks(path: Path, files: list[str], probs: np.ndarray, source: np.ndarr
 def unet_members(seg_run: Path) -> list[Path]:
     """The checkpoints a segmentation run segments new images with: its ``best.keras``,
     plus its out-of-fold U-Nets when it was trained with ``fold_ensemble``."""
-    read_rule(seg_run)  # a clear error when the run has no masks.npz
-    with np.load(seg_run / "masks.npz") as z:
-        names = z["members"].tolist() if "members" in z.files else ["best.keras"]
+    z = _read_npz(seg_run, ("members",))
+    names = z["members"].tolist() if "members" in z else ["best.keras"]
     paths = [seg_run / n for n in names]
     missing = [p for p in paths if not p.is_file()]
     if missing:
@@ -117,29 +116,48 @@ def load_unets(seg_run: Path) -> list:
     """The run's U-Net(s), loaded: one model, or the members of its fold ensemble."""
     from busi import runtime
 
-    keras = runtime.import_keras()
-    import busi.losses  # noqa: F401  (registers the loss and metrics the checkpoints name)
-
-    return [keras.models.load_model(p) for p in unet_members(seg_run)]
+    return [runtime.load_model(p, fix=f"restore the file, or pick another U-Net run than "
+                                      f"{seg_run}") for p in unet_members(seg_run)]
 
 
 def read_rule(seg_run: Path) -> tuple[MaskRule, bool]:
     """The mask rule and TTA setting a segmentation run was evaluated with."""
+    z = _read_npz(seg_run, ("threshold", "postprocess", "flip_tta"))
+    post = str(z["postprocess"]) if "postprocess" in z else "none"
+    tta = bool(z["flip_tta"]) if "flip_tta" in z else False
+    return MaskRule(float(z["threshold"]), post), tta
+
+
+def _read_npz(seg_run: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The named arrays of a run's ``masks.npz`` that it holds, or a BusiError naming the file.
+
+    Only ``threshold``, ``files`` and ``probs`` are required; the others came later.
+    """
+    import zipfile
+
     path = seg_run / "masks.npz"
     if not path.is_file():
         raise BusiError("segmentation run has no masks.npz (did it finish?)", where=str(seg_run),
                         fix=f"finish it with `busi train-seg --resume {seg_run}` or pick another "
                             "run with --seg-run")
-    with np.load(path) as z:
-        post = str(z["postprocess"]) if "postprocess" in z.files else "none"
-        tta = bool(z["flip_tta"]) if "flip_tta" in z.files else False
-        return MaskRule(float(z["threshold"]), post), tta
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in keys if k in ("threshold", "files", "probs")
+                       and k not in z.files]
+            if missing:
+                raise BusiError(f"masks.npz lacks {', '.join(missing)}", where=str(path),
+                                fix="retrain the segmentation run, or pick another with --seg-run")
+            return {k: z[k] for k in keys if k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise BusiError(f"masks.npz is unreadable ({type(exc).__name__}: {exc})",
+                        where=str(path),
+                        fix="retrain the segmentation run, or pick another with --seg-run",
+                        ) from None
 
 
 def load_masks(seg_run: Path) -> dict[str, np.ndarray]:
     """Binary predicted mask of every image of a segmentation run, by file id."""
     rule, _ = read_rule(seg_run)
-    with np.load(seg_run / "masks.npz") as z:
-        probs = z["probs"].astype(np.float32) / 255.0
-        masks = rule.apply(probs)
-        return dict(zip(z["files"].tolist(), masks, strict=True))
+    z = _read_npz(seg_run, ("files", "probs"))
+    masks = rule.apply(z["probs"].astype(np.float32) / 255.0)
+    return dict(zip(z["files"].tolist(), masks, strict=True))

@@ -7,6 +7,8 @@ image is reported and skipped; the others still get results.
 
 from __future__ import annotations
 
+import csv
+import io
 import sys
 from pathlib import Path
 
@@ -37,6 +39,29 @@ def _images(inputs: list[str]) -> list[Path]:
     return found
 
 
+def _output_stems(images: list[Path]) -> list[str]:
+    """A distinct output name stem per input image (``<stem>_mask.png``, ...).
+
+    Two inputs of the same name (a/x.png, b/x.png; X.png and x.png on a
+    case-insensitive disk) would overwrite each other's outputs: the later ones
+    get ``x-2``, ``x-3``, ..., and a warning says so.
+    """
+    stems: list[str] = []
+    taken: dict[str, Path] = {}
+    for path in images:
+        base = stem = path.stem.replace(" ", "_")
+        k = 1
+        while stem.casefold() in taken:
+            k += 1
+            stem = f"{base}-{k}"
+        if k > 1:
+            print(f"busi: warning: {path} has the same name as {taken[base.casefold()]}; its "
+                  f"outputs are named {stem}_*", file=sys.stderr)
+        taken[stem.casefold()] = path
+        stems.append(stem)
+    return stems
+
+
 class Predictor:
     """A U-Net run and a classifier run, loaded once; one image in, mask and probabilities out.
 
@@ -47,18 +72,20 @@ class Predictor:
     def __init__(self, seg_run: str | None = None, cls_run: str | None = None,
                  outputs_root: str = "outputs"):
         from busi.masks import load_unets, read_rule
-        from busi.train import resolve_cls_run, resolve_seg_run
+        from busi.train import paired_seg_run, resolve_cls_run
 
-        keras = runtime.import_keras()
-        self.seg = resolve_seg_run(seg_run, outputs_root)
         self.cls = resolve_cls_run(cls_run, outputs_root)
+        self.seg, why = paired_seg_run(self.cls, seg_run, outputs_root, "busi predict")
+        print(f"busi predict: classifier run {self.cls}"
+              f"{'' if cls_run else ' (the latest finished)'}\n"
+              f"  U-Net run {self.seg} ({why})")
         cfg = load_config(self.cls / "config.yaml")
         self.c = cfg.model.classifier
         self.size = tuple(cfg.data.image_size)
         self.classes = list(cfg.data.classes)
         self.rule, self.flip_tta = read_rule(self.seg)
         self.unets = load_unets(self.seg)  # one U-Net, or a run's fold ensemble
-        self.clf = keras.models.load_model(self.cls / "best.keras")
+        self.clf = runtime.load_model(self.cls / "best.keras")
         if tuple(self.unets[0].input_shape[1:3]) != self.size:
             raise BusiError(f"U-Net input {self.unets[0].input_shape[1:3]} differs from the "
                             f"classifier's {self.size}", where=str(self.seg),
@@ -81,6 +108,11 @@ class Predictor:
 def predict_command(inputs: list[str], seg_run: str | None = None, cls_run: str | None = None,
                     out: str | None = None, outputs_root: str = "outputs",
                     explain: bool = False) -> Path:
+    if out and Path(out).exists() and (not Path(out).is_dir() or any(Path(out).iterdir())):
+        raise BusiError("--out exists and is not an empty folder", where=out,
+                        fix="choose a new or empty --out folder; busi predict never overwrites")
+    images = _images(inputs)
+    stems = _output_stems(images)
     predictor = Predictor(seg_run, cls_run, outputs_root)
     seg, cls, rule, flip_tta = predictor.seg, predictor.cls, predictor.rule, predictor.flip_tta
     out_dir = Path(out) if out else new_run_dir(Path(outputs_root) / "predict")
@@ -91,7 +123,7 @@ def predict_command(inputs: list[str], seg_run: str | None = None, cls_run: str 
 
         parts = split_model(predictor.clf)
     rows, skipped = [], []
-    for path in _images(inputs):
+    for path, stem in zip(images, stems, strict=True):
         try:
             raw = decode(path.read_bytes())
         except OSError as exc:
@@ -105,7 +137,6 @@ def predict_command(inputs: list[str], seg_run: str | None = None, cls_run: str 
         gray = to_gray(raw)
         mask, x, p = predictor(gray)
         full = cv2.resize(mask, (gray.shape[1], gray.shape[0]), interpolation=cv2.INTER_NEAREST)
-        stem = path.stem.replace(" ", "_")
         ok, buf = cv2.imencode(".png", full * 255)
         atomic_write(out_dir / f"{stem}_mask.png", buf.tobytes())
         view = cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR)
@@ -115,16 +146,18 @@ def predict_command(inputs: list[str], seg_run: str | None = None, cls_run: str 
         atomic_write(out_dir / f"{stem}_overlay.png", buf.tobytes())
         if explain:
             heat, _ = gradcam(predictor.clf, x, np.array([int(np.argmax(p))]), parts=parts)
-            save_panels(out_dir, [path.name], resize_image(gray, predictor.size)[None], x, heat,
+            save_panels(out_dir, [f"{stem}.png"], resize_image(gray, predictor.size)[None], x, heat,
                         None,
                         [classes[int(np.argmax(p))]], np.array([float(p.max())]))
         rows.append({"file": str(path), "pred": classes[int(np.argmax(p))],
                      **{f"p_{k}": round(float(v), 6) for k, v in zip(classes, p, strict=True)},
-                     "lesion_pixels": int(mask.sum())})
-    header = ["file", "pred", *[f"p_{k}" for k in classes], "lesion_pixels"]
-    lines = [",".join(header)] + [",".join(f'"{r[h]}"' if h == "file" else str(r[h])
-                                           for h in header) for r in rows]
-    atomic_write(out_dir / "predictions.csv", "\n".join(lines) + "\n")
+                     "lesion_pixels": int(mask.sum()), "output_stem": stem})
+    header = ["file", "pred", *[f"p_{k}" for k in classes], "lesion_pixels", "output_stem"]
+    buf_csv = io.StringIO()
+    writer = csv.DictWriter(buf_csv, header, lineterminator="\n")  # quotes commas, quotes, ...
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(out_dir / "predictions.csv", buf_csv.getvalue())
     write_json(out_dir / "predictions.json", {"seg_run": str(seg), "cls_run": str(cls),
                                               "threshold": rule.threshold,
                                               "postprocess": rule.postprocess,

@@ -9,12 +9,11 @@ run whose masks it read. A rerun uses exactly those, writes a new run folder
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from busi.config import load_config
 from busi.errors import BusiError
-from busi.runs import run_kind
+from busi.runs import read_json, run_kind
 
 
 def rerun(run_dir: str | Path) -> Path:
@@ -33,14 +32,28 @@ def rerun(run_dir: str | Path) -> Path:
     if kind == "cv":
         from busi.cv import run_cv
 
-        meta = json.loads((run_dir / "cv.json").read_text())
+        meta = read_json(run_dir / "cv.json")
+        if not (isinstance(meta, dict) and isinstance(meta.get("folds"), int)
+                and isinstance(meta.get("models"), list)):
+            raise BusiError("cv.json does not record folds and models", where=str(run_dir),
+                            fix="restore cv.json, or start a new cross-validation with busi cv")
         print(f"busi rerun: cross-validation {run_dir} ({meta['folds']} folds, "
               f"{', '.join(meta['models'])})")
         return run_cv(cfg, folds=meta["folds"], models=tuple(meta["models"]))
-    split = json.loads((run_dir / "split.json").read_text())
+    from busi.train import check_same_data
+
+    split = read_json(run_dir / "split.json")
+    if "manifest" not in split:
+        raise BusiError("split.json names no split manifest", where=str(run_dir / "split.json"),
+                        fix="restore split.json, or start a new run instead")
     ds = dataset_from_config(cfg)
     expected = Path(split["manifest"]).name
-    if split.get("seg_run") is None and manifest_name(ds, cfg.split, cfg.runtime.seed) != expected:
+    if "data_fingerprint" in split or split.get("seg_run") is not None:
+        # Refused here, before train-* makes a run folder. Old runs without a fingerprint
+        # are warned about.
+        check_same_data(split, ds, cfg.data.image_size, where=str(run_dir), what="this run",
+                        fix="restore the original data folder, or start a new run instead")
+    elif manifest_name(ds, cfg.split, cfg.runtime.seed) != expected:
         raise BusiError(f"the data under {cfg.data.root} is not the data this run used "
                         f"(its split manifest was {expected})", where=str(run_dir),
                         fix="restore the original data folder, or start a new run instead")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import os
 import time
 from collections import Counter
@@ -20,7 +19,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from busi.errors import BusiError
-from busi.runs import atomic_write, list_runs, run_kind
+from busi.runs import atomic_write, list_runs, read_json, run_kind
 
 Block = tuple  # ("h", level, text) | ("md", text) | ("img", path, caption) | ("pre", text)
 
@@ -145,7 +144,14 @@ def render_markdown(title: str, blocks: list[Block], base: Path) -> str:
 
 
 def _json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """A run's JSON file, {} when absent (an unfinished run); corrupt: a BusiError naming it."""
+    if not path.is_file():
+        return {}
+    value = read_json(path, fix="restore the file, or rerun the run")
+    if not isinstance(value, dict):
+        raise BusiError("expected a JSON object", where=str(path),
+                        fix="restore the file, or rerun the run")
+    return value
 
 
 def _config_blocks(run: Path) -> list[Block]:
@@ -317,7 +323,15 @@ def build_blocks(run: Path) -> tuple[str, list[Block]]:
 def _cfg(run: Path) -> dict:
     import yaml
 
-    return yaml.safe_load((run / "config.yaml").read_text())
+    try:
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise BusiError(f"cannot read the run's config ({type(exc).__name__})",
+                        where=str(run / "config.yaml"), fix="restore the file") from None
+    if not isinstance(cfg, dict):
+        raise BusiError("not a run config (expected a YAML mapping)",
+                        where=str(run / "config.yaml"), fix="restore the file")
+    return cfg
 
 
 def _cv_blocks(run: Path, when: str) -> tuple[str, list[Block]]:

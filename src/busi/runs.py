@@ -45,10 +45,45 @@ def list_runs(parent: str | Path) -> list[Path]:
     return sorted(p for p in parent.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def latest_run(parent: str | Path, *, require: str | None = None) -> Path | None:
-    """Newest run under ``parent`` (optionally: that has the file ``require``)."""
-    runs = [r for r in list_runs(parent) if require is None or (r / require).exists()]
+def latest_run(parent: str | Path, *, require: str | None = None,
+               finished: bool = False) -> Path | None:
+    """Newest run under ``parent`` (optionally: that has the file ``require``; that finished).
+
+    ``finished`` matters wherever "the latest run" is a default: a run still
+    training already has a ``best.keras``, and must not be picked up half-way.
+    """
+    runs = [r for r in list_runs(parent) if (require is None or (r / require).exists())
+            and (not finished or is_finished(r))]
     return runs[-1] if runs else None
+
+
+def is_finished(run_dir: str | Path) -> bool:
+    """Whether a training run's ``state.json`` says it finished (unreadable: not finished)."""
+    try:
+        return bool(json.loads((Path(run_dir) / "state.json").read_text()).get("finished"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def read_json(path: str | Path, *, fix: str = "use a complete run folder, or retrain it") -> Any:
+    """A JSON file of a run folder, or a BusiError naming it (missing, unreadable, corrupt)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BusiError("file missing", where=str(path), fix=fix) from None
+    except OSError as exc:
+        raise BusiError(f"cannot read file: {exc.strerror}", where=str(path), fix=fix) from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise BusiError(f"not valid JSON ({exc})", where=str(path), fix=fix) from None
+
+
+# What each kind of run folder is called in messages, and where such folders live.
+KINDS = {"seg": ("a segmentation (U-Net) run", "outputs/seg/"),
+         "cls": ("a classifier run", "outputs/cls/<model>/"),
+         "cv": ("a cross-validation run", "outputs/cv/"),
+         "eval": ("an evaluation folder", "outputs/eval/")}
+TRAIN_COMMAND = {"seg": "train-seg", "cls": "train-cls", "cv": "cv"}
 
 
 def run_kind(run_dir: str | Path) -> str:
@@ -60,10 +95,48 @@ def run_kind(run_dir: str | Path) -> str:
         return "eval"
     split = run_dir / "split.json"
     if not (run_dir / "config.yaml").is_file() or not split.is_file():
-        raise BusiError("not a run folder (needs config.yaml and split.json)", where=str(run_dir),
+        missing = " and ".join(n for n in ("config.yaml", "split.json")
+                               if not (run_dir / n).is_file())
+        raise BusiError(f"not a run folder ({missing} missing)", where=str(run_dir),
                         fix="pass a folder under outputs/seg/, outputs/cls/<model>/, outputs/cv/ "
                             "or outputs/eval/")
-    return "cls" if "seg_run" in json.loads(split.read_text()) else "seg"
+    record = read_json(split)
+    if not isinstance(record, dict):
+        raise BusiError("not a run's split record (expected a JSON object)", where=str(split),
+                        fix="use a complete run folder, or retrain it")
+    return "cls" if "seg_run" in record else "seg"
+
+
+def require_run(run_dir: str | Path, kind: str, *, option: str, finished: bool = True,
+                needs: tuple[str, ...] = ()) -> Path:
+    """The folder a user named (``option``, e.g. '--seg-run') as a run of ``kind``, checked.
+
+    Wrong, incomplete or unfinished folders end in one BusiError that says what
+    the folder is instead (a classifier run given as a U-Net run, ...) and what
+    to pass, before anything is loaded or written.
+    """
+    path = Path(run_dir)
+    name, folder = KINDS[kind]
+    fix = f"pass {option} a folder under {folder}"
+    if not path.is_dir():
+        raise BusiError(f"{name} folder not found", where=str(path), fix=fix)
+    missing = [n for n in ("config.yaml", "split.json") if not (path / n).is_file()]
+    if missing and not (path / "cv.json").is_file() and not (path / "evaluation.md").is_file():
+        raise BusiError(f"not {name} ({' and '.join(missing)} missing)", where=str(path), fix=fix)
+    actual = run_kind(path)
+    if actual != kind:
+        raise BusiError(f"this is {KINDS[actual][0]}, not {name}", where=str(path), fix=fix)
+    if finished and not is_finished(path):
+        raise BusiError(f"{name} that has not finished (state.json does not say finished)",
+                        where=str(path),
+                        fix=f"finish it with `busi {TRAIN_COMMAND[kind]} --resume {path}`, "
+                            f"or {fix}")
+    for file in needs:
+        if not (path / file).exists():
+            raise BusiError(f"incomplete {name.split(' ', 1)[1]}: {file} is missing",
+                            where=str(path),
+                            fix=f"restore the file, or {fix}")
+    return path
 
 
 def atomic_write(path: str | Path, data: str | bytes) -> Path:

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import replace
@@ -25,7 +26,16 @@ from busi import runtime
 from busi.config import Config, dump_yaml, load_config
 from busi.data import Dataset, dataset_from_config
 from busi.errors import BusiError
-from busi.runs import atomic_write, latest_run, new_run_dir, write_json
+from busi.runs import (
+    KINDS,
+    atomic_write,
+    latest_run,
+    new_run_dir,
+    read_json,
+    require_run,
+    run_kind,
+    write_json,
+)
 from busi.split import Manifest, get_manifest, read_manifest
 
 keras = runtime.import_keras()
@@ -127,15 +137,8 @@ def _start_run(cfg: Config, kind: str, resume: str | None, config_source: str | 
         cfg = with_overrides(cfg, [f"outputs.root={Path(cfg.outputs.root) / 'workers'}"
                                    f"/process{pid}"])
     if resume:
-        run_dir = Path(resume)
-        if not (run_dir / "config.yaml").is_file():
-            raise BusiError("not a run folder (no config.yaml)", where=str(run_dir),
-                            fix="pass a folder under outputs/seg/ or outputs/cls/<model>/")
-        state = _saved_state(run_dir)
-        if state.get("finished"):
-            raise BusiError("this run has already finished", where=str(run_dir),
-                            fix="start a new run instead of --resume")
-        return load_config(run_dir / "config.yaml"), run_dir, state
+        run_dir, cfg = _resume_target(resume, kind)
+        return cfg, run_dir, _saved_state(run_dir)
     parent = Path(cfg.outputs.root) / kind
     run_dir = new_run_dir(parent, cfg.outputs.run_name)
     atomic_write(run_dir / "config.yaml", dump_yaml(cfg))
@@ -147,15 +150,43 @@ def _start_run(cfg: Config, kind: str, resume: str | None, config_source: str | 
     return cfg, run_dir, {}
 
 
+def _resume_target(resume: str, kind: str) -> tuple[Path, Config]:
+    """The run folder ``--resume`` names, checked to be an unfinished run of ``kind``, and
+    its own config. Runs before anything is loaded or written."""
+    run_dir = Path(resume)
+    want = SEG_DIR if kind == SEG_DIR else CLS_DIR
+    fix = f"pass --resume an unfinished run folder under {KINDS[want][1]}"
+    if not (run_dir / "config.yaml").is_file():
+        raise BusiError("not a run folder (no config.yaml)", where=str(run_dir), fix=fix)
+    if (run_dir / "split.json").is_file() or (run_dir / "cv.json").is_file():
+        actual = run_kind(run_dir)
+    else:  # killed before split.json: the folder it lives in tells
+        actual = CLS_DIR if run_dir.parent.parent.name == CLS_DIR else SEG_DIR
+    if actual != want:
+        raise BusiError(f"this is {KINDS[actual][0]}, not {KINDS[want][0]}",
+                        where=str(run_dir),
+                        fix=f"busi {'cv' if actual == 'cv' else kind_command(actual)} "
+                            f"--resume {run_dir}")
+    if _saved_state(run_dir).get("finished"):
+        raise BusiError("this run has already finished", where=str(run_dir),
+                        fix="start a new run instead of --resume")
+    return run_dir, load_config(run_dir / "config.yaml")
+
+
 def _saved_state(run_dir: Path) -> dict[str, Any]:
     """What a (possibly interrupted) training in ``run_dir`` committed; {} if nothing usable."""
     state_file = run_dir / "state.json"
     if not state_file.is_file():
         return {}
-    state = json.loads(state_file.read_text())
+    state = read_json(state_file, fix=f"delete {state_file} to train this run from the start")
     if not (run_dir / "last.keras").is_file() and not state.get("finished"):
         return {}
     return state
+
+
+def _restart_fix(run_dir: Path) -> str:
+    return (f"delete {run_dir / 'state.json'} and {run_dir / 'last.keras'} to train this run "
+            "from the start, or start a new run")
 
 
 def kind_command(kind: str) -> str:
@@ -222,7 +253,7 @@ def fit_unet(cfg: Config, ds: Dataset, train_idx: np.ndarray, val_idx: np.ndarra
     t = cfg.training.seg
     with runtime.model_scope():
         if state.get("epochs_done"):
-            model = keras.models.load_model(run_dir / "last.keras")
+            model = runtime.load_model(run_dir / "last.keras", fix=_restart_fix(run_dir))
         else:
             model = _unet(cfg)
             model.compile(optimizer=_optimizer(t.optimizer, t.learning_rate),
@@ -232,7 +263,7 @@ def fit_unet(cfg: Config, ds: Dataset, train_idx: np.ndarray, val_idx: np.ndarra
     val = _seg_batches(cfg, ds, val_idx, training=False, seed=0)
     final, wall = _fit(model, train, val, t, run_dir, state, resume_hint)
     runtime.end_distribution()
-    return keras.models.load_model(run_dir / "best.keras"), final, wall
+    return runtime.load_model(run_dir / "best.keras"), final, wall
 
 
 def oof_partitions(pool: np.ndarray, groups: np.ndarray, k: int, val_size: float,
@@ -305,12 +336,17 @@ def train_segmentation(cfg: Config, *, resume: str | None = None,
     cfg, run_dir, state = _start_run(cfg, SEG_DIR, resume, config_source)
     runtime.setup(cfg.runtime.seed, cfg.runtime.precision, cfg.runtime.deterministic)
     ds, manifest = _load_data(cfg)
-    if fold is None and (run_dir / "split.json").is_file():  # resuming: keep the run's fold
-        fold = json.loads((run_dir / "split.json").read_text()).get("fold")
+    if (run_dir / "split.json").is_file():  # resuming: keep the run's fold, on the same data
+        saved = read_json(run_dir / "split.json")
+        check_same_data(saved, ds, cfg.data.image_size, where=str(run_dir), what="this run",
+                        fix="restore the data it was trained on (data.root in its config.yaml), "
+                            "or start a new run")
+        fold = saved.get("fold") if fold is None else fold
     parts = manifest.partition(fold)
     idx = {k: ds.index(v) for k, v in parts.items()}
     write_json(run_dir / "split.json", {"manifest": str(manifest.path), "fold": fold,
-                                        **{k: len(v) for k, v in idx.items()}})
+                                        **{k: len(v) for k, v in idx.items()},
+                                        **data_record(ds, cfg)})
     print(f"busi train-seg: run {run_dir}\n  data {cfg.data.root}: train {len(idx['train'])}, "
           f"val {len(idx['val'])}, test {len(idx['test'])} (manifest {manifest.path})")
     if not len(idx["val"]):
@@ -369,34 +405,104 @@ def train_segmentation(cfg: Config, *, resume: str | None = None,
     return run_dir
 
 
-def resolve_seg_run(seg_run: str | None, outputs_root: str) -> Path:
+def resolve_seg_run(seg_run: str | None, outputs_root: str, option: str = "--seg-run") -> Path:
+    """The named segmentation run (checked: kind, finished, complete), or the newest finished."""
     if seg_run:
-        path = Path(seg_run)
-        if not path.is_dir():
-            raise BusiError("segmentation run not found", where=str(path),
-                            fix="pass a folder under outputs/seg/")
-        return path
-    latest = latest_run(Path(outputs_root) / SEG_DIR, require="masks.npz")
+        return require_run(seg_run, SEG_DIR, option=option, needs=("masks.npz", "best.keras"))
+    latest = latest_run(Path(outputs_root) / SEG_DIR, require="masks.npz", finished=True)
     if latest is None:
         raise BusiError(f"no finished segmentation run under {Path(outputs_root) / SEG_DIR}",
                         fix="train one first: busi train-seg --config <same config>")
     return latest
 
 
-def resolve_cls_run(cls_run: str | None, outputs_root: str) -> Path:
-    """The named classifier run, or the newest finished one of any model."""
+def resolve_cls_run(cls_run: str | None, outputs_root: str, option: str = "--cls-run") -> Path:
+    """The named classifier run (checked), or the newest finished one of any model.
+
+    "Finished" matters: a classifier still training has a best.keras already.
+    """
     if cls_run:
-        path = Path(cls_run)
-        if not (path / "best.keras").is_file() or not (path / "config.yaml").is_file():
-            raise BusiError("not a finished classifier run (no best.keras)", where=str(path),
-                            fix="pass a folder under outputs/cls/<model>/")
-        return path
+        return require_run(cls_run, CLS_DIR, option=option, needs=("best.keras",))
     runs = [r for m in sorted((Path(outputs_root) / CLS_DIR).glob("*"))
-            if (r := latest_run(m, require="best.keras"))]
+            if (r := latest_run(m, require="best.keras", finished=True))]
     if not runs:
         raise BusiError(f"no finished classifier run under {Path(outputs_root) / CLS_DIR}",
                         fix="pass --cls-run, or train one: busi train-cls --model cnn")
     return max(runs, key=lambda r: r.name)
+
+
+def _same_path(a: str | Path, b: str | Path) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def paired_seg_run(cls: Path, seg_run: str | None, outputs_root: str,
+                   command: str) -> tuple[Path, str]:
+    """The U-Net run to use with classifier run ``cls``, and why (for the command's output).
+
+    By default the classifier's own U-Net (``seg_run`` in its split.json): a
+    later U-Net draws other masks than the ones the classifier learnt from. An
+    explicit ``--seg-run`` that differs is allowed, with a warning. A classifier
+    without a U-Net of its own (ground-truth or no masks) gets the newest one.
+    """
+    own = read_json(cls / "split.json").get("seg_run")
+    if seg_run:
+        seg = resolve_seg_run(seg_run, outputs_root)
+        if own and not _same_path(own, seg):
+            print(f"busi: warning: {command}: --seg-run {seg} is not the U-Net run classifier "
+                  f"{cls} was trained with ({own}); its masks can differ from the ones the "
+                  "classifier learnt from", file=sys.stderr)
+            return seg, "--seg-run, not the classifier's own"
+        return seg, "--seg-run"
+    if own:
+        if not Path(own).is_dir():
+            raise BusiError(f"the classifier's segmentation run {own} is gone", where=str(cls),
+                            fix="restore that folder, or name another U-Net run with --seg-run "
+                                "(its masks differ from those the classifier learnt from)")
+        return resolve_seg_run(own, outputs_root), "the classifier's own"
+    return resolve_seg_run(None, outputs_root), "the latest; the classifier has none of its own"
+
+
+def data_record(ds: Dataset, cfg: Config) -> dict[str, Any]:
+    """What identifies the data a run used, for its split.json: every file's bytes
+    (``Dataset.fingerprint``) and the image size the images were resized to."""
+    return {"data_fingerprint": ds.fingerprint,
+            "image_size": [int(v) for v in cfg.data.image_size]}
+
+
+def seg_record(seg_path: Path) -> dict[str, Any]:
+    """A segmentation run's split.json, with its image size (from config.yaml in old runs)."""
+    record = read_json(seg_path / "split.json")
+    if "manifest" not in record:
+        raise BusiError("split.json names no split manifest", where=str(seg_path / "split.json"),
+                        fix="use a complete segmentation run, or retrain it")
+    if "image_size" not in record:
+        import yaml
+
+        try:
+            size = yaml.safe_load((seg_path / "config.yaml").read_text())["data"]["image_size"]
+        except (OSError, yaml.YAMLError, KeyError, TypeError):
+            size = None
+        record["image_size"] = size
+    return record
+
+
+def check_same_data(record: dict[str, Any], ds: Dataset, image_size, *, where: str, what: str,
+                    fix: str) -> None:
+    """Stop when a run's recorded data (fingerprint, image size) is not the data at hand.
+
+    Runs made by an older busi record no fingerprint: warned about, not refused.
+    """
+    size = record.get("image_size")
+    if size is not None and [int(v) for v in size] != [int(v) for v in image_size]:
+        raise BusiError(f"{what} used {size[0]}x{size[1]} images, not "
+                        f"{image_size[0]}x{image_size[1]} (data.image_size)", where=where, fix=fix)
+    fp = record.get("data_fingerprint")
+    if fp is None:
+        print(f"busi: warning: {where} records no data fingerprint (an older busi made it); "
+              "cannot check that it used the same data", file=sys.stderr)
+    elif fp != ds.fingerprint:
+        raise BusiError(f"{what} used other data than {ds.root} holds now (data fingerprint "
+                        f"{fp[:12]}, now {ds.fingerprint[:12]})", where=where, fix=fix)
 
 
 # --------------------------------------------------------------------------- classification
@@ -506,31 +612,48 @@ def train_classifier(cfg: Config, *, seg_run: str | None = None, resume: str | N
     The split manifest is the segmentation run's, so the classifier's test images
     are exactly the U-Net's test images (and never its training images).
     """
+    # Everything that can be wrong with the input (the U-Net run, the data, the masks) is
+    # checked before the run folder is made, so a refused run leaves nothing behind.
+    own: dict[str, Any] = {}
+    if resume:
+        resume_dir, cfg = _resume_target(resume, CLS_DIR)
+        if (resume_dir / "split.json").is_file():
+            own = read_json(resume_dir / "split.json")
+            saved = own.get("seg_run")
+            if seg_run and (not saved or not _same_path(seg_run, saved)):
+                print(f"busi: warning: --seg-run {seg_run} ignored: a resumed run keeps the "
+                      f"segmentation run it started with ({saved or 'none'})", file=sys.stderr)
+            seg_run = saved
     c = cfg.model.classifier
     seg_path = None
     if c.masks == "predicted" and c.mask_mode != "none" or seg_run:
         seg_path = resolve_seg_run(seg_run, cfg.outputs.root)
-    cfg, run_dir, state = _start_run(cfg, f"{CLS_DIR}/{c.name}", resume, config_source)
-    c = cfg.model.classifier
-    if resume and (run_dir / "split.json").is_file():
-        saved = json.loads((run_dir / "split.json").read_text()).get("seg_run")
-        seg_path = Path(saved) if saved else None
-    runtime.setup(cfg.runtime.seed, cfg.runtime.precision, cfg.runtime.deterministic)
     ds = dataset_from_config(cfg)
+    if own:
+        check_same_data(own, ds, cfg.data.image_size, where=str(resume_dir), what="this run",
+                        fix="restore the data it was trained on (data.root in its config.yaml), "
+                            "or start a new run")
     fold = None
     if seg_path is not None:
-        seg_split = json.loads((seg_path / "split.json").read_text())
+        seg_split = seg_record(seg_path)
+        check_same_data(seg_split, ds, cfg.data.image_size, where=str(seg_path),
+                        what="this segmentation run",
+                        fix=f"train the classifier with the data and data.image_size of the "
+                            f"segmentation run, or train a U-Net on {cfg.data.root} first")
         manifest = read_manifest(seg_split["manifest"], cfg.split.val_size, cfg.runtime.seed)
         fold = seg_split.get("fold")
     else:
         manifest = get_manifest(ds, cfg.split, cfg.runtime.seed)
     parts = manifest.partition(fold)
     idx = {k: ds.index(v) for k, v in parts.items()}
-    write_json(run_dir / "split.json", {"manifest": str(manifest.path), "fold": fold,
-                                        "seg_run": str(seg_path) if seg_path else None,
-                                        **{k: len(v) for k, v in idx.items()}})
     masks = _classifier_masks(cfg, ds, seg_path)
     x = classifier_inputs(ds.images, masks, c)
+    cfg, run_dir, state = _start_run(cfg, f"{CLS_DIR}/{c.name}", resume, config_source)
+    runtime.setup(cfg.runtime.seed, cfg.runtime.precision, cfg.runtime.deterministic)
+    write_json(run_dir / "split.json", {"manifest": str(manifest.path), "fold": fold,
+                                        "seg_run": str(seg_path) if seg_path else None,
+                                        **{k: len(v) for k, v in idx.items()},
+                                        **data_record(ds, cfg)})
     y = keras.utils.to_categorical(ds.labels, len(ds.classes)).astype("float32")
     print(f"busi train-cls: {c.name} run {run_dir}\n  masks: {c.masks} ({c.mask_mode})"
           f"{f' from {seg_path}' if seg_path else ''}; train {len(idx['train'])}, "
@@ -540,10 +663,15 @@ def train_classifier(cfg: Config, *, seg_run: str | None = None, resume: str | N
     total_epochs = t.epochs + (c.fine_tune_epochs if c.freeze_base else 0)
     with runtime.model_scope():
         if state.get("epochs_done"):
-            model = keras.models.load_model(run_dir / "last.keras")
+            model = runtime.load_model(run_dir / "last.keras", fix=_restart_fix(run_dir))
         else:
-            model = build_classifier(c.name, tuple(cfg.data.image_size), len(ds.classes),
-                                     c.weights)
+            try:
+                model = build_classifier(c.name, tuple(cfg.data.image_size), len(ds.classes),
+                                         c.weights)
+            except BusiError:  # e.g. a bad model.classifier.weights file: nothing trained yet
+                if not resume:
+                    shutil.rmtree(run_dir, ignore_errors=True)
+                raise
             if c.freeze_base:
                 _set_trainable_top_blocks(model, 0)
             model.compile(optimizer=_optimizer(t.optimizer, t.learning_rate), loss=t.loss,
@@ -570,7 +698,7 @@ def train_classifier(cfg: Config, *, seg_run: str | None = None, resume: str | N
         wall = 0.0
     if c.freeze_base and c.fine_tune_epochs and int(state.get("epochs_done", 0)) < total_epochs:
         with runtime.model_scope():
-            model = keras.models.load_model(run_dir / "last.keras")
+            model = runtime.load_model(run_dir / "last.keras", fix=_restart_fix(run_dir))
             _set_trainable_top_blocks(model, c.fine_tune_blocks)
             model.compile(optimizer=_optimizer(t.optimizer, c.fine_tune_learning_rate),
                           loss=t.loss, metrics=["accuracy"])
@@ -578,7 +706,7 @@ def train_classifier(cfg: Config, *, seg_run: str | None = None, resume: str | N
                             hint, class_weight)
         wall += wall2
     runtime.end_distribution()
-    best = keras.models.load_model(run_dir / "best.keras")
+    best = runtime.load_model(run_dir / "best.keras")
     probs = best.predict(x[idx["test"]][..., None].astype("float32"), batch_size=64, verbose=0)
     from busi.evaluate import evaluate_run, write_predictions
 
