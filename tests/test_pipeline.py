@@ -640,3 +640,13 @@ def test_predict_never_overwrites_its_own_outputs_or_a_folder(
     assert main(argv) == 2
     assert "--out exists and is not an empty folder" in capsys.readouterr().err
     assert {p: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def test_train_seg_on_bad_data_stops_before_making_a_run_folder(
+        work: Path, data_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (data_copy / "benign" / "benign (2).png").write_bytes(b"")
+    out_root = tmp_path / "o"
+    assert run(work, "train-seg", "--data", str(data_copy),
+               "--set", f"outputs.root={out_root}") == 2
+    assert "benign (2).png" in capsys.readouterr().err
+    assert not (out_root / "seg").exists(), "no half-made run folder"

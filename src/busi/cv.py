@@ -27,15 +27,10 @@ import numpy as np
 
 from busi.config import Config, dump_yaml, load_config, with_overrides
 from busi.errors import BusiError
-from busi.runs import atomic_write, list_runs, new_run_dir, write_json
+from busi.runs import atomic_write, is_finished, list_runs, new_run_dir, write_json
 
 CV_DIR = "cv"
 MODELS = ("cnn", "vgg19", "mobilenet")
-
-
-def _finished(run: Path) -> bool:
-    state = run / "state.json"
-    return state.is_file() and bool(json.loads(state.read_text()).get("finished"))
 
 
 def _run_in(parent: Path) -> tuple[Path | None, bool]:
@@ -43,7 +38,7 @@ def _run_in(parent: Path) -> tuple[Path | None, bool]:
     runs = list_runs(parent)
     if not runs:
         return None, False
-    return runs[-1], _finished(runs[-1])
+    return runs[-1], is_finished(runs[-1])
 
 
 def _fold_config(cfg: Config, fold_dir: Path, model: str | None = None) -> Config:

@@ -329,29 +329,30 @@ def train_segmentation(cfg: Config, *, resume: str | None = None,
     last.keras, history.csv, loss_curve.png, metrics.json/.md, overlays/, and
     masks.npz (the predicted mask of every image, which ``train-cls`` reads).
     """
-    if cfg.training.seg.fold_ensemble and cfg.training.seg.out_of_fold_masks < 2:
-        raise BusiError("fold_ensemble needs the out-of-fold U-Nets",
-                        where="training.seg.fold_ensemble",
-                        fix="set training.seg.out_of_fold_masks to 2 or more (e.g. 5)")
-    cfg, run_dir, state = _start_run(cfg, SEG_DIR, resume, config_source)
-    runtime.setup(cfg.runtime.seed, cfg.runtime.precision, cfg.runtime.deterministic)
-    ds, manifest = _load_data(cfg)
-    if (run_dir / "split.json").is_file():  # resuming: keep the run's fold, on the same data
-        saved = read_json(run_dir / "split.json")
-        check_same_data(saved, ds, cfg.data.image_size, where=str(run_dir), what="this run",
-                        fix="restore the data it was trained on (data.root in its config.yaml), "
-                            "or start a new run")
-        fold = saved.get("fold") if fold is None else fold
+    if resume:  # the run's own config decides the data; nothing is written before the checks
+        cfg, run_dir, state = _start_run(cfg, SEG_DIR, resume, config_source)
+        ds, manifest = _load_data(cfg)
+        saved = read_json(run_dir / "split.json") if (run_dir / "split.json").is_file() else {}
+        if saved:  # keep the run's fold, on the same data
+            check_same_data(saved, ds, cfg.data.image_size, where=str(run_dir),
+                            what="this run", fix="restore the data it was trained on (data.root "
+                                                 "in its config.yaml), or start a new run")
+            fold = saved.get("fold") if fold is None else fold
+    else:  # bad data or an impossible split stops here, before a run folder exists
+        ds, manifest = _load_data(cfg)
     parts = manifest.partition(fold)
     idx = {k: ds.index(v) for k, v in parts.items()}
+    if not len(idx["val"]):
+        raise BusiError("the split has no validation images", where="split.val_size",
+                        fix="set split.val_size > 0 (e.g. 0.1)")
+    if not resume:
+        cfg, run_dir, state = _start_run(cfg, SEG_DIR, resume, config_source)
+    runtime.setup(cfg.runtime.seed, cfg.runtime.precision, cfg.runtime.deterministic)
     write_json(run_dir / "split.json", {"manifest": str(manifest.path), "fold": fold,
                                         **{k: len(v) for k, v in idx.items()},
                                         **data_record(ds, cfg)})
     print(f"busi train-seg: run {run_dir}\n  data {cfg.data.root}: train {len(idx['train'])}, "
           f"val {len(idx['val'])}, test {len(idx['test'])} (manifest {manifest.path})")
-    if not len(idx["val"]):
-        raise BusiError("the split has no validation images", where="split.val_size",
-                        fix="set split.val_size > 0 (e.g. 0.1)")
 
     t = cfg.training.seg
     hint = f"busi train-seg --resume {run_dir}"
@@ -651,7 +652,7 @@ def train_classifier(cfg: Config, *, seg_run: str | None = None, resume: str | N
     cfg, run_dir, state = _start_run(cfg, f"{CLS_DIR}/{c.name}", resume, config_source)
     runtime.setup(cfg.runtime.seed, cfg.runtime.precision, cfg.runtime.deterministic)
     write_json(run_dir / "split.json", {"manifest": str(manifest.path), "fold": fold,
-                                        "seg_run": str(seg_path) if seg_path else None,
+                                        "seg_run": str(seg_path.resolve()) if seg_path else None,
                                         **{k: len(v) for k, v in idx.items()},
                                         **data_record(ds, cfg)})
     y = keras.utils.to_categorical(ds.labels, len(ds.classes)).astype("float32")
