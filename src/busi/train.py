@@ -36,7 +36,7 @@ from busi.losses import segmentation_loss, segmentation_metrics  # noqa: E402
 from busi.masks import MaskRule, as_stored, load_masks, predict_probs, save_masks  # noqa: E402
 from busi.metrics import per_image, summarise, tune_threshold  # noqa: E402
 from busi.models import build_classifier, build_unet  # noqa: E402
-from busi.pipeline import Batches  # noqa: E402
+from busi.pipeline import Batches, FollowEpochs  # noqa: E402
 from busi.run_report import report_after_run  # noqa: E402
 
 SEG_DIR = "seg"
@@ -175,7 +175,8 @@ def _fit(model, train: Batches, val: Batches, train_cfg, run_dir: Path, state: d
     t0 = time.perf_counter()
     try:
         model.fit(train, validation_data=val, epochs=train_cfg.epochs, initial_epoch=initial,
-                  callbacks=_callbacks(run_dir, train_cfg, state), class_weight=class_weight,
+                  callbacks=[FollowEpochs(train), *_callbacks(run_dir, train_cfg, state)],
+                  class_weight=class_weight,
                   verbose=2)
     except KeyboardInterrupt:
         print(f"\nbusi: interrupted. Completed epochs are saved; continue with:\n  {resume_hint}",
