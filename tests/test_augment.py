@@ -99,11 +99,14 @@ def test_layers_engine_draws_height_and_width_shifts_independently() -> None:
 def batches_seen_by_fit(batches, epochs: int, initial_epoch: int = 0) -> list[np.ndarray]:
     """The training inputs ``model.fit`` gets from ``batches``, in order, as ``_fit`` calls it.
 
-    A pass-through layer records each batch; ``run_eagerly`` lets it see arrays.
+    A pass-through layer records each batch; ``run_eagerly`` lets it see arrays. Python's
+    ``random`` is re-seeded, as ``runtime.setup`` does when a run starts or resumes.
     """
+    import random
+
     import keras
 
-    from busi.pipeline import FollowEpochs
+    from busi.pipeline import fit
 
     seen: list[np.ndarray] = []
 
@@ -118,8 +121,8 @@ def batches_seen_by_fit(batches, epochs: int, initial_epoch: int = 0) -> list[np
     inp = keras.Input(batches.x.shape[1:] + (1,))
     model = keras.Model(inp, keras.layers.Conv2D(1, 1)(Record()(inp)))
     model.compile("sgd", "mse", run_eagerly=True)
-    model.fit(batches, epochs=epochs, initial_epoch=initial_epoch, shuffle=False, verbose=0,
-              callbacks=[FollowEpochs(batches)])
+    random.seed(0)
+    fit(model, batches, epochs=epochs, initial_epoch=initial_epoch, verbose=0)
     return seen
 
 

@@ -4,7 +4,7 @@ PyDataset runs on every Keras backend (no tf.data), and with ``workers > 1``
 prepares the next batches in threads while the model trains, so augmentation
 does not stall the step. Each batch's random transform is seeded from
 (seed, epoch, batch), so a run is reproducible whatever the thread timing.
-``model.fit`` must get :class:`FollowEpochs` so that "epoch" is fit's epoch.
+Train with :func:`fit`, which keeps "epoch" fit's epoch and the batch order Batches'.
 """
 
 from __future__ import annotations
@@ -106,3 +106,15 @@ class FollowEpochs(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self.batches.set_epoch(epoch)
+
+
+def fit(model, train: Batches, *, callbacks: list | tuple = (), **kwargs):
+    """``model.fit(train, ...)`` so that its batches depend on (seed, epoch, batch) only.
+
+    :class:`FollowEpochs` makes ``Batches.epoch`` fit's epoch (also when a run resumes
+    at ``initial_epoch``), and ``shuffle=False`` keeps the batch order of ``Batches``,
+    which shuffles itself per epoch: Keras' own batch-order shuffle draws from the
+    global ``random``, which a resumed run re-seeds, so epoch k would replay epoch 0's.
+    """
+    return model.fit(train, shuffle=False, callbacks=[FollowEpochs(train), *callbacks],
+                     **kwargs)
