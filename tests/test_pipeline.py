@@ -115,6 +115,34 @@ def test_interrupted_training_resumes_as_the_same_run(work: Path, monkeypatch: p
     assert main(["train-seg", "--resume", str(run_dir)]) == 2  # finished: nothing to resume
 
 
+def test_an_interrupted_classifier_resumes_as_the_same_run(
+        work: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """train-cls --resume RUN uses the run's config (here ground-truth masks, so no
+    segmentation run anywhere) and continues it as if never interrupted."""
+    from busi import train
+
+    settings = [f"--set={key}" for key in (
+        "training.cls.epochs=2", "runtime.deterministic=true",
+        "model.classifier.masks=ground_truth", "augmentation.engine=image_data_generator")]
+    assert run(work, "train-cls", f"--set=outputs.root={work / 'cls-whole'}", *settings) == 0
+    real = train.RunCheckpoint.on_epoch_end
+
+    def ctrl_c_after_first_epoch(self, epoch, logs=None):
+        real(self, epoch, logs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.RunCheckpoint, "on_epoch_end", ctrl_c_after_first_epoch)
+    assert run(work, "train-cls", f"--set=outputs.root={work / 'cls-cut'}", *settings) == 130
+    monkeypatch.setattr(train.RunCheckpoint, "on_epoch_end", real)
+    monkeypatch.chdir(tmp_path)  # no outputs/seg here: the resume must not look for one
+    (cut,) = list((work / "cls-cut" / "cls" / "cnn").iterdir())
+    assert main(["train-cls", "--resume", str(cut)]) == 0
+    (whole,) = list((work / "cls-whole" / "cls" / "cnn").iterdir())
+    assert [r["epoch"] for r in history(cut)] == [0, 1]
+    for want, row in zip(history(whole), history(cut), strict=True):
+        assert row == pytest.approx(want, rel=0, abs=1e-6), f"epoch {row['epoch']:.0f}"
+
+
 def test_resume_keeps_early_stopping_and_lr_schedule_state(tmp_path: Path) -> None:
     """Patience counters and the best val_loss so far carry over a resume (Keras resets them
     in on_train_begin), but not into a classifier's fine-tuning stage, which starts afresh."""

@@ -535,15 +535,20 @@ def train_classifier(cfg: Config, *, seg_run: str | None = None, resume: str | N
     The split manifest is the segmentation run's, so the classifier's test images
     are exactly the U-Net's test images (and never its training images).
     """
-    c = cfg.model.classifier
-    seg_path = None
-    if c.masks == "predicted" and c.mask_mode != "none" or seg_run:
-        seg_path = resolve_seg_run(seg_run, cfg.outputs.root)
-    cfg, run_dir, state = _start_run(cfg, f"{CLS_DIR}/{c.name}", resume, config_source)
+    def seg_path_of(c) -> Path | None:
+        needed = c.masks == "predicted" and c.mask_mode != "none" or seg_run
+        return resolve_seg_run(seg_run, cfg.outputs.root) if needed else None
+
+    # Resuming: the run's own config and segmentation run, not those of the command line.
+    seg_path = None if resume else seg_path_of(cfg.model.classifier)
+    cfg, run_dir, state = _start_run(cfg, f"{CLS_DIR}/{cfg.model.classifier.name}", resume,
+                                     config_source)
     c = cfg.model.classifier
     if resume and (run_dir / "split.json").is_file():
         saved = json.loads((run_dir / "split.json").read_text()).get("seg_run")
         seg_path = Path(saved) if saved else None
+    elif resume:
+        seg_path = seg_path_of(c)
     runtime.setup(cfg.runtime.seed, cfg.runtime.precision, cfg.runtime.deterministic)
     ds = dataset_from_config(cfg)
     fold = None
