@@ -27,7 +27,8 @@ Augment = Callable[[np.ndarray, np.ndarray | None, int], tuple[np.ndarray, np.nd
 
 
 def _shift(value: float) -> float | int:
-    # ImageDataGenerator reads an int >= 1 as pixels: keep the paper's [-10, 10] px.
+    # ImageDataGenerator reads an int >= 1 as pixels (10 draws -9..9: np.random.choice(10)
+    # times a sign), a float < 1 as a fraction of the side: keep the paper's pixel setting.
     return int(value) if float(value).is_integer() and value >= 1 else value
 
 
