@@ -94,3 +94,105 @@ def test_layers_engine_draws_height_and_width_shifts_independently() -> None:
         cols.append(c.mean() - 63.5)
     assert max(map(abs, rows)) <= 10.5 and max(map(abs, cols)) <= 10.5
     assert not np.allclose(rows, cols), "height and width shifts must not be the same draw"
+
+
+def batches_seen_by_fit(batches, epochs: int, initial_epoch: int = 0) -> list[np.ndarray]:
+    """The training inputs ``model.fit`` gets from ``batches``, in order, as ``_fit`` calls it.
+
+    A pass-through layer records each batch; ``run_eagerly`` lets it see arrays. Python's
+    ``random`` is re-seeded, as ``runtime.setup`` does when a run starts or resumes.
+    """
+    import random
+
+    import keras
+
+    from busi.pipeline import fit
+
+    seen: list[np.ndarray] = []
+
+    class Record(keras.layers.Layer):
+        def compute_output_shape(self, shape):
+            return shape
+
+        def call(self, x):
+            seen.append(keras.ops.convert_to_numpy(x).copy())
+            return x
+
+    inp = keras.Input(batches.x.shape[1:] + (1,))
+    model = keras.Model(inp, keras.layers.Conv2D(1, 1)(Record()(inp)))
+    model.compile("sgd", "mse", run_eagerly=True)
+    random.seed(0)
+    fit(model, batches, epochs=epochs, initial_epoch=initial_epoch, verbose=0)
+    return seen
+
+
+@pytest.mark.parametrize("engine", ["image_data_generator", "layers"])
+def test_batches_are_the_same_with_one_or_two_worker_threads(engine: str) -> None:
+    """Each batch's transform comes from (seed, epoch, batch) whatever the thread timing, and
+    the batches of fit's epoch e are those of epoch e (prefetching threads included)."""
+    from busi.pipeline import Batches
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (48, 48, 48), dtype=np.uint8)
+    y = (rng.random((48, 48, 48)) > 0.5).astype(np.uint8)
+    augment = build_augment(AugmentationConfig(engine=engine), (48, 48))
+
+    def batches(workers: int) -> Batches:
+        return Batches(x, y, 8, augment=augment, shuffle=True, seed=5, workers=workers)
+
+    epochs = 3
+    direct = batches(1)
+    expected = []
+    for epoch in range(epochs):
+        direct.set_epoch(epoch)
+        expected += [direct[i][0] for i in range(len(direct))]
+    one, two = batches_seen_by_fit(batches(1), epochs), batches_seen_by_fit(batches(2), epochs)
+    assert len(one) == len(two) == len(expected) == epochs * 6
+    differ = [k for k in range(len(expected))
+              if not (np.array_equal(one[k], expected[k]) and np.array_equal(two[k], expected[k]))]
+    assert not differ, f"batches {differ} differ from their (seed, epoch, batch) draw"
+    # a run resumed at epoch 1 gets the batches of epochs 1 and 2 again
+    resumed = batches_seen_by_fit(batches(2), epochs, initial_epoch=1)
+    assert all(np.array_equal(a, b) for a, b in zip(resumed, expected[6:], strict=True))
+
+
+def test_image_data_generator_engine_leaves_the_global_numpy_state_alone() -> None:
+    """Worker threads share ``np.random``: an engine that seeds or draws from it gives a
+    batch the transform of whichever thread seeded last."""
+    augment = build_augment(AugmentationConfig(engine="image_data_generator"), (64, 64))
+    x, m = lesion_batch(4, 64)
+    np.random.seed(123)
+    expected = np.random.random(3)
+    np.random.seed(123)
+    augment(x, m, seed=7)
+    np.testing.assert_array_equal(np.random.random(3), expected)
+
+
+def test_image_data_generator_draws_as_get_random_transform_does() -> None:
+    """Same distributions as ``ImageDataGenerator.get_random_transform`` for our settings:
+    integer pixel shifts in -9..9 (``np.random.choice(10)`` times a sign), rotation and both
+    zoom factors uniform, a fair flip."""
+    ImageDataGenerator = pytest.importorskip(
+        "tensorflow.keras.preprocessing.image").ImageDataGenerator
+    from scipy.stats import ks_2samp
+
+    from busi.augment import _random_transform
+
+    cfg = AugmentationConfig()
+    generator = ImageDataGenerator(rotation_range=cfg.rotation_range, width_shift_range=10,
+                                   height_shift_range=10, zoom_range=cfg.zoom_range,
+                                   horizontal_flip=True)
+    n, shape = 4000, (64, 64, 1)
+    np.random.seed(0)
+    theirs = [generator.get_random_transform(shape) for _ in range(n)]
+    rng = np.random.default_rng(0)
+    ours = [_random_transform(generator, shape, rng) for _ in range(n)]
+    assert set(theirs[0]) == set(ours[0])
+    for key in ("tx", "ty"):
+        assert {t[key] for t in theirs} == {t[key] for t in ours} == set(range(-9, 10))
+    for key, lo, hi in (("theta", -15, 15), ("zx", 0.8, 1.0), ("zy", 0.8, 1.0)):
+        a, b = np.array([t[key] for t in theirs]), np.array([t[key] for t in ours])
+        assert lo <= b.min() and b.max() <= hi
+        assert ks_2samp(a, b).pvalue > 0.01, key
+    assert abs(np.mean([t["flip_horizontal"] for t in ours]) - 0.5) < 0.05
+    assert not any(t["shear"] or t["flip_vertical"] for t in ours)

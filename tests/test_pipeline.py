@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -76,10 +77,22 @@ def test_a_second_run_never_touches_the_first(work: Path, seg_run: Path) -> None
     shutil.rmtree(runs[-1] if runs[-1] != seg_run else runs[0])
 
 
-def test_interrupted_training_resumes(work: Path, monkeypatch: pytest.MonkeyPatch,
-                                      capsys: pytest.CaptureFixture[str]) -> None:
+def history(run_dir: Path) -> list[dict[str, float]]:
+    with open(run_dir / "history.csv") as fh:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+
+
+def test_interrupted_training_resumes_as_the_same_run(work: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """Same shuffle, augmentation, dropout masks, optimizer and callback state after --resume:
+    with runtime.deterministic the history is that of a run never interrupted."""
     from busi import train
 
+    settings = [f"--set={key}" for key in (
+        "training.seg.epochs=3", "runtime.deterministic=true", "training.seg.reduce_lr_patience=1",
+        "training.seg.early_stopping_patience=2", "augmentation.engine=image_data_generator",
+        "training.seg.flip_tta=false", "training.seg.tune_threshold=false")]
+    assert run(work, "train-seg", f"--set=outputs.root={work / 'whole'}", *settings) == 0
     real = train.RunCheckpoint.on_epoch_end
 
     def ctrl_c_after_first_epoch(self, epoch, logs=None):
@@ -88,18 +101,79 @@ def test_interrupted_training_resumes(work: Path, monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr(train.RunCheckpoint, "on_epoch_end", ctrl_c_after_first_epoch)
     out_root = work / "resume"
-    assert run(work, "train-seg", "--set", f"outputs.root={out_root}",
-               "--set", "training.seg.epochs=3") == 130
+    assert run(work, "train-seg", f"--set=outputs.root={out_root}", *settings) == 130
     (run_dir,) = list((out_root / "seg").iterdir())
     assert "--resume" in capsys.readouterr().err
     assert json.loads((run_dir / "state.json").read_text())["epochs_done"] == 1
     assert not list(run_dir.glob(".*tmp*")), "no half-written files"
     monkeypatch.setattr(train.RunCheckpoint, "on_epoch_end", real)
     assert main(["train-seg", "--resume", str(run_dir)]) == 0
-    with open(run_dir / "history.csv") as fh:
-        epochs = [int(r["epoch"]) for r in csv.DictReader(fh)]
-    assert epochs == [0, 1, 2]
+    (whole,) = list((work / "whole" / "seg").iterdir())
+    assert [r["epoch"] for r in history(run_dir)] == [0, 1, 2]
+    for want, row in zip(history(whole), history(run_dir), strict=True):
+        assert row == pytest.approx(want, rel=0, abs=1e-6), f"epoch {row['epoch']:.0f}"
     assert main(["train-seg", "--resume", str(run_dir)]) == 2  # finished: nothing to resume
+
+
+def test_an_interrupted_classifier_resumes_as_the_same_run(
+        work: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """train-cls --resume RUN uses the run's config (here ground-truth masks, so no
+    segmentation run anywhere) and continues it as if never interrupted."""
+    from busi import train
+
+    settings = [f"--set={key}" for key in (
+        "training.cls.epochs=2", "runtime.deterministic=true",
+        "model.classifier.masks=ground_truth", "augmentation.engine=image_data_generator")]
+    assert run(work, "train-cls", f"--set=outputs.root={work / 'cls-whole'}", *settings) == 0
+    real = train.RunCheckpoint.on_epoch_end
+
+    def ctrl_c_after_first_epoch(self, epoch, logs=None):
+        real(self, epoch, logs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.RunCheckpoint, "on_epoch_end", ctrl_c_after_first_epoch)
+    assert run(work, "train-cls", f"--set=outputs.root={work / 'cls-cut'}", *settings) == 130
+    monkeypatch.setattr(train.RunCheckpoint, "on_epoch_end", real)
+    monkeypatch.chdir(tmp_path)  # no outputs/seg here: the resume must not look for one
+    (cut,) = list((work / "cls-cut" / "cls" / "cnn").iterdir())
+    assert main(["train-cls", "--resume", str(cut)]) == 0
+    (whole,) = list((work / "cls-whole" / "cls" / "cnn").iterdir())
+    assert [r["epoch"] for r in history(cut)] == [0, 1]
+    for want, row in zip(history(whole), history(cut), strict=True):
+        assert row == pytest.approx(want, rel=0, abs=1e-6), f"epoch {row['epoch']:.0f}"
+
+
+def test_resume_keeps_early_stopping_and_lr_schedule_state(tmp_path: Path) -> None:
+    """Patience counters and the best val_loss so far carry over a resume (Keras resets them
+    in on_train_begin), but not into a classifier's fine-tuning stage, which starts afresh."""
+    import keras
+
+    from busi import train
+    from busi.config import TrainConfig
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dropout(0.5), keras.layers.Dense(1)])
+    model.compile("adam", "mse")
+    cfg = TrainConfig(epochs=10, early_stopping_patience=3, reduce_lr_patience=3)
+
+    def callbacks(state: dict, epochs: int = 10) -> dict:
+        cbs = train._callbacks(tmp_path, replace(cfg, epochs=epochs), state)
+        keras.callbacks.CallbackList(cbs, model=model).on_train_begin()
+        return {type(c).__name__: c for c in cbs}
+
+    first = callbacks({})
+    calls = keras.callbacks.CallbackList(list(first.values()), model=model)
+    for epoch, val_loss in enumerate([1.0, 0.5, 0.7, 0.8]):
+        calls.on_epoch_end(epoch, {"loss": 1.0, "val_loss": val_loss})
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert len(state["seed_states"]) == 1, "the dropout layer's seed state is kept"
+    resumed = callbacks(state)
+    for name, keys in (("EarlyStopping", ("wait", "best", "best_epoch")),
+                       ("ReduceLROnPlateau", ("wait", "best", "cooldown_counter"))):
+        assert first[name].wait == 2 and first[name].best == pytest.approx(0.5)
+        for key in keys:
+            assert getattr(resumed[name], key) == pytest.approx(getattr(first[name], key)), key
+    fine_tuning = callbacks(state, epochs=12)
+    assert fine_tuning["EarlyStopping"].wait == 0 and fine_tuning["EarlyStopping"].best is None
 
 
 def test_train_cls_without_a_segmentation_run_says_which_command(

@@ -126,3 +126,66 @@ def test_out_of_fold_unets_keep_duplicate_groups_on_one_side_of_every_split() ->
         assert sorted(np.concatenate([train, val, held]).tolist()) == pool.tolist()
         for a, b in ((train, val), (train, held), (val, held)):
             assert not set(groups[a]) & set(groups[b]), "a duplicate group straddles a split"
+
+
+def grouped_dataset(seed: int = 0):
+    """300 images in BUSI's class proportions with duplicate groups of 2-4 images, some
+    across classes: exact duplicates share a pixel hash; pHashes are random, so far apart."""
+    from busi.data import Dataset
+
+    rng = np.random.default_rng(seed)
+    labels = np.repeat([0, 1, 2], [150, 90, 60])
+    hashes = [f"h{i}" for i in range(len(labels))]
+    for group in range(30):  # random images, so classes mix as in BUSI
+        for i in rng.choice(len(labels), int(rng.integers(2, 5)), replace=False):
+            hashes[i] = f"g{group}"
+    n = len(labels)
+    return Dataset(root=Path("."), classes=("benign", "malignant", "normal"),
+                   files=[f"{i}.png" for i in range(n)], images=np.zeros((n, 1, 1), np.uint8),
+                   masks=np.zeros((n, 1, 1), np.uint8), labels=labels,
+                   shapes=np.ones((n, 2), int), n_masks=np.ones(n, int),
+                   phashes=rng.integers(0, 256, (n, 8), dtype=np.uint8), pixel_hashes=hashes,
+                   fingerprint="synthetic")
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("fraction", [0.3, 0.15, 0.25])
+def test_stratified_holdout_takes_the_fraction_asked(fraction: float, seed: int) -> None:
+    """test_size 0.3 is 30% of the images (not a third), within one duplicate group, each
+    class close to its share, and no group split; 1-in-k sizes keep the k-fold's fold."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    from busi.split import build_manifest_rows
+
+    ds = grouped_dataset(seed)
+    rows = build_manifest_rows(ds, SplitConfig(stratify=True, test_size=fraction, val_size=0.1),
+                               seed)
+    groups = np.array([int(r["group"]) for r in rows])
+    split = np.array([r["split"] for r in rows])
+    largest = np.bincount(groups).max()
+    assert largest >= 3
+    test = split == "test"
+    assert abs(test.sum() - round(fraction * len(ds))) <= largest
+    val, rest = split == "val", (~test).sum()
+    assert abs(val.sum() - round(0.1 * rest)) <= largest
+    for part in (test, val):
+        assert all(len(set(part[groups == g])) == 1 for g in np.unique(groups)), "split group"
+    for c in range(3):
+        assert abs((test & (ds.labels == c)).sum() - fraction * (ds.labels == c).sum()) <= largest
+    if fraction == 0.25:  # 1/fraction folds: the split is the StratifiedGroupKFold fold it was
+        _, fold = next(StratifiedGroupKFold(4, shuffle=True, random_state=seed).split(
+            groups, ds.labels, groups))
+        assert set(np.flatnonzero(test)) == set(fold)
+
+
+def test_a_manifest_written_with_a_third_for_0_3_is_not_reused() -> None:
+    """Manifests are written once and reused by name: a stratified 0.3 split gets a new
+    name (the old file held a third), 1-in-k and unstratified splits keep theirs."""
+    from busi.split import manifest_name
+
+    ds = grouped_dataset()
+    names = {(strat, size): manifest_name(ds, SplitConfig(stratify=strat, test_size=size), 0)
+             for strat in (True, False) for size in (0.2, 0.3)}
+    assert names[True, 0.3] != "synthetic-holdout-seed0-f6a70eca.csv"
+    assert names[True, 0.2] == "synthetic-holdout-seed0-b3c5ae2f.csv"
+    assert names[False, 0.3] == "synthetic-holdout-seed0-d5aa5a30.csv"

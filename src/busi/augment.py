@@ -2,9 +2,9 @@
 
 ``image_data_generator`` is the paper's (Keras ``ImageDataGenerator``, which
 Keras 3 keeps only as ``tf.keras.preprocessing.image``): one random transform
-per image is drawn with ``get_random_transform`` and applied to the image with
-bilinear and to the mask with nearest-neighbour interpolation, so the mask stays
-binary and follows the lesion exactly.
+per image, drawn from the distributions of ``get_random_transform``, is applied
+to the image with bilinear and to the mask with nearest-neighbour interpolation,
+so the mask stays binary and follows the lesion exactly.
 
 ``layers`` uses Keras 3 preprocessing layers (RandomFlip, RandomRotation,
 RandomTranslation, RandomZoom): each layer draws one transform per image and
@@ -27,7 +27,8 @@ Augment = Callable[[np.ndarray, np.ndarray | None, int], tuple[np.ndarray, np.nd
 
 
 def _shift(value: float) -> float | int:
-    # ImageDataGenerator reads an int >= 1 as pixels: keep the paper's [-10, 10] px.
+    # ImageDataGenerator reads an int >= 1 as pixels (10 draws -9..9: np.random.choice(10)
+    # times a sign), a float < 1 as a fraction of the side: keep the paper's pixel setting.
     return int(value) if float(value).is_integer() and value >= 1 else value
 
 
@@ -44,6 +45,46 @@ def _generator_swaps_axes(generator_cls) -> bool:
         probe, {"ty": 2})
     row, _col = np.unravel_index(int(np.argmax(moved[..., 0])), (8, 8))
     return row != 4
+
+
+def _draw_shift(shift_range, size: int, rng: np.random.Generator) -> float:
+    """One shift as ``get_random_transform`` draws it, from ``rng``.
+
+    An int ``n`` draws from ``0..n-1`` with a random sign (``np.random.choice(n)``),
+    a float ``r`` uniformly from ``[-r, r]``; ranges below 1 are fractions of ``size``.
+    """
+    if not shift_range:
+        return 0
+    try:  # 1-D array-like or int
+        shift = rng.choice(shift_range) * rng.choice([-1, 1])
+    except ValueError:  # floating point
+        shift = rng.uniform(-shift_range, shift_range)
+    return shift * size if np.max(shift_range) < 1 else shift
+
+
+def _random_transform(generator, img_shape: tuple[int, ...], rng: np.random.Generator) -> dict:
+    """``generator.get_random_transform(img_shape)`` drawn from ``rng``, not from ``np.random``.
+
+    ``get_random_transform(seed=...)`` calls ``np.random.seed`` and then draws from
+    the global NumPy state, which the ``Batches`` worker threads share: a thread
+    seeding between another's seed and draws gives that batch a transform from
+    the wrong seed, so two runs of one seed differed in about half their batches.
+    The same distributions (rotation, shifts, two zoom factors, flip; shear,
+    vertical flip, channel shift and brightness stay off, as in our settings)
+    drawn from the batch's own ``Generator`` depend on the seed alone.
+    """
+    g = generator
+    theta = rng.uniform(-g.rotation_range, g.rotation_range) if g.rotation_range else 0
+    tx = _draw_shift(g.height_shift_range, img_shape[g.row_axis - 1], rng)
+    ty = _draw_shift(g.width_shift_range, img_shape[g.col_axis - 1], rng)
+    if g.zoom_range[0] == 1 and g.zoom_range[1] == 1:
+        zx, zy = 1, 1
+    else:
+        zx, zy = rng.uniform(g.zoom_range[0], g.zoom_range[1], 2)
+    flip = (rng.random() < 0.5) * g.horizontal_flip
+    return {"theta": theta, "tx": tx, "ty": ty, "shear": 0, "zx": zx, "zy": zy,
+            "flip_horizontal": flip, "flip_vertical": False, "channel_shift_intensity": None,
+            "brightness": None}
 
 
 def image_data_generator(cfg: AugmentationConfig) -> Augment:
@@ -70,8 +111,7 @@ def image_data_generator(cfg: AugmentationConfig) -> Augment:
         out_i = np.empty_like(images)
         out_m = None if masks is None else np.empty_like(masks)
         for k in range(len(images)):
-            params = for_images.get_random_transform(images.shape[1:],
-                                                     seed=int(rng.integers(2**31 - 1)))
+            params = _random_transform(for_images, images.shape[1:], rng)
             out_i[k] = for_images.apply_transform(images[k], params)
             if masks is not None:
                 out_m[k] = for_masks.apply_transform(masks[k], params)

@@ -4,6 +4,7 @@ PyDataset runs on every Keras backend (no tf.data), and with ``workers > 1``
 prepares the next batches in threads while the model trains, so augmentation
 does not stall the step. Each batch's random transform is seeded from
 (seed, epoch, batch), so a run is reproducible whatever the thread timing.
+Train with :func:`fit`, which keeps "epoch" fit's epoch and the batch order Batches'.
 """
 
 from __future__ import annotations
@@ -79,6 +80,41 @@ class Batches(keras.utils.PyDataset):
                 x, _ = self.augment(x, None, seed)
         return x, y
 
+    def set_epoch(self, epoch: int) -> None:
+        """Shuffle and augment as in ``epoch``; call only while no worker is fetching."""
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self._order = self._permutation(epoch)
+
     def on_epoch_end(self) -> None:
-        self.epoch += 1
-        self._order = self._permutation(self.epoch)
+        self.set_epoch(self.epoch + 1)
+
+
+class FollowEpochs(keras.callbacks.Callback):
+    """Set each epoch's ``Batches.epoch`` to ``model.fit``'s epoch number.
+
+    Counting ``on_epoch_end`` calls is off by one under Keras 3 (``fit`` calls it once
+    before the first epoch, in ``EpochIterator.reset``), and restarts at 0 when a run
+    resumes at ``initial_epoch=k``. ``on_epoch_begin`` runs before the data adapter
+    starts its worker threads for the epoch and after it stopped them for the last
+    one, so no thread reads the epoch while it changes.
+    """
+
+    def __init__(self, batches: Batches):
+        super().__init__()
+        self.batches = batches
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.batches.set_epoch(epoch)
+
+
+def fit(model, train: Batches, *, callbacks: list | tuple = (), **kwargs):
+    """``model.fit(train, ...)`` so that its batches depend on (seed, epoch, batch) only.
+
+    :class:`FollowEpochs` makes ``Batches.epoch`` fit's epoch (also when a run resumes
+    at ``initial_epoch``), and ``shuffle=False`` keeps the batch order of ``Batches``,
+    which shuffles itself per epoch: Keras' own batch-order shuffle draws from the
+    global ``random``, which a resumed run re-seeds, so epoch k would replay epoch 0's.
+    """
+    return model.fit(train, shuffle=False, callbacks=[FollowEpochs(train), *callbacks],
+                     **kwargs)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -56,6 +57,41 @@ def _smallest_present(labels: np.ndarray) -> int:
     return int(counts[counts > 0].min()) if counts.size and counts.any() else 0
 
 
+def _stratified_take(idx: np.ndarray, g: np.ndarray, y: np.ndarray, n_taken: int,
+                     fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rest, taken): ``n_taken`` images, whole groups, each class close to its share.
+
+    Groups are visited in a seeded random order. The first pass takes a group if
+    no class goes over its quota (``fraction`` of its images, rounded up) and the
+    total stays within ``n_taken``; a second pass fills what the group sizes left
+    open, so the total falls short by less than the largest group.
+    """
+    ids, inverse = np.unique(g, return_inverse=True)
+    classes, y_code = np.unique(y, return_inverse=True)
+    counts = np.zeros((len(ids), len(classes)), dtype=np.int64)
+    np.add.at(counts, (inverse, y_code), 1)
+    cap = np.ceil(fraction * counts.sum(axis=0) - 1e-9)
+    chosen = np.zeros(len(ids), dtype=bool)
+    per_class, count = np.zeros(len(classes), dtype=np.int64), 0
+    order = np.searchsorted(ids, np.random.RandomState(seed).permutation(ids))
+    for capped in (True, False):
+        for grp in order:
+            size = int(counts[grp].sum())
+            if chosen[grp] or count + size > n_taken or (
+                    capped and np.any(per_class + counts[grp] > cap)):
+                continue
+            chosen[grp], count, per_class = True, count + size, per_class + counts[grp]
+            if count == n_taken:
+                break
+    mask = chosen[inverse]
+    return idx[~mask], idx[mask]
+
+
+def _is_fold_fraction(fraction: float) -> bool:
+    """True for 1/k (0.5, 0.25, 0.2, 0.1, ...): one fold of a k-fold split is that size."""
+    return math.isclose(1 / fraction, max(2, round(1 / fraction)), rel_tol=1e-9)
+
+
 def _take_groups(idx: np.ndarray, groups: np.ndarray, labels: np.ndarray, fraction: float,
                  seed: int, stratify: bool) -> tuple[np.ndarray, np.ndarray]:
     """Split ``idx`` into (rest, taken) with ``taken`` ~ fraction of images, whole groups only.
@@ -65,11 +101,18 @@ def _take_groups(idx: np.ndarray, groups: np.ndarray, labels: np.ndarray, fracti
     sklearn's GroupShuffleSplit would size the test set in groups, not images;
     here groups are taken in a seeded random order until the image count of
     ``train_test_split`` is reached, so the counts stay those of the paper.
-    Stratified: one fold of a StratifiedGroupKFold.
+    Stratified: one fold of a StratifiedGroupKFold when ``1/fraction`` is a fold
+    count (0.1, 0.2, 0.25) and that fold has the asked size within one duplicate
+    group; otherwise (a 0.3 split would be a third) the groups are picked per class
+    quota by :func:`_stratified_take`. Either way the count is ``train_test_split``'s
+    within the largest group.
     """
     g = groups[idx]
     if stratify:
+        n_taken = len(train_test_split(idx, test_size=fraction, random_state=seed)[1])
         k = max(2, round(1 / fraction))
+        if not _is_fold_fraction(fraction):
+            return _stratified_take(idx, g, labels[idx], n_taken, fraction, seed)
         if _smallest_present(labels[idx]) < k:
             print(f"busi: warning: a class has fewer than {k} images here, too few to stratify "
                   f"a {fraction:g} split; splitting without stratification (duplicate groups "
@@ -77,6 +120,8 @@ def _take_groups(idx: np.ndarray, groups: np.ndarray, labels: np.ndarray, fracti
             return _take_groups(idx, groups, labels, fraction, seed, False)
         splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
         rest, taken = next(splitter.split(idx, labels[idx], g))
+        if abs(len(taken) - n_taken) > np.bincount(np.unique(g, return_inverse=True)[1]).max():
+            return _stratified_take(idx, g, labels[idx], n_taken, fraction, seed)
         return idx[np.sort(rest)], idx[np.sort(taken)]
     if len(np.unique(g)) == len(g):
         rest, taken = train_test_split(idx, test_size=fraction, random_state=seed, shuffle=True)
@@ -167,6 +212,10 @@ def manifest_name(ds: Dataset, cfg: SplitConfig, seed: int) -> str:
     """File name that changes whenever the data or any split setting changes."""
     settings = (f"{cfg.scheme}|{cfg.test_size}|{cfg.val_size}|{cfg.folds}|{cfg.stratify}|"
                 f"{cfg.group_duplicates}|{cfg.near_duplicate_distance}|{seed}")
+    if cfg.stratify and cfg.scheme == "holdout" and not all(
+            _is_fold_fraction(f) for f in (cfg.test_size, cfg.val_size) if f > 0):
+        # Earlier versions wrote a third for 0.3: such a manifest must not be reused.
+        settings += "|quota"
     tag = hashlib.blake2b(settings.encode(), digest_size=4).hexdigest()
     return f"{ds.fingerprint[:12]}-{cfg.scheme}-seed{seed}-{tag}.csv"
 

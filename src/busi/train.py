@@ -46,11 +46,33 @@ from busi.losses import segmentation_loss, segmentation_metrics  # noqa: E402
 from busi.masks import MaskRule, as_stored, load_masks, predict_probs, save_masks  # noqa: E402
 from busi.metrics import per_image, summarise, tune_threshold  # noqa: E402
 from busi.models import build_classifier, build_unet  # noqa: E402
-from busi.pipeline import Batches  # noqa: E402
+from busi.pipeline import Batches, fit  # noqa: E402
 from busi.run_report import report_after_run  # noqa: E402
 
 SEG_DIR = "seg"
 CLS_DIR = "cls"
+
+
+# What a callback keeps between epochs; Keras resets it in on_train_begin, so a resumed
+# fit would restart patience counters and forget the best val_loss so far.
+_CALLBACK_STATE = {"early_stopping": ("wait", "best", "best_epoch", "stopped_epoch"),
+                   "reduce_lr": ("wait", "best", "cooldown_counter")}
+
+
+def _seed_states(model) -> list:
+    """The model's random state that ``.keras`` files do not keep: its ``SeedGenerator``
+    states (dropout masks), in layer order."""
+    saved = {id(w) for w in model.weights}
+    return [v for v in model.variables if id(v) not in saved]
+
+
+def _restore_seed_states(model, values: list) -> None:
+    """Continue the dropout masks where the interrupted run left them."""
+    states = _seed_states(model)
+    if len(states) != len(values):
+        return  # another architecture: nothing to continue
+    for var, value in zip(states, values, strict=True):
+        var.assign(np.asarray(value, dtype=var.dtype))
 
 
 class RunCheckpoint(keras.callbacks.Callback):
@@ -58,13 +80,35 @@ class RunCheckpoint(keras.callbacks.Callback):
 
     Keras' ModelCheckpoint writes in place, so a Ctrl-C during the write leaves a
     broken file; here every file goes to a temporary name and is renamed.
+    ``state.json`` also keeps what a resume needs to continue the same run: the
+    dropout seed states and the state of ``tracked`` callbacks (early stopping,
+    learning-rate schedule), restored from ``saved`` when training begins. It must
+    come after the tracked callbacks, whose own ``on_train_begin`` resets them.
     """
 
     def __init__(self, run_dir: Path, monitor: str = "val_loss", best: float = math.inf,
-                 best_epoch: int = -1):
+                 best_epoch: int = -1, tracked: dict[str, Any] | None = None,
+                 saved: dict[str, Any] | None = None, stage: int = 0):
         super().__init__()
         self.run_dir, self.monitor = run_dir, monitor
         self.best, self.best_epoch = best, best_epoch
+        self.tracked, self.saved, self.stage = tracked or {}, saved or {}, stage
+
+    def on_train_begin(self, logs: dict[str, float] | None = None) -> None:
+        for name, callback in self.tracked.items():
+            for key, value in self.saved.get(name, {}).items():
+                setattr(callback, key, value)
+
+    def _callback_state(self) -> dict[str, Any]:
+        def plain(value):
+            return None if value is None else float(value)
+
+        state: dict[str, Any] = {"for_epochs": self.stage}
+        for name, callback in self.tracked.items():
+            state[name] = {key: (plain(getattr(callback, key)) if key == "best"
+                                 else int(getattr(callback, key)))
+                           for key in _CALLBACK_STATE[name]}
+        return state
 
     def _save(self, name: str) -> None:
         tmp = self.run_dir / f".{name}.tmp.keras"
@@ -77,9 +121,11 @@ class RunCheckpoint(keras.callbacks.Callback):
             self.best, self.best_epoch = float(value), epoch
             self._save("best.keras")
         self._save("last.keras")
+        seeds = [keras.ops.convert_to_numpy(v).tolist() for v in _seed_states(self.model)]
         write_json(self.run_dir / "state.json",
                    {"epochs_done": epoch + 1, "best": self.best, "best_epoch": self.best_epoch,
-                    "finished": False})
+                    "finished": False, "seed_states": seeds,
+                    "callbacks": self._callback_state()})
 
 
 def _optimizer(name: str, lr: float):
@@ -109,16 +155,22 @@ def _callbacks(run_dir: Path, train_cfg, state: dict[str, Any]) -> list:
     _trim_history(run_dir / "history.csv", int(state.get("epochs_done", 0)))
     cbs = [keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
            keras.callbacks.TerminateOnNaN()]
+    tracked: dict[str, Any] = {}
     if train_cfg.early_stopping_patience:
-        cbs.append(keras.callbacks.EarlyStopping(patience=train_cfg.early_stopping_patience,
-                                                 monitor="val_loss"))
+        tracked["early_stopping"] = keras.callbacks.EarlyStopping(
+            patience=train_cfg.early_stopping_patience, monitor="val_loss")
     if train_cfg.reduce_lr_patience:
-        cbs.append(keras.callbacks.ReduceLROnPlateau(factor=0.5, min_lr=1e-6, monitor="val_loss",
-                                                     patience=train_cfg.reduce_lr_patience))
+        tracked["reduce_lr"] = keras.callbacks.ReduceLROnPlateau(
+            factor=0.5, min_lr=1e-6, monitor="val_loss", patience=train_cfg.reduce_lr_patience)
+    cbs += tracked.values()
     if train_cfg.tensorboard:
         cbs.append(keras.callbacks.TensorBoard(str(run_dir / "tensorboard")))
+    # Saved callback state belongs to one fit (a classifier's fine-tuning stage starts afresh).
+    saved = state.get("callbacks") or {}
     cbs.append(RunCheckpoint(run_dir, best=state.get("best", math.inf),
-                             best_epoch=state.get("best_epoch", -1)))
+                             best_epoch=state.get("best_epoch", -1), tracked=tracked,
+                             saved=saved if saved.get("for_epochs") == train_cfg.epochs else {},
+                             stage=train_cfg.epochs))
     return cbs
 
 
@@ -203,11 +255,13 @@ def _fit(model, train: Batches, val: Batches, train_cfg, run_dir: Path, state: d
     initial = int(state.get("epochs_done", 0))
     if state.get("fit_done_for") == train_cfg.epochs and (run_dir / "best.keras").is_file():
         return state, 0.0  # this stage ended (all epochs, or early stopping) before the interrupt
+    if initial and state.get("seed_states"):
+        _restore_seed_states(model, state["seed_states"])
     t0 = time.perf_counter()
     try:
-        model.fit(train, validation_data=val, epochs=train_cfg.epochs, initial_epoch=initial,
-                  callbacks=_callbacks(run_dir, train_cfg, state), class_weight=class_weight,
-                  verbose=2)
+        fit(model, train, validation_data=val, epochs=train_cfg.epochs, initial_epoch=initial,
+            callbacks=_callbacks(run_dir, train_cfg, state), class_weight=class_weight,
+            verbose=2)
     except KeyboardInterrupt:
         print(f"\nbusi: interrupted. Completed epochs are saved; continue with:\n  {resume_hint}",
               file=sys.stderr)
