@@ -59,7 +59,7 @@ def load_cli_config(args: argparse.Namespace):
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
-    from busi.check import check_dataset, format_markdown, format_report
+    from busi.data.check import check_dataset, format_markdown, format_report
 
     cfg = load_cli_config(args)
     report = check_dataset(cfg.data.root, tuple(cfg.data.classes),
@@ -79,7 +79,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
-    from busi.synth import SynthSpec, write_dataset
+    from busi.data.synth import SynthSpec, write_dataset
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
@@ -92,8 +92,8 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_data_split(args: argparse.Namespace) -> int:
-    from busi.data import dataset_from_config
-    from busi.split import get_manifest, summarise
+    from busi.data.loading import dataset_from_config
+    from busi.data.split import get_manifest, summarise
 
     cfg = load_cli_config(args)
     ds = dataset_from_config(cfg)
@@ -106,7 +106,7 @@ def cmd_data_split(args: argparse.Namespace) -> int:
 
 
 def cmd_train_seg(args: argparse.Namespace) -> int:
-    from busi.train import train_segmentation
+    from busi.training.segmentation import train_segmentation
 
     cfg = load_cli_config(args)
     train_segmentation(cfg, resume=args.resume, config_source=args.config)
@@ -114,7 +114,7 @@ def cmd_train_seg(args: argparse.Namespace) -> int:
 
 
 def cmd_train_cls(args: argparse.Namespace) -> int:
-    from busi.train import train_classifier
+    from busi.training.classification import train_classifier
 
     if args.model:
         args.overrides.append(f"model.classifier.name={args.model}")
@@ -124,7 +124,7 @@ def cmd_train_cls(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from busi.evaluate import evaluate_command, evaluate_on_data
+    from busi.workflows import evaluate_command, evaluate_on_data
 
     if args.data:
         if args.runs:
@@ -138,7 +138,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_cv(args: argparse.Namespace) -> int:
-    from busi.cv import run_cv
+    from busi.workflows import run_cv
 
     models = tuple(m.strip() for m in args.models.split(",") if m.strip())
     if not models and not args.resume:
@@ -150,14 +150,14 @@ def cmd_cv(args: argparse.Namespace) -> int:
 
 
 def cmd_rerun(args: argparse.Namespace) -> int:
-    from busi.rerun import rerun
+    from busi.workflows import rerun
 
     rerun(args.run_dir)
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from busi.run_report import write_run_report
+    from busi.reporting.report import write_run_report
 
     for run in args.runs:
         html, md = write_run_report(run)
@@ -166,7 +166,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from busi.export import export_run, summary
+    from busi.inference.export import export_run, summary
 
     out = export_run(args.run_dir, args.format, args.quantize, out=args.out,
                      outputs_root=args.outputs)
@@ -176,7 +176,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from busi.predict import predict_command
+    from busi.inference.predict import predict_command
 
     predict_command(args.inputs, seg_run=args.seg_run, cls_run=args.cls_run, out=args.out,
                     explain=args.explain)
@@ -184,7 +184,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from busi.demo import run_demo
+    from busi.workflows import run_demo
 
     run_demo(workdir=Path(args.workdir), per_class=args.per_class, overrides=args.overrides)
     return 0

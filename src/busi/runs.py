@@ -1,20 +1,45 @@
-"""Run directories: one folder per run, never overwritten, written atomically.
+"""Run folders: the one module that knows their layout -- create, find, check, resume, read, write.
 
 A run folder is created with ``exist_ok=False``, so a second run can never
 write into the first; every file is written to a temporary name and renamed,
-so an interrupted run leaves complete files or none.
+so an interrupted run leaves complete files or none. Trainers, evaluation,
+reporting and inference all go through here, so the names of a run's files
+(config.yaml, split.json, state.json, predictions.csv, command.txt) live in one place::
+
+    outputs/seg/<run>/            a U-Net run (train-seg)
+    outputs/cls/<model>/<run>/    a classifier run (train-cls)
+    outputs/cv/<run>/             a cross-validation run (cv)
+    outputs/eval/<run>/           an evaluation folder (evaluate)
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import re
+import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from busi.errors import BusiError
+
+if TYPE_CHECKING:
+    from busi.config import Config
+
+SEG_DIR = "seg"
+CLS_DIR = "cls"
+CV_DIR = "cv"
+EVAL_DIR = "eval"
+CONFIG = "config.yaml"
+SPLIT = "split.json"
+STATE = "state.json"
+PREDICTIONS = "predictions.csv"
+COMMAND = "command.txt"
 
 RUN_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -57,10 +82,18 @@ def latest_run(parent: str | Path, *, require: str | None = None,
     return runs[-1] if runs else None
 
 
+def newest_run(parent: str | Path) -> tuple[Path | None, bool]:
+    """The newest run under ``parent`` and whether it finished: what a resumed CV continues."""
+    runs = list_runs(parent)
+    if not runs:
+        return None, False
+    return runs[-1], is_finished(runs[-1])
+
+
 def is_finished(run_dir: str | Path) -> bool:
     """Whether a training run's ``state.json`` says it finished (unreadable: not finished)."""
     try:
-        return bool(json.loads((Path(run_dir) / "state.json").read_text()).get("finished"))
+        return bool(json.loads((Path(run_dir) / STATE).read_text()).get("finished"))
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -162,3 +195,250 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def save_figure(fig, out: Path) -> Path:
+    """Write a matplotlib figure atomically (temporary name, then rename) and close it.
+
+    Beside :func:`atomic_write` because a figure is one more file of a run folder,
+    and an interrupted run must not leave half a PNG behind.
+    """
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(out)
+    return out
+
+
+# --------------------------------------------------------------------------- a run's files
+
+
+def write_config(run_dir: Path, cfg: Config) -> Path:
+    """The resolved config a run used: ``busi rerun`` and ``--resume`` read it back."""
+    from busi.config import dump_yaml
+
+    return atomic_write(Path(run_dir) / CONFIG, dump_yaml(cfg))
+
+
+def read_config(run_dir: Path) -> Config:
+    """A run's own config, so that a resumed or rerun run is the same run."""
+    from busi.config import load_config
+
+    return load_config(Path(run_dir) / CONFIG)
+
+
+def read_split(run_dir: Path) -> dict[str, Any]:
+    """A run's split.json (manifest, fold, segmentation run, data fingerprint)."""
+    return read_json(Path(run_dir) / SPLIT)
+
+
+def write_split(run_dir: Path, record: dict[str, Any]) -> Path:
+    """Which images a run used (manifest, fold, counts, data fingerprint), so that a later
+    classifier, evaluation or rerun uses exactly the same ones."""
+    return write_json(Path(run_dir) / SPLIT, record)
+
+
+def write_command(run_dir: Path, *, resume: str, rerun_note: str = "") -> Path:
+    """command.txt: the command line that made the run and how to rerun or continue it, so a
+    reader of the folder never has to guess how it came about."""
+    import shlex
+
+    argv = " ".join(shlex.quote(a) for a in ["busi", *sys.argv[1:]]) if sys.argv else ""
+    return atomic_write(Path(run_dir) / COMMAND,
+                        f"{argv}\n# rerun exactly{rerun_note}: busi rerun {run_dir}\n"
+                        f"# continue if interrupted: busi {resume} --resume {run_dir}\n")
+
+
+def write_predictions(path: Path, files: list[str], labels: np.ndarray, probs: np.ndarray,
+                      classes: tuple[str, ...] | list[str]) -> None:
+    """``file,true,pred,p_<class>...``, written by the csv module: a file name with a comma,
+    a quote or a line break is quoted and escaped, so it reads back as it was."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["file", "true", "pred", *[f"p_{c}" for c in classes]])
+    for f, t, p in zip(files, labels, probs, strict=True):
+        writer.writerow([f, classes[t], classes[int(np.argmax(p))], *[f"{v:.6f}" for v in p]])
+    atomic_write(path, buf.getvalue())
+
+
+def read_predictions(path: Path) -> tuple[list[str], list[str], list[str], np.ndarray, list[str]]:
+    """The columns of a predictions.csv; a damaged file is a BusiError naming it, because every
+    table and figure of a classifier is recomputed from this file."""
+    if not path.is_file():
+        raise BusiError("run has no predictions.csv (did it finish?)", where=str(path.parent),
+                        fix="finish it with --resume, or pick a finished run")
+    fix = "restore the file, or rerun the run it belongs to"
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            rows = list(reader)
+            fields = reader.fieldnames or []
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise BusiError(f"cannot read predictions ({exc})", where=str(path), fix=fix) from None
+    classes = [c[2:] for c in fields if c.startswith("p_")]
+    missing = [c for c in ("file", "true", "pred") if c not in fields]
+    if missing or not classes:
+        raise BusiError(f"not a predictions file (columns {', '.join(missing) or 'p_<class>'} "
+                        "missing)", where=str(path), fix=fix)
+    try:
+        probs = np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows],
+                         dtype=float).reshape(len(rows), len(classes))
+    except (TypeError, ValueError):  # a short row (None) or a non-number
+        bad = next(k for k, r in enumerate(rows, start=2) if not _numbers(r, classes))
+        raise BusiError(f"line {bad}: a probability is missing or not a number",
+                        where=str(path), fix=fix) from None
+    return ([r["file"] for r in rows], [r["true"] for r in rows], [r["pred"] for r in rows],
+            probs, classes)
+
+
+def _numbers(row: dict, classes: list[str]) -> bool:
+    try:
+        [float(row[f"p_{c}"]) for c in classes]
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------- resuming
+
+
+def kind_command(kind: str) -> str:
+    """The command that trains (and resumes) a run of ``kind``, for hints and command.txt."""
+    return "train-seg" if kind == SEG_DIR else "train-cls"
+
+
+def resume_target(resume: str, kind: str) -> tuple[Path, Config]:
+    """The run folder ``--resume`` names, checked to be an unfinished run of ``kind``, and
+    its own config. Runs before anything is loaded or written."""
+    run_dir = Path(resume)
+    want = SEG_DIR if kind == SEG_DIR else CLS_DIR
+    fix = f"pass --resume an unfinished run folder under {KINDS[want][1]}"
+    if not (run_dir / CONFIG).is_file():
+        raise BusiError("not a run folder (no config.yaml)", where=str(run_dir), fix=fix)
+    if (run_dir / SPLIT).is_file() or (run_dir / "cv.json").is_file():
+        actual = run_kind(run_dir)
+    else:  # killed before split.json: the folder it lives in tells
+        actual = CLS_DIR if run_dir.parent.parent.name == CLS_DIR else SEG_DIR
+    if actual != want:
+        raise BusiError(f"this is {KINDS[actual][0]}, not {KINDS[want][0]}",
+                        where=str(run_dir),
+                        fix=f"busi {'cv' if actual == 'cv' else kind_command(actual)} "
+                            f"--resume {run_dir}")
+    if saved_state(run_dir).get("finished"):
+        raise BusiError("this run has already finished", where=str(run_dir),
+                        fix="start a new run instead of --resume")
+    return run_dir, read_config(run_dir)
+
+
+def saved_state(run_dir: Path) -> dict[str, Any]:
+    """What a (possibly interrupted) training in ``run_dir`` committed; {} if nothing usable,
+    so that a resume continues from the last committed epoch and never from a torn one."""
+    state_file = run_dir / STATE
+    if not state_file.is_file():
+        return {}
+    state = read_json(state_file, fix=f"delete {state_file} to train this run from the start")
+    if not (run_dir / "last.keras").is_file() and not state.get("finished"):
+        return {}
+    return state
+
+
+def write_state(run_dir: Path, state: dict[str, Any]) -> Path:
+    """state.json: the commit point of an epoch (and, with ``finished``, of the whole run)."""
+    return write_json(Path(run_dir) / STATE, state)
+
+
+# --------------------------------------------------------------------------- finding runs
+
+
+def resolve_seg_run(seg_run: str | None, outputs_root: str, option: str = "--seg-run") -> Path:
+    """The named segmentation run (checked: kind, finished, complete), or the newest finished."""
+    if seg_run:
+        return require_run(seg_run, SEG_DIR, option=option, needs=("masks.npz", "best.keras"))
+    latest = latest_run(Path(outputs_root) / SEG_DIR, require="masks.npz", finished=True)
+    if latest is None:
+        raise BusiError(f"no finished segmentation run under {Path(outputs_root) / SEG_DIR}",
+                        fix="train one first: busi train-seg --config <same config>")
+    return latest
+
+
+def resolve_cls_run(cls_run: str | None, outputs_root: str, option: str = "--cls-run") -> Path:
+    """The named classifier run (checked), or the newest finished one of any model.
+
+    "Finished" matters: a classifier still training has a best.keras already.
+    """
+    if cls_run:
+        return require_run(cls_run, CLS_DIR, option=option, needs=("best.keras",))
+    runs = [r for m in sorted((Path(outputs_root) / CLS_DIR).glob("*"))
+            if (r := latest_run(m, require="best.keras", finished=True))]
+    if not runs:
+        raise BusiError(f"no finished classifier run under {Path(outputs_root) / CLS_DIR}",
+                        fix="pass --cls-run, or train one: busi train-cls --model cnn")
+    return max(runs, key=lambda r: r.name)
+
+
+def same_path(a: str | Path, b: str | Path) -> bool:
+    """Whether two spellings of a run folder name the same folder (relative or absolute)."""
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def paired_seg_run(cls: Path, seg_run: str | None, outputs_root: str,
+                   command: str) -> tuple[Path, str]:
+    """The U-Net run to use with classifier run ``cls``, and why (for the command's output).
+
+    By default the classifier's own U-Net (``seg_run`` in its split.json): a
+    later U-Net draws other masks than the ones the classifier learnt from. An
+    explicit ``--seg-run`` that differs is allowed, with a warning. A classifier
+    without a U-Net of its own (ground-truth or no masks) gets the newest one.
+    """
+    own = read_split(cls).get("seg_run")
+    if seg_run:
+        seg = resolve_seg_run(seg_run, outputs_root)
+        if own and not same_path(own, seg):
+            print(f"busi: warning: {command}: --seg-run {seg} is not the U-Net run classifier "
+                  f"{cls} was trained with ({own}); its masks can differ from the ones the "
+                  "classifier learnt from", file=sys.stderr)
+            return seg, "--seg-run, not the classifier's own"
+        return seg, "--seg-run"
+    if own:
+        if not Path(own).is_dir():
+            raise BusiError(f"the classifier's segmentation run {own} is gone", where=str(cls),
+                            fix="restore that folder, or name another U-Net run with --seg-run "
+                                "(its masks differ from those the classifier learnt from)")
+        return resolve_seg_run(own, outputs_root), "the classifier's own"
+    return resolve_seg_run(None, outputs_root), "the latest; the classifier has none of its own"
+
+
+def seg_record(seg_path: Path) -> dict[str, Any]:
+    """A segmentation run's split.json, with its image size (from config.yaml in old runs)."""
+    record = read_split(seg_path)
+    if "manifest" not in record:
+        raise BusiError("split.json names no split manifest", where=str(seg_path / SPLIT),
+                        fix="use a complete segmentation run, or retrain it")
+    if "image_size" not in record:
+        import yaml
+
+        try:
+            size = yaml.safe_load((seg_path / CONFIG).read_text())["data"]["image_size"]
+        except (OSError, yaml.YAMLError, KeyError, TypeError):
+            size = None
+        record["image_size"] = size
+    return record
+
+
+def find_classifier_runs(outputs_root: str | Path) -> list[Path]:
+    """Finished classifier runs of the most recent split (the newest run's manifest): what
+    ``busi evaluate`` compares when no run is named."""
+    root = Path(outputs_root) / CLS_DIR
+    runs = [r for m in sorted(root.glob("*")) for r in list_runs(m)
+            if (r / PREDICTIONS).is_file() and is_finished(r)]
+    if not runs:
+        raise BusiError(f"no finished classifier run under {root}",
+                        fix="train one first: busi train-cls --model cnn --config <config>")
+    def manifest(r: Path) -> str:
+        return read_split(r).get("manifest", "")
+
+    newest = max(runs, key=lambda r: r.name)
+    return [r for r in runs if manifest(r) == manifest(newest)]

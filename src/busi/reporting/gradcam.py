@@ -113,7 +113,7 @@ def save_panels(out_dir: Path, files: list[str], images: np.ndarray, inputs: np.
                 heat: np.ndarray, y_true: list[str] | None, y_pred: list[str],
                 conf: np.ndarray, scale: int = 2) -> list[Path]:
     """One PNG per image: [image | classifier input + heatmap], captioned true/pred."""
-    from busi.report import _caption
+    from busi.reporting.plots import caption
     from busi.runs import atomic_write
 
     paths = []
@@ -125,8 +125,24 @@ def save_panels(out_dir: Path, files: list[str], images: np.ndarray, inputs: np.
         panel = cv2.resize(panel, (2 * w * scale, h * scale), interpolation=cv2.INTER_NEAREST)
         truth = f"true {y_true[i]}, " if y_true is not None else ""
         mark = "" if y_true is None else ("  RIGHT" if y_true[i] == y_pred[i] else "  WRONG")
-        caption = _caption(panel.shape[1], f"{truth}pred {y_pred[i]} ({conf[i]:.2f}){mark}")
+        strip = caption(panel.shape[1], f"{truth}pred {y_pred[i]} ({conf[i]:.2f}){mark}")
         stem = Path(f).stem.replace(" ", "_").replace("/", "_")
-        ok, buf = cv2.imencode(".png", np.concatenate([panel, caption], axis=0))
+        ok, buf = cv2.imencode(".png", np.concatenate([panel, strip], axis=0))
         paths.append(atomic_write(out_dir / f"{stem}_gradcam.png", buf.tobytes()))
     return paths
+
+
+def save_gradcam(out_dir: Path, model, ds, test_idx: np.ndarray, x: np.ndarray,
+                 probs: np.ndarray) -> None:
+    """Grad-CAM panels for a fixed sample of test images, right and wrong predictions: what a
+    finished classifier run shows of where it looked, wrong answers included."""
+    y_true, y_pred = ds.labels[test_idx], probs.argmax(axis=1)
+    pick = sample(y_true, y_pred)
+    if not pick:
+        return
+    sel = test_idx[pick]
+    heat, _ = gradcam(model, x[sel], y_pred[pick])
+    names = list(ds.classes)
+    save_panels(out_dir, [ds.files[i] for i in sel], ds.images[sel], x[sel], heat,
+                [names[k] for k in y_true[pick]], [names[k] for k in y_pred[pick]],
+                probs[pick].max(axis=1))

@@ -1,4 +1,5 @@
-"""``busi evaluate``: the paper's per-class tables, and the figures it left out.
+"""Classifier evaluation: the paper's per-class tables, bootstrap intervals, and the figures
+it left out, computed from a run's ``predictions.csv``.
 
 Everything is computed by scikit-learn from a run's saved ``predictions.csv``
 (file, true class, predicted class, one probability per class), so the numbers
@@ -9,10 +10,6 @@ gets 95% bootstrap intervals for accuracy and macro-F1.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +23,12 @@ from sklearn.metrics import (
 
 from busi.errors import BusiError
 from busi.runs import (
+    CONFIG,
+    PREDICTIONS,
     atomic_write,
-    is_finished,
-    list_runs,
-    new_run_dir,
-    read_json,
-    require_run,
+    read_predictions,
+    read_split,
+    save_figure,
     write_json,
 )
 
@@ -41,55 +38,6 @@ PAPER = {  # Tables 1-3 of the paper: accuracy and macro-F1 on its 78 test image
     "vgg19": {"accuracy": 0.91, "macro_f1": 0.91},
 }
 N_BOOTSTRAP = 2000
-
-
-def write_predictions(path: Path, files: list[str], labels: np.ndarray, probs: np.ndarray,
-                      classes: tuple[str, ...] | list[str]) -> None:
-    """``file,true,pred,p_<class>...``, written by the csv module: a file name with a comma,
-    a quote or a line break is quoted and escaped, so it reads back as it was."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["file", "true", "pred", *[f"p_{c}" for c in classes]])
-    for f, t, p in zip(files, labels, probs, strict=True):
-        writer.writerow([f, classes[t], classes[int(np.argmax(p))], *[f"{v:.6f}" for v in p]])
-    atomic_write(path, buf.getvalue())
-
-
-def read_predictions(path: Path) -> tuple[list[str], list[str], list[str], np.ndarray, list[str]]:
-    """The columns of a predictions.csv; a damaged file is a BusiError naming it."""
-    if not path.is_file():
-        raise BusiError("run has no predictions.csv (did it finish?)", where=str(path.parent),
-                        fix="finish it with --resume, or pick a finished run")
-    fix = "restore the file, or rerun the run it belongs to"
-    try:
-        with open(path, newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            rows = list(reader)
-            fields = reader.fieldnames or []
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise BusiError(f"cannot read predictions ({exc})", where=str(path), fix=fix) from None
-    classes = [c[2:] for c in fields if c.startswith("p_")]
-    missing = [c for c in ("file", "true", "pred") if c not in fields]
-    if missing or not classes:
-        raise BusiError(f"not a predictions file (columns {', '.join(missing) or 'p_<class>'} "
-                        "missing)", where=str(path), fix=fix)
-    try:
-        probs = np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows],
-                         dtype=float).reshape(len(rows), len(classes))
-    except (TypeError, ValueError):  # a short row (None) or a non-number
-        bad = next(k for k, r in enumerate(rows, start=2) if not _numbers(r, classes))
-        raise BusiError(f"line {bad}: a probability is missing or not a number",
-                        where=str(path), fix=fix) from None
-    return ([r["file"] for r in rows], [r["true"] for r in rows], [r["pred"] for r in rows],
-            probs, classes)
-
-
-def _numbers(row: dict, classes: list[str]) -> bool:
-    try:
-        [float(row[f"p_{c}"]) for c in classes]
-    except (TypeError, ValueError):
-        return False
-    return True
 
 
 def bootstrap_ci(y_true: np.ndarray, y_pred: np.ndarray, groups: np.ndarray | None = None,
@@ -175,10 +123,10 @@ def split_groups(run_dir: Path, files: list[str]) -> np.ndarray | None:
     None when the manifest (path in the run's split.json) is gone or does not
     list every file; the interval is then over images, and its note says so.
     """
-    from busi.split import read_manifest
+    from busi.data.split import read_manifest
 
     try:
-        manifest = read_manifest(json.loads((run_dir / "split.json").read_text())["manifest"])
+        manifest = read_manifest(read_split(run_dir)["manifest"])
     except (OSError, KeyError, TypeError, ValueError, BusiError):
         return None
     group_of = dict(zip(manifest.files, manifest.groups.tolist(), strict=True))
@@ -241,7 +189,7 @@ def _averaged_over(r: dict) -> str:
     return line + "."
 
 
-def _markdown_table(r: dict, title: str) -> str:
+def markdown_table(r: dict, title: str) -> str:
     rep = r["report"]
     lines = [f"### {title}", "", "| | Precision | Recall | F1-score | Support |",
              "|---|---:|---:|---:|---:|"]
@@ -282,10 +230,12 @@ def _csv_table(r: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
-def _plot_confusion(r: dict, out: Path, title: str) -> None:
-    import matplotlib.pyplot as plt
+def plot_confusion(r: dict, out: Path, title: str) -> None:
+    """The confusion matrix as a figure: which class is taken for which, at a glance."""
+    import matplotlib
 
-    from busi.report import save_figure
+    matplotlib.use("Agg")  # files only; no display on servers
+    import matplotlib.pyplot as plt
 
     cm = np.array(r["confusion_matrix"])
     fig, ax = plt.subplots(figsize=(4.2, 3.8), dpi=120)
@@ -301,9 +251,9 @@ def _plot_confusion(r: dict, out: Path, title: str) -> None:
     save_figure(fig, out)
 
 
-def _inputs_of(run_dir: Path) -> str:
+def inputs_of(run_dir: Path) -> str:
     """What the classifier was shown, e.g. 'predicted masks, multiply' or 'whole image'."""
-    cfg = run_dir / "config.yaml"
+    cfg = run_dir / CONFIG
     if not cfg.is_file():
         return "?"
     import yaml
@@ -316,7 +266,7 @@ def _inputs_of(run_dir: Path) -> str:
 
 
 def _run_title(run_dir: Path) -> str:
-    return f"{_model_of(run_dir)} ({_inputs_of(run_dir)}) -- {run_dir.name}"
+    return f"{model_of(run_dir)} ({inputs_of(run_dir)}) -- {run_dir.name}"
 
 
 def evaluate_run(run_dir: str | Path) -> dict:
@@ -327,7 +277,7 @@ def evaluate_run(run_dir: str | Path) -> dict:
     modifies an earlier run's folder.
     """
     run_dir = Path(run_dir)
-    files, y_true, y_pred, probs, classes = read_predictions(run_dir / "predictions.csv")
+    files, y_true, y_pred, probs, classes = read_predictions(run_dir / PREDICTIONS)
     r = compute(files, y_true, y_pred, probs, classes, groups=split_groups(run_dir, files))
     title = _run_title(run_dir)
     r["title"] = title
@@ -337,55 +287,45 @@ def evaluate_run(run_dir: str | Path) -> dict:
         f"{r['ci95']['macro_f1'][0]:.3f}-{r['ci95']['macro_f1'][1]:.3f}; "
         f"{r['ci95_method']})")
     if not (run_dir / "classification_report.json").is_file():
-        _write_run_reports(run_dir, r, title)
+        write_run_reports(run_dir, r, title)
     return r
 
 
-def _write_run_reports(run_dir: Path, r: dict, title: str) -> None:
+def write_run_reports(run_dir: Path, r: dict, title: str) -> None:
+    """A report's tables (text, Markdown, CSV), confusion matrix and JSON, into ``run_dir``;
+    the JSON last, so its presence means the others are complete."""
     atomic_write(run_dir / "classification_report.txt", r["text"] + "\n")
-    atomic_write(run_dir / "classification_report.md", _markdown_table(r, title))
+    atomic_write(run_dir / "classification_report.md", markdown_table(r, title))
     atomic_write(run_dir / "classification_report.csv", _csv_table(r))
     cm_rows = ["true\\pred," + ",".join(r["labels"])]
     cm_rows += [f"{c}," + ",".join(map(str, row))
                 for c, row in zip(r["labels"], r["confusion_matrix"], strict=True)]
     atomic_write(run_dir / "confusion_matrix.csv", "\n".join(cm_rows) + "\n")
-    _plot_confusion(r, run_dir / "confusion_matrix.png", title.split(" -- ")[0])
+    plot_confusion(r, run_dir / "confusion_matrix.png", title.split(" -- ")[0])
     # Last: its presence means every report file above is complete.
     write_json(run_dir / "classification_report.json",
                {k: v for k, v in r.items() if k not in ("text", "report_text")})
 
 
-def _model_of(run_dir: Path) -> str:
+def model_of(run_dir: Path) -> str:
+    """The classifier family of a run: the folder it lives in (``outputs/cls/<model>/``)."""
     return run_dir.parent.name
 
 
-def find_classifier_runs(outputs_root: str | Path) -> list[Path]:
-    """Finished classifier runs of the most recent split (the newest run's manifest)."""
-    root = Path(outputs_root) / "cls"
-    runs = [r for m in sorted(root.glob("*")) for r in list_runs(m)
-            if (r / "predictions.csv").is_file() and is_finished(r)]
-    if not runs:
-        raise BusiError(f"no finished classifier run under {root}",
-                        fix="train one first: busi train-cls --model cnn --config <config>")
-    def manifest(r: Path) -> str:
-        return read_json(r / "split.json").get("manifest", "")
-
-    newest = max(runs, key=lambda r: r.name)
-    return [r for r in runs if manifest(r) == manifest(newest)]
-
-
 def comparison_markdown(results: list[dict], runs: list[Path]) -> str:
+    """Runs side by side with their intervals and the paper's figure, so a difference between
+    models can be read against the width of the intervals."""
     lines = ["| model | inputs | run | n | accuracy (95% CI) | macro-F1 (95% CI) | ROC AUC | "
              "recall benign | recall malignant | recall normal | paper accuracy |",
              "|---|---|---|---:|---|---|---:|---:|---:|---:|---:|"]
     for r, run in zip(results, runs, strict=True):
-        m = _model_of(run)
+        m = model_of(run)
         ci = r["ci95"]
         rec = {c: r["report"].get(c, {}).get("recall") for c in ("benign", "malignant", "normal")}
         rec_s = [("n/a" if v is None else f"{v:.2f}") for v in rec.values()]
         auc = "n/a" if r["roc_auc_macro"] is None else f"{r['roc_auc_macro']:.3f}"
         paper = PAPER.get(m, {}).get("accuracy")
-        lines.append(f"| {m} | {_inputs_of(run)} | {run.name} | {r['n']} | {r['accuracy']:.3f} "
+        lines.append(f"| {m} | {inputs_of(run)} | {run.name} | {r['n']} | {r['accuracy']:.3f} "
                      f"({ci['accuracy'][0]:.2f}-{ci['accuracy'][1]:.2f}) | {r['macro_f1']:.3f} "
                      f"({ci['macro_f1'][0]:.2f}-{ci['macro_f1'][1]:.2f}) | {auc} | "
                      + " | ".join(rec_s) + f" | {paper if paper is not None else ''} |")
@@ -393,127 +333,3 @@ def comparison_markdown(results: list[dict], runs: list[Path]) -> str:
     lines += ["", "macro-F1: averaged over the classes present in each run's test data "
                   "(n/a: a class not in the data). 95% CI: " + "; ".join(methods) + "."]
     return "\n".join(lines) + "\n"
-
-
-def evaluate_command(runs: list[str] | None = None, seg_run: str | None = None,
-                     outputs_root: str = "outputs") -> Path:
-    if seg_run:
-        seg = require_run(seg_run, "seg", option="--seg-run", needs=("metrics.md",)) / "metrics.md"
-    run_dirs = ([require_run(r, "cls", option="`busi evaluate`", needs=("predictions.csv",))
-                 for r in runs] if runs else find_classifier_runs(outputs_root))
-    print("busi evaluate: classifier run(s) " + ", ".join(map(str, run_dirs))
-          + (f"; U-Net run {seg.parent}" if seg_run else ""))
-    results = [evaluate_run(r) for r in run_dirs]
-    out = new_run_dir(Path(outputs_root) / "eval")
-    parts = [f"# Evaluation, {time.strftime('%Y-%m-%d %H:%M')}", ""]
-    if seg_run:
-        print(seg.read_text())
-        parts += [seg.read_text().replace("# Segmentation", "## Segmentation"), ""]
-    for r in results:
-        print(r["text"], end="\n\n")
-        parts.append(_markdown_table(r, r["title"]))
-    table = comparison_markdown(results, run_dirs)
-    print("Side by side:\n" + table)
-    parts += ["## Side by side", "", table]
-    atomic_write(out / "evaluation.md", "\n".join(parts))
-    write_json(out / "evaluation.json",
-               [{"run": str(d), **{k: v for k, v in r.items() if k not in ("text",)}}
-                for r, d in zip(results, run_dirs, strict=True)])
-    print(f"reports: {out}/evaluation.md (and classification_report.* in each run folder)")
-    from busi.run_report import report_after_run
-
-    report_after_run(out)
-    return out
-
-
-def evaluate_on_data(data: str, cls_run: str | None = None, seg_run: str | None = None,
-                     outputs_root: str = "outputs") -> Path:
-    """Run trained models on other labelled data (another hospital's) and report, no retraining.
-
-    ``data`` is a BUSI-layout folder or a CSV manifest (``image,mask,label``).
-    The classifier's own config decides the image size and how masks are
-    applied; the segmentation run's stored rule decides how its probabilities
-    become masks -- exactly as for the run's own test images. Classes the model
-    knows but the data lacks (often ``normal``) are fine; unknown labels are not.
-    """
-    from busi import runtime
-    from busi.config import load_config
-    from busi.data import load_dataset
-    from busi.masks import as_stored, load_unets, predict_probs, read_rule
-    from busi.metrics import per_image, summarise
-    from busi.report import segmentation_markdown, segmentation_text
-    from busi.train import classifier_inputs, paired_seg_run, resolve_cls_run
-
-    cls = resolve_cls_run(cls_run, outputs_root)
-    cfg = load_config(cls / "config.yaml")
-    c = cfg.model.classifier
-    model_classes = tuple(cfg.data.classes)
-    ds = load_dataset(data, _classes_in(data, model_classes), tuple(cfg.data.image_size),
-                      cache_dir=cfg.data.cache_dir, on_bad_file=cfg.data.on_bad_file)
-    names = [ds.classes[k] for k in ds.labels]
-    labels = np.array([model_classes.index(n) for n in names])  # model's class indices
-    uses_masks = c.masks != "none" and c.mask_mode != "none"
-    seg, why = (paired_seg_run(cls, seg_run, outputs_root, "busi evaluate")
-                if uses_masks and c.masks == "predicted" or seg_run else (None, ""))
-    print(f"busi evaluate: classifier run {cls}{'' if cls_run else ' (the latest finished)'}; "
-          f"U-Net run {f'{seg} ({why})' if seg else 'none'}")
-    # Every model is loaded before the output folder is made: a bad one leaves nothing behind.
-    unets = load_unets(seg) if seg is not None else []
-    clf = runtime.load_model(cls / "best.keras")
-    out = new_run_dir(Path(outputs_root) / "eval")
-    parts = [f"# Evaluation on {data}, {time.strftime('%Y-%m-%d %H:%M')}", "",
-             f"Classifier run: {cls}; segmentation run: {seg or 'none'}; {len(ds)} images "
-             f"({', '.join(f'{k} {names.count(k)}' for k in model_classes)}).", ""]
-    masks = ds.masks if c.masks == "ground_truth" else None
-    if seg is not None:
-        rule, tta = read_rule(seg)
-        probs = as_stored(predict_probs(unets, ds.images, flip_tta=tta))
-        predicted = rule.apply(probs)
-        masks = predicted if c.masks == "predicted" else masks
-        scored = (ds.n_masks > 0) | (np.array(names) == "normal")
-        if scored.any():
-            scores = per_image(ds.masks[scored], predicted[scored].astype(np.float32), 0.5)
-            summary = summarise(scores, labels[scored], model_classes)
-            summary.update({"threshold": rule.threshold, "postprocess": rule.postprocess,
-                            "flip_tta": tta, "best_epoch": "-", "epochs_done": "-",
-                            "n_test": int(scored.sum())})
-            write_json(out / "segmentation.json", summary)
-            print(segmentation_text(summary))
-            parts += [segmentation_markdown(summary).replace("# Segmentation on the test split",
-                                                             "## Segmentation"), ""]
-    x = classifier_inputs(ds.images, masks if uses_masks else None, c)
-    probs_cls = clf.predict(x[..., None].astype("float32"), batch_size=64, verbose=0)
-    write_predictions(out / "predictions.csv", ds.files, labels, probs_cls, model_classes)
-    r = compute(ds.files, names, [model_classes[int(i)] for i in probs_cls.argmax(1)], probs_cls,
-                list(model_classes))
-    title = f"{_model_of(cls)} ({_inputs_of(cls)}) -- {cls.name} on {Path(data).name}"
-    r["title"] = title
-    r["text"] = f"{title}\n{r['report_text']}"
-    _write_run_reports(out, r, title)
-    parts.append(_markdown_table(r, title))
-    atomic_write(out / "evaluation.md", "\n".join(parts))
-    print(r["text"])
-    print(f"reports: {out}/evaluation.md")
-    from busi.run_report import report_after_run
-
-    report_after_run(out)
-    return out
-
-
-def _classes_in(data: str, model_classes: tuple[str, ...]) -> tuple[str, ...]:
-    """The model's classes that a BUSI-layout folder has; a folder of another name is an error."""
-    root = Path(data)
-    if not root.is_dir():
-        return model_classes  # a CSV manifest: labels are checked row by row
-    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    unknown = [f for f in folders if f not in model_classes]
-    if unknown:
-        raise BusiError(f"class folder(s) {', '.join(unknown)} are not among the model's classes "
-                        f"({', '.join(model_classes)})", where=str(root),
-                        fix="rename or remove those folders; the model cannot predict new classes")
-    present = tuple(c for c in model_classes if c in folders)
-    if not present:
-        raise BusiError("no class folder of the model's classes found", where=str(root),
-                        fix=f"put images under {', '.join(model_classes)}/ or pass a CSV manifest")
-    return present
-

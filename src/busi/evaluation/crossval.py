@@ -1,4 +1,5 @@
-"""``busi cv``: the whole pipeline once per fold of a stratified, duplicate-grouped k-fold split.
+"""Cross-validation tables: per-fold figures, mean ± std over folds, and pooled out-of-fold
+reports, from the finished runs of a ``busi cv`` folder (``busi.workflows.run_cv`` trains them).
 
 A 78-image test set moves 1.3 points of accuracy per image, so one split cannot
 separate the paper's models; k folds give every image one out-of-fold
@@ -17,94 +18,27 @@ continued with its own ``--resume``, and later folds start afresh.
 
 from __future__ import annotations
 
-import json
-import shlex
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-from busi.config import Config, dump_yaml, load_config, with_overrides
 from busi.errors import BusiError
-from busi.runs import atomic_write, is_finished, list_runs, new_run_dir, write_json
-
-CV_DIR = "cv"
-MODELS = ("cnn", "vgg19", "mobilenet")
-
-
-def _run_in(parent: Path) -> tuple[Path | None, bool]:
-    """The run under ``parent`` (newest), and whether it finished."""
-    runs = list_runs(parent)
-    if not runs:
-        return None, False
-    return runs[-1], is_finished(runs[-1])
-
-
-def _fold_config(cfg: Config, fold_dir: Path, model: str | None = None) -> Config:
-    overrides = [f"outputs.root={fold_dir}", "outputs.run_name="]
-    if model:
-        overrides.append(f"model.classifier.name={model}")
-    return with_overrides(cfg, overrides)
-
-
-def cv_config(cfg: Config, folds: int) -> Config:
-    """The config with a stratified k-fold split (duplicate groups kept together)."""
-    return with_overrides(cfg, ["split.scheme=kfold", f"split.folds={folds}",
-                                "split.stratify=true"])
-
-
-def run_cv(cfg: Config, *, folds: int = 5, models: tuple[str, ...] = ("cnn",),
-           resume: str | None = None, config_source: str | None = None) -> Path:
-    """Train and evaluate U-Net + classifiers on every fold; write the aggregated tables."""
-    from busi.train import train_classifier, train_segmentation
-
-    if resume:
-        cv_dir = Path(resume)
-        if not (cv_dir / "config.yaml").is_file() or not (cv_dir / "cv.json").is_file():
-            raise BusiError("not a CV run folder (no config.yaml / cv.json)", where=str(cv_dir),
-                            fix="pass a folder under outputs/cv/")
-        meta = json.loads((cv_dir / "cv.json").read_text())
-        cfg, folds, models = load_config(cv_dir / "config.yaml"), meta["folds"], \
-            tuple(meta["models"])
-    else:
-        unknown = [m for m in models if m not in MODELS]
-        if unknown:
-            raise BusiError(f"unknown model(s) {', '.join(unknown)}", where="--models",
-                            fix=f"choose from {', '.join(MODELS)}")
-        cfg = cv_config(cfg, folds)
-        cv_dir = new_run_dir(Path(cfg.outputs.root) / CV_DIR, cfg.outputs.run_name)
-        atomic_write(cv_dir / "config.yaml", dump_yaml(cfg))
-        write_json(cv_dir / "cv.json", {"folds": folds, "models": list(models)})
-        argv = " ".join(shlex.quote(a) for a in ["busi", *sys.argv[1:]])
-        atomic_write(cv_dir / "command.txt",
-                     f"{argv}\n# rerun exactly: busi rerun {cv_dir}\n"
-                     f"# continue if interrupted: busi cv --resume {cv_dir}\n")
-    t0 = time.perf_counter()
-    for k in range(folds):
-        fold_dir = cv_dir / f"fold{k}"
-        seg, done = _run_in(fold_dir / "seg")
-        if not done:
-            print(f"busi cv: fold {k + 1}/{folds}: U-Net"
-                  + (f" (continuing {seg})" if seg else ""))
-            seg = train_segmentation(_fold_config(cfg, fold_dir), fold=k,
-                                     resume=str(seg) if seg else None)
-        for m in models:
-            run, done = _run_in(fold_dir / "cls" / m)
-            if done:
-                continue
-            print(f"busi cv: fold {k + 1}/{folds}: {m}" + (f" (continuing {run})" if run else ""))
-            train_classifier(_fold_config(cfg, fold_dir, m), seg_run=str(seg),
-                             resume=str(run) if run else None)
-    result = aggregate(cv_dir)
-    wall = time.perf_counter() - t0
-    print(result["text"])
-    print(f"busi cv: finished in {wall / 60:.1f} min (this invocation); tables: "
-          f"{cv_dir / 'cv_results.md'}")
-    from busi.run_report import report_after_run
-
-    report_after_run(cv_dir)
-    return cv_dir
+from busi.evaluation.classification import (
+    compute,
+    markdown_table,
+    split_groups,
+    write_run_reports,
+)
+from busi.evaluation.segmentation import fmt_stat
+from busi.runs import (
+    PREDICTIONS,
+    atomic_write,
+    newest_run,
+    read_json,
+    read_predictions,
+    write_json,
+    write_predictions,
+)
 
 
 def _mean_std(values: list[float]) -> dict[str, float]:
@@ -114,29 +48,23 @@ def _mean_std(values: list[float]) -> dict[str, float]:
 
 
 def aggregate(cv_dir: str | Path) -> dict:
-    """Per-fold table, mean ± std over folds, and the pooled out-of-fold report per model."""
-    from busi.evaluate import (
-        _markdown_table,
-        _write_run_reports,
-        compute,
-        read_predictions,
-        split_groups,
-        write_predictions,
-    )
-    from busi.report import _fmt
+    """Per-fold table, mean ± std over folds, and the pooled out-of-fold report per model.
 
+    Recomputed from the folds' own files every time, so the tables always describe the
+    predictions the folds hold now (a resumed or repaired fold updates them).
+    """
     cv_dir = Path(cv_dir)
-    meta = json.loads((cv_dir / "cv.json").read_text())
+    meta = read_json(cv_dir / "cv.json")
     folds, models = meta["folds"], meta["models"]
     seg_rows, cls_rows = [], {m: [] for m in models}
     pooled: dict[str, list[tuple]] = {m: [] for m in models}  # per fold: predictions.csv
     groups: dict[str, list[np.ndarray | None]] = {m: [] for m in models}  # per fold
     for k in range(folds):
-        seg, done = _run_in(cv_dir / f"fold{k}" / "seg")
+        seg, done = newest_run(cv_dir / f"fold{k}" / "seg")
         if not done:
             raise BusiError(f"fold {k} has no finished U-Net run", where=str(cv_dir),
                             fix=f"continue the CV: busi cv --resume {cv_dir}")
-        s = json.loads((seg / "metrics.json").read_text())
+        s = read_json(seg / "metrics.json")
         le = s["lesion_images"]
         seg_rows.append({"fold": k, "run": str(seg), "dice": le["dice"]["mean"],
                          "iou": le["iou"]["mean"], "hd95": le["hd95"]["mean"],
@@ -145,13 +73,13 @@ def aggregate(cv_dir: str | Path) -> dict:
                          "normal_empty": s["lesion_free_images"]["fraction_predicted_empty"],
                          "n": s["n_test"]})
         for m in models:
-            run, done = _run_in(cv_dir / f"fold{k}" / "cls" / m)
+            run, done = newest_run(cv_dir / f"fold{k}" / "cls" / m)
             if not done:
                 raise BusiError(f"fold {k} has no finished {m} run", where=str(cv_dir),
                                 fix=f"continue the CV: busi cv --resume {cv_dir}")
             # From the fold's predictions.csv, as the pooled report: these tables are derived
             # files and follow the predictions, whatever report the run wrote when it finished.
-            fold_pred = read_predictions(run / "predictions.csv")
+            fold_pred = read_predictions(run / PREDICTIONS)
             groups[m].append(split_groups(run, fold_pred[0]))
             r = compute(*fold_pred, groups=groups[m][-1])
             cls_rows[m].append({"fold": k, "run": str(run), "n": r["n"],
@@ -182,9 +110,9 @@ def aggregate(cv_dir: str | Path) -> dict:
     def px(stat: dict) -> str:
         return f"{stat['mean']:.1f} ± {stat['std']:.1f}"
 
-    lines += [f"| mean ± std | | {_fmt(sg['dice'])} | {_fmt(sg['iou'])} | "
+    lines += [f"| mean ± std | | {fmt_stat(sg['dice'])} | {fmt_stat(sg['iou'])} | "
               f"{px(sg['hd95_all'])} | {px(sg['hd95'])} | {px(sg['missed'])} | "
-              f"{_fmt(sg['normal_empty'])} |", ""]
+              f"{fmt_stat(sg['normal_empty'])} |", ""]
     summary = ["| model | accuracy (mean ± std) | macro-F1 (mean ± std) | pooled accuracy "
                "(95% CI) | pooled macro-F1 (95% CI) | pooled ROC AUC |",
                "|---|---:|---:|---:|---:|---:|"]
@@ -198,7 +126,7 @@ def aggregate(cv_dir: str | Path) -> dict:
         probs = np.concatenate([fold[3] for fold in pooled[m]])
         classes = pooled[m][0][4]
         pdir = cv_dir / "pooled" / m
-        write_predictions(pdir / "predictions.csv", files,
+        write_predictions(pdir / PREDICTIONS, files,
                           np.array([classes.index(c) for c in t]), probs, classes)
         # Each fold has its own models: the intervals resample folds, then duplicate groups
         # (images where a fold's manifest is gone) within each drawn fold.
@@ -211,7 +139,7 @@ def aggregate(cv_dir: str | Path) -> dict:
         r["title"], r["text"] = title, f"{title}\n{r['report_text']}"
         # Derived from the folds' predictions: rewritten (file by file, atomically) on every
         # aggregate, so they can never describe predictions that have since changed.
-        _write_run_reports(pdir, r, title)
+        write_run_reports(pdir, r, title)
         rows = cls_rows[m]
         agg = {key: _mean_std([row[key] for row in rows]) for key in ("accuracy", "macro_f1")}
         result["classification"][m] = {"per_fold": rows, **agg, "pooled": {
@@ -221,7 +149,7 @@ def aggregate(cv_dir: str | Path) -> dict:
             "labels": r["labels"], "report": r["report"]}}
         ci, ca = r["ci95"]["macro_f1"], r["ci95"]["accuracy"]
         auc = "n/a" if r["roc_auc_macro"] is None else f"{r['roc_auc_macro']:.3f}"
-        summary.append(f"| {m} | {_fmt(agg['accuracy'])} | {_fmt(agg['macro_f1'])} | "
+        summary.append(f"| {m} | {fmt_stat(agg['accuracy'])} | {fmt_stat(agg['macro_f1'])} | "
                        f"{r['accuracy']:.3f} ({ca[0]:.3f}-{ca[1]:.3f}) | "
                        f"{r['macro_f1']:.3f} ({ci[0]:.3f}-{ci[1]:.3f}) | {auc} |")
         labels = r["labels"]
@@ -234,7 +162,7 @@ def aggregate(cv_dir: str | Path) -> dict:
                           f"{row['macro_f1']:.3f} | "
                           + " | ".join(f"{row['recall'].get(c, float('nan')):.2f}"
                                        for c in labels) + " |")
-        detail += ["", _markdown_table(r, f"{m}: pooled out-of-fold report"), ""]
+        detail += ["", markdown_table(r, f"{m}: pooled out-of-fold report"), ""]
     lines += ["## Classification", "", *summary, "",
               "Pooled 95% intervals: " + "; ".join(methods) + ".", "", *detail]
     text = "\n".join(lines) + "\n"

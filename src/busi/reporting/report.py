@@ -19,7 +19,16 @@ from pathlib import Path
 from urllib.parse import quote
 
 from busi.errors import BusiError
-from busi.runs import atomic_write, list_runs, read_json, run_kind
+from busi.runs import (
+    CONFIG,
+    PREDICTIONS,
+    SPLIT,
+    STATE,
+    atomic_write,
+    list_runs,
+    read_json,
+    run_kind,
+)
 
 Block = tuple  # ("h", level, text) | ("md", text) | ("img", path, caption) | ("pre", text)
 
@@ -157,7 +166,7 @@ def _json(path: Path) -> dict:
 def _config_blocks(run: Path) -> list[Block]:
     import yaml
 
-    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg = yaml.safe_load((run / CONFIG).read_text())
     t, u, c = cfg["training"], cfg["model"]["unet"], cfg["model"]["classifier"]
     a, r, sp = cfg["augmentation"], cfg["runtime"], cfg["split"]
     rows = [("data", f"{cfg['data']['root']} at {cfg['data']['image_size'][0]}x"
@@ -181,11 +190,11 @@ def _config_blocks(run: Path) -> list[Block]:
     table = "| setting | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
     return [("h", 2, "Config"), ("md", table),
             ("md", "The full resolved config (`config.yaml` in the run folder):"),
-            ("pre", (run / "config.yaml").read_text())]
+            ("pre", (run / CONFIG).read_text())]
 
 
 def _split_blocks(manifest_path: str, fold: int | None, val_size: float, seed: int) -> list[Block]:
-    from busi.split import read_manifest
+    from busi.data.split import read_manifest
 
     path = Path(manifest_path)
     if not path.is_file():
@@ -235,14 +244,14 @@ def _seg_blocks(run: Path, overlays: int = 9) -> list[Block]:
 
 
 def _cls_blocks(run: Path, title: str = "Classification") -> list[Block]:
-    from busi.report import plot_roc
+    from busi.reporting.plots import plot_roc
 
     blocks: list[Block] = [("h", 2, title)]
     if (run / "classification_report.md").is_file():
         blocks.append(("md", (run / "classification_report.md").read_text()))
     roc = run / "roc_curve.png"
-    if not roc.is_file() and (run / "predictions.csv").is_file():
-        plot_roc(run / "predictions.csv", roc, "one-vs-rest ROC")
+    if not roc.is_file() and (run / PREDICTIONS).is_file():
+        plot_roc(run / PREDICTIONS, roc, "one-vs-rest ROC")
     for png, cap in ((run / "confusion_matrix.png", "confusion matrix"), (roc, "ROC curves")):
         if png.is_file():
             blocks.append(("img", png, cap))
@@ -267,8 +276,8 @@ def _minutes(seconds: float | None) -> str:
 
 def build_blocks(run: Path) -> tuple[str, list[Block]]:
     kind = run_kind(run)
-    state = _json(run / "state.json")
-    split = _json(run / "split.json")
+    state = _json(run / STATE)
+    split = _json(run / SPLIT)
     when = time.strftime("%Y-%m-%d %H:%M")
     if kind == "seg":
         metrics = _json(run / "metrics.json")
@@ -324,13 +333,13 @@ def _cfg(run: Path) -> dict:
     import yaml
 
     try:
-        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        cfg = yaml.safe_load((run / CONFIG).read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise BusiError(f"cannot read the run's config ({type(exc).__name__})",
-                        where=str(run / "config.yaml"), fix="restore the file") from None
+                        where=str(run / CONFIG), fix="restore the file") from None
     if not isinstance(cfg, dict):
         raise BusiError("not a run config (expected a YAML mapping)",
-                        where=str(run / "config.yaml"), fix="restore the file")
+                        where=str(run / CONFIG), fix="restore the file")
     return cfg
 
 
@@ -348,7 +357,7 @@ def _cv_blocks(run: Path, when: str) -> tuple[str, list[Block]]:
     seg_runs = [list_runs(run / f"fold{k}" / "seg") for k in range(meta["folds"])]
     first = next((r[-1] for r in seg_runs if r), None)
     if first is not None:
-        sp = _json(first / "split.json")
+        sp = _json(first / SPLIT)
         blocks += _split_blocks(sp.get("manifest", ""), None, cfg["split"]["val_size"],
                                 cfg["runtime"]["seed"])
     curves = [(r[-1] / "loss_curve.png", f"fold {k} U-Net") for k, r in enumerate(seg_runs) if r]
@@ -370,7 +379,7 @@ def _cv_blocks(run: Path, when: str) -> tuple[str, list[Block]]:
             if cams:
                 blocks += [("h", 3, f"{m}: Grad-CAM, fold 0 test images")]
                 blocks += [("img", p, p.stem.removesuffix("_gradcam")) for p in cams]
-    state = _json(first / "state.json") if first is not None else {}
+    state = _json(first / STATE) if first is not None else {}
     total = 0.0
     for f in run.glob("fold*/seg/*/metrics.json"):
         total += _json(f).get("train_seconds", 0.0)

@@ -1,4 +1,5 @@
-"""From U-Net probabilities to the binary masks that everything downstream uses.
+"""From U-Net probabilities to the binary masks that everything downstream uses (the U-Net's
+post-processor; it sits in ``models`` because training and inference both need it).
 
 One place decides how a lesion mask is made -- optional horizontal-flip test-time
 augmentation, the threshold, optional largest-component clean-up -- so the
@@ -114,10 +115,10 @@ def unet_members(seg_run: Path) -> list[Path]:
 
 def load_unets(seg_run: Path) -> list:
     """The run's U-Net(s), loaded: one model, or the members of its fold ensemble."""
-    from busi import runtime
+    from busi.models.saving import load_model
 
-    return [runtime.load_model(p, fix=f"restore the file, or pick another U-Net run than "
-                                      f"{seg_run}") for p in unet_members(seg_run)]
+    return [load_model(p, fix=f"restore the file, or pick another U-Net run than "
+                              f"{seg_run}") for p in unet_members(seg_run)]
 
 
 def read_rule(seg_run: Path) -> tuple[MaskRule, bool]:

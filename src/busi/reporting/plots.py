@@ -1,4 +1,5 @@
-"""Human-facing outputs: loss curves, overlay panels, metric tables as text and Markdown."""
+"""Figures and text a person reads: loss curves, overlay panels, ROC curves, and the
+segmentation summary as text and Markdown."""
 
 from __future__ import annotations
 
@@ -12,18 +13,8 @@ matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from busi.metrics import dice  # noqa: E402
-from busi.runs import atomic_write  # noqa: E402
-
-
-def save_figure(fig, out: Path) -> Path:
-    """Write a matplotlib figure atomically (temporary name, then rename) and close it."""
-    fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(out)
-    return out
+from busi.evaluation.segmentation import dice, fmt_stat  # noqa: E402
+from busi.runs import atomic_write, read_predictions, save_figure  # noqa: E402
 
 
 def read_history(path: Path) -> dict[str, list[float]]:
@@ -56,8 +47,9 @@ def plot_history(history_csv: Path, out: Path, title: str) -> Path | None:
     return save_figure(fig, out)
 
 
-def _caption(width: int, text: str, height: int = 22) -> np.ndarray:
-    """A white strip with black text, the width of one panel."""
+def caption(width: int, text: str, height: int = 22) -> np.ndarray:
+    """A white strip with black text, the width of one panel: every panel busi saves (overlays,
+    Grad-CAM) says under the image what it shows."""
     strip = np.full((height, width, 3), 255, np.uint8)
     cv2.putText(strip, text, (4, height - 7), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1,
                 cv2.LINE_AA)
@@ -96,7 +88,7 @@ def _panel(image: np.ndarray, truth: np.ndarray, prob: np.ndarray, threshold: fl
         cv2.drawContours(view, contours, -1, colour, 1)
         panels.append(view)
     w = gray.shape[1]
-    panels = [np.vstack([_caption(w, text), p])
+    panels = [np.vstack([caption(w, text), p])
               for text, p in zip(("image", "ground truth", verdict), panels, strict=True)]
     sep = np.full((panels[0].shape[0], 4, 3), 255, np.uint8)
     return np.hstack([panels[0], sep, panels[1], sep, panels[2]])
@@ -127,10 +119,6 @@ def save_overlays(out_dir: Path, ds, test_idx: np.ndarray, probs: np.ndarray,
     return paths
 
 
-def _fmt(stat: dict) -> str:
-    return f"{stat['mean']:.3f} ± {stat['std']:.3f}"
-
-
 def _mask_rule(s: dict) -> str:
     """'threshold 0.35, largest component, flip TTA': how the scored masks were made."""
     parts = [f"threshold {s['threshold']:.2f}"]
@@ -146,8 +134,8 @@ def _mask_rule(s: dict) -> str:
 def _hd95_cells(e: dict) -> str:
     """'HD95 with misses | HD95 of detected | missed' cells (n/a in summaries older than that)."""
     missed = e.get("hd95_undefined", "n/a")
-    every = _fmt(e["hd95_all"]) if "hd95_all" in e else "n/a"
-    return f"{every} | {_fmt(e['hd95'])} | {missed}"
+    every = fmt_stat(e["hd95_all"]) if "hd95_all" in e else "n/a"
+    return f"{every} | {fmt_stat(e['hd95'])} | {missed}"
 
 
 def _hd95_note(le: dict) -> str:
@@ -166,11 +154,11 @@ def segmentation_markdown(s: dict) -> str:
              f"{s['epochs_done']}; {s['n_test']} test images. {_hd95_note(le)}", "",
              "| images | n | Dice | IoU | HD95, misses counted (px) | HD95, detected (px) | "
              "missed |", "|---|---:|---:|---:|---:|---:|---:|"]
-    lines.append(f"| all lesion images | {le['dice']['n']} | {_fmt(le['dice'])} | "
-                 f"{_fmt(le['iou'])} | {_hd95_cells(le)} |")
+    lines.append(f"| all lesion images | {le['dice']['n']} | {fmt_stat(le['dice'])} | "
+                 f"{fmt_stat(le['iou'])} | {_hd95_cells(le)} |")
     for name, e in s["per_class"].items():
         if "dice" in e:
-            lines.append(f"| {name} | {e['n']} | {_fmt(e['dice'])} | {_fmt(e['iou'])} | "
+            lines.append(f"| {name} | {e['n']} | {fmt_stat(e['dice'])} | {fmt_stat(e['iou'])} | "
                          f"{_hd95_cells(e)} |")
     lines += ["", f"Lesions missed (empty prediction): {le['hd95_undefined']} of "
                   f"{le['dice']['n']}."]
@@ -188,13 +176,13 @@ def _empty_count(lf: dict) -> str:
 
 def segmentation_text(s: dict) -> str:
     le = s["lesion_images"]
-    every = f"{_fmt(le['hd95_all'])} px (misses at the diagonal), " if "hd95_all" in le else ""
-    out = [f"test Dice {_fmt(le['dice'])}, IoU {_fmt(le['iou'])}, HD95 {every}"
-           f"{_fmt(le['hd95'])} px on detected lesions, {le['hd95_undefined']} missed, "
+    every = f"{fmt_stat(le['hd95_all'])} px (misses at the diagonal), " if "hd95_all" in le else ""
+    out = [f"test Dice {fmt_stat(le['dice'])}, IoU {fmt_stat(le['iou'])}, HD95 {every}"
+           f"{fmt_stat(le['hd95'])} px on detected lesions, {le['hd95_undefined']} missed, "
            f"on {le['dice']['n']} lesion images ({_mask_rule(s)})"]
     for name, e in s["per_class"].items():
         if "dice" in e:
-            out.append(f"  {name:10} Dice {_fmt(e['dice'])}  IoU {_fmt(e['iou'])}")
+            out.append(f"  {name:10} Dice {fmt_stat(e['dice'])}  IoU {fmt_stat(e['iou'])}")
     lf = s["lesion_free_images"]
     if lf["n"]:
         out.append(f"  normal     predicted empty: {_empty_count(lf)}")
@@ -204,8 +192,6 @@ def segmentation_text(s: dict) -> str:
 def plot_roc(predictions_csv: Path, out: Path, title: str) -> Path | None:
     """One-vs-rest ROC curve per class from a run's ``predictions.csv``."""
     from sklearn.metrics import RocCurveDisplay
-
-    from busi.evaluate import read_predictions
 
     _, y_true, _, probs, classes = read_predictions(Path(predictions_csv))
     truth = np.array(y_true)

@@ -1,4 +1,5 @@
-"""Segmentation metrics per image on the test split: Dice, IoU and HD95.
+"""Segmentation metrics per image on the test split (Dice, IoU, HD95), their summary, and the
+threshold tuned on validation images.
 
 Conventions (stated because papers differ): a prediction is binarised at the
 threshold; for lesion images Dice/IoU are 0 when the prediction is empty; HD95
@@ -19,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from busi.masks import MaskRule
+from busi.models.masks import MaskRule
 
 
 def dice(t: np.ndarray, p: np.ndarray) -> float:
@@ -117,3 +118,8 @@ def tune_threshold(truth: np.ndarray, prob: np.ndarray, candidates: np.ndarray |
     t = truth > 0
     best = max(candidates, key=lambda c: dice(t, MaskRule(float(c), postprocess).apply(prob)))
     return float(best)
+
+
+def fmt_stat(stat: dict) -> str:
+    """'0.812 ± 0.104': a summary statistic as every table prints it, so they all read alike."""
+    return f"{stat['mean']:.3f} ± {stat['std']:.3f}"

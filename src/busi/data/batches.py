@@ -14,7 +14,7 @@ import math
 import keras
 import numpy as np
 
-from busi.augment import Augment
+from busi.data.augment import Augment
 
 
 class Batches(keras.utils.PyDataset):

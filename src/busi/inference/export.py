@@ -23,7 +23,17 @@ import numpy as np
 
 from busi import runtime
 from busi.errors import BusiError
-from busi.runs import atomic_write, new_run_dir, read_json, require_run, run_kind, write_json
+from busi.models.saving import load_model
+from busi.runs import (
+    atomic_write,
+    new_run_dir,
+    read_config,
+    read_split,
+    require_run,
+    resolve_seg_run,
+    run_kind,
+    write_json,
+)
 
 FORMATS = ("keras", "savedmodel", "tflite")
 
@@ -34,24 +44,23 @@ def run_inputs(run: Path, part: str = "test") -> tuple[np.ndarray, np.ndarray, s
     Classifier runs: images masked by their segmentation run's stored masks. U-Net
     runs: images scaled to 0..1.
     """
-    from busi.config import load_config
-    from busi.data import dataset_from_config
-    from busi.split import read_manifest
+    from busi.data.loading import dataset_from_config
+    from busi.data.split import read_manifest
 
-    cfg = load_config(run / "config.yaml")
-    split = read_json(run / "split.json")
+    cfg = read_config(run)
+    split = read_split(run)
     ds = dataset_from_config(cfg)
     manifest = read_manifest(split["manifest"], cfg.split.val_size, cfg.runtime.seed)
     idx = ds.index(manifest.partition(split.get("fold"))[part])
     if "seg_run" not in split:
         return (ds.images[idx][..., None] / 255.0).astype("float32"), ds.masks[idx], "seg"
-    from busi.train import _classifier_masks, classifier_inputs, resolve_seg_run
+    from busi.models.inputs import classifier_inputs, classifier_masks
 
     c = cfg.model.classifier
     seg = (resolve_seg_run(split["seg_run"], cfg.outputs.root,
                            option="the classifier's split.json (seg_run)")
            if split.get("seg_run") else None)
-    masks = _classifier_masks(cfg, ds, seg)
+    masks = classifier_masks(cfg, ds, seg)
     x = classifier_inputs(ds.images, masks, c)[idx]
     return x[..., None].astype("float32"), ds.labels[idx], "cls"
 
@@ -136,7 +145,7 @@ def _agreement(kind: str, reference: np.ndarray, exported: np.ndarray,
                 "accuracy_keras": float((ref == labels).mean()),
                 "accuracy_exported": float((exp == labels).mean()),
                 "max_abs_prob_diff": float(np.abs(reference - exported).max())}
-    from busi.metrics import dice
+    from busi.evaluation.segmentation import dice
 
     a, b = reference[..., 0] > 0.5, exported[..., 0] > 0.5
     return {"mask_dice_vs_keras": float(np.mean([dice(p, q) for p, q in zip(a, b,
@@ -168,7 +177,7 @@ def export_run(run_dir: str | Path, fmt: str = "tflite", quantize: str = "none",
                         f"{keras.backend.backend()}", where="KERAS_BACKEND",
                         fix="run the export with KERAS_BACKEND=tensorflow "
                             "(pip install 'busi[tensorflow]'); a .keras file loads on any backend")
-    trained = runtime.load_model(run / "best.keras")
+    trained = load_model(run / "best.keras")
     x, labels, kind = run_inputs(run)
     print(f"busi export: {'U-Net' if kind == 'seg' else 'classifier'} run {run}")
     # The reference is the model as trained (its own precision), so the check covers
@@ -183,7 +192,7 @@ def export_run(run_dir: str | Path, fmt: str = "tflite", quantize: str = "none",
     if fmt == "keras":
         path = dest / "model.keras"
         shutil.copyfile(run / "best.keras", path)
-        exported = runtime.load_model(path).predict(x, batch_size=32, verbose=0)
+        exported = load_model(path).predict(x, batch_size=32, verbose=0)
     elif fmt == "savedmodel":
         import tensorflow as tf
 
@@ -217,7 +226,7 @@ def export_run(run_dir: str | Path, fmt: str = "tflite", quantize: str = "none",
                                          if layer.compute_dtype != "float32"), "float32"),
               **_agreement(kind, reference, exported, labels), **extra}
     if (run / "masks.npz").is_file():
-        from busi.masks import unet_members
+        from busi.models.masks import unet_members
 
         members = unet_members(run)
         if len(members) > 1:

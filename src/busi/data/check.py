@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from busi.data import Dataset, load_dataset
-from busi.split import duplicate_groups
+from busi.data.loading import Dataset, load_dataset
+from busi.data.split import duplicate_groups
 
 
 @dataclass

@@ -27,7 +27,7 @@ from scipy.sparse.csgraph import connected_components
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
 from busi.config import SplitConfig
-from busi.data import Dataset
+from busi.data.loading import Dataset
 from busi.errors import BusiError
 
 

@@ -15,11 +15,16 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from busi import runtime
-from busi.config import load_config
-from busi.data import IMAGE_EXTENSIONS, MASK_RE, decode, resize_image, to_gray
+from busi.data.loading import IMAGE_EXTENSIONS, MASK_RE, decode, resize_image, to_gray
 from busi.errors import BusiError
-from busi.runs import atomic_write, new_run_dir, write_json
+from busi.runs import (
+    atomic_write,
+    new_run_dir,
+    paired_seg_run,
+    read_config,
+    resolve_cls_run,
+    write_json,
+)
 
 
 def _images(inputs: list[str]) -> list[Path]:
@@ -71,21 +76,21 @@ class Predictor:
 
     def __init__(self, seg_run: str | None = None, cls_run: str | None = None,
                  outputs_root: str = "outputs"):
-        from busi.masks import load_unets, read_rule
-        from busi.train import paired_seg_run, resolve_cls_run
+        from busi.models.masks import load_unets, read_rule
+        from busi.models.saving import load_model
 
         self.cls = resolve_cls_run(cls_run, outputs_root)
         self.seg, why = paired_seg_run(self.cls, seg_run, outputs_root, "busi predict")
         print(f"busi predict: classifier run {self.cls}"
               f"{'' if cls_run else ' (the latest finished)'}\n"
               f"  U-Net run {self.seg} ({why})")
-        cfg = load_config(self.cls / "config.yaml")
+        cfg = read_config(self.cls)
         self.c = cfg.model.classifier
         self.size = tuple(cfg.data.image_size)
         self.classes = list(cfg.data.classes)
         self.rule, self.flip_tta = read_rule(self.seg)
         self.unets = load_unets(self.seg)  # one U-Net, or a run's fold ensemble
-        self.clf = runtime.load_model(self.cls / "best.keras")
+        self.clf = load_model(self.cls / "best.keras")
         if tuple(self.unets[0].input_shape[1:3]) != self.size:
             raise BusiError(f"U-Net input {self.unets[0].input_shape[1:3]} differs from the "
                             f"classifier's {self.size}", where=str(self.seg),
@@ -93,8 +98,8 @@ class Predictor:
 
     def __call__(self, gray: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(mask at model size, classifier input, class probabilities) for a gray image."""
-        from busi.masks import as_stored, predict_probs
-        from busi.train import classifier_inputs
+        from busi.models.inputs import classifier_inputs
+        from busi.models.masks import as_stored, predict_probs
 
         small = resize_image(gray, self.size)
         prob = as_stored(predict_probs(self.unets, small[None], flip_tta=self.flip_tta))
@@ -119,7 +124,7 @@ def predict_command(inputs: list[str], seg_run: str | None = None, cls_run: str 
     out_dir.mkdir(parents=True, exist_ok=True)
     classes = predictor.classes
     if explain:
-        from busi.explain import gradcam, save_panels, split_model
+        from busi.reporting.gradcam import gradcam, save_panels, split_model
 
         parts = split_model(predictor.clf)
     rows, skipped = [], []

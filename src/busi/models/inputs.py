@@ -1,0 +1,79 @@
+"""How lesion masks are applied to the classifier's input (the classifier's preprocessor).
+
+In ``models`` beside the networks, before training, because the classifier trainer (its
+training inputs), evaluation on new data, ``busi predict`` and export all apply it the same way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from busi.errors import BusiError
+from busi.models.masks import load_masks
+
+if TYPE_CHECKING:
+    from busi.config import Config
+    from busi.data.loading import Dataset
+
+
+def masked_inputs(images: np.ndarray, masks: np.ndarray | None, mode: str,
+                  margin: float = 0.15, dilation: int = 0) -> np.ndarray:
+    """Apply (binary) lesion masks to uint8 images as the classifier config says.
+
+    ``multiply`` is the paper's image x mask. ``crop`` cuts the mask's bounding
+    box plus ``margin`` (a fraction of the box size) and resizes it back, which
+    keeps the lesion's surroundings (margins, posterior shadow) that radiologists
+    read; an empty mask keeps the whole image. ``none`` ignores the mask.
+    ``dilation`` (pixels, 0 = the paper) first grows each mask by a disc of that
+    radius, so that ``multiply`` keeps the lesion's margin, where benign and
+    malignant differ most, even when the U-Net draws the boundary a little inside.
+    """
+    if masks is None or mode == "none":
+        return images
+    import cv2
+
+    if dilation > 0:
+        disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * dilation + 1,) * 2)
+        masks = np.stack([cv2.dilate((m > 0).astype(np.uint8), disc) for m in masks])
+    if mode == "multiply":
+        return (images * (masks > 0)).astype(np.uint8)
+
+    out = np.empty_like(images)
+    h, w = images.shape[1:]
+    for k, (img, m) in enumerate(zip(images, masks, strict=True)):
+        ys, xs = np.nonzero(m)
+        if len(ys) == 0:
+            out[k] = img
+            continue
+        y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+        dy, dx = int((y1 - y0) * margin), int((x1 - x0) * margin)
+        y0, y1, x0, x1 = max(0, y0 - dy), min(h, y1 + dy), max(0, x0 - dx), min(w, x1 + dx)
+        out[k] = cv2.resize(img[y0:y1, x0:x1], (w, h), interpolation=cv2.INTER_LINEAR)
+    return out
+
+
+def classifier_inputs(images: np.ndarray, masks: np.ndarray | None, c) -> np.ndarray:
+    """:func:`masked_inputs` as a classifier config (``model.classifier``) says: the one
+    call train-cls, evaluate, predict and export share, so they cannot drift apart."""
+    return masked_inputs(images, masks, c.mask_mode, c.crop_margin, c.mask_dilation)
+
+
+def classifier_masks(cfg: Config, ds: Dataset, seg_run: Path | None) -> np.ndarray | None:
+    """The mask of every image of ``ds`` that the classifier config asks for (none, ground
+    truth, or the segmentation run's stored masks), so train-cls and export agree on them."""
+    source = cfg.model.classifier.masks
+    if source == "none" or cfg.model.classifier.mask_mode == "none":
+        return None
+    if source == "ground_truth":
+        return ds.masks
+    assert seg_run is not None
+    masks = load_masks(seg_run)
+    missing = [f for f in ds.files if f not in masks]
+    if missing:
+        raise BusiError(f"the segmentation run has no mask for {len(missing)} image(s), e.g. "
+                        f"{missing[0]!r}", where=str(seg_run),
+                        fix="use a segmentation run trained on the same data")
+    return np.stack([masks[f] for f in ds.files])

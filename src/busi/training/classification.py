@@ -1,0 +1,187 @@
+"""The classifier trainer: ``train_classifier`` fits one classifier on images masked by a
+U-Net run's masks (with optional frozen-base fine-tuning), then evaluates it on the test split.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from busi import runtime
+from busi.config import Config
+from busi.data.augment import build_augment
+from busi.data.batches import Batches
+from busi.data.loading import dataset_from_config
+from busi.data.split import get_manifest, read_manifest
+from busi.errors import BusiError
+from busi.evaluation.classification import evaluate_run
+from busi.models.classifiers import build_classifier
+from busi.models.inputs import classifier_inputs, classifier_masks
+from busi.models.saving import load_model
+from busi.reporting import plots
+from busi.reporting.gradcam import save_gradcam
+from busi.reporting.report import report_after_run
+from busi.runs import (
+    CLS_DIR,
+    PREDICTIONS,
+    read_split,
+    resolve_seg_run,
+    resume_target,
+    same_path,
+    seg_record,
+    write_predictions,
+    write_split,
+)
+from busi.training.loop import (
+    check_same_data,
+    data_record,
+    finish_state,
+    fit_stage,
+    optimizer,
+    restart_fix,
+    start_run,
+)
+
+keras = runtime.import_keras()
+
+
+def _block_of(name: str) -> str:
+    """Block id of a Keras application layer: 'block5' (VGG), '13' (MobileNet), '' (stem)."""
+    if name.startswith("block"):
+        return name.split("_")[0]
+    m = re.search(r"_(\d+)", name)
+    return m.group(1) if m else ""
+
+
+def _set_trainable_top_blocks(model, n_blocks: int) -> None:
+    base = next((layer for layer in model.layers if isinstance(layer, keras.Model)), None)
+    if base is None:
+        return
+    blocks = list(dict.fromkeys(_block_of(layer.name) for layer in base.layers
+                                if layer.weights and _block_of(layer.name)))
+    top = set(blocks[-n_blocks:]) if n_blocks else set()
+    base.trainable = True
+    for layer in base.layers:
+        layer.trainable = _block_of(layer.name) in top
+
+
+def train_classifier(cfg: Config, *, seg_run: str | None = None, resume: str | None = None,
+                     config_source: str | None = None) -> Path:
+    """Train one classifier on images masked by a segmentation run's predicted masks.
+
+    The split manifest is the segmentation run's, so the classifier's test images
+    are exactly the U-Net's test images (and never its training images).
+    """
+    # Everything that can be wrong with the input (the U-Net run, the data, the masks) is
+    # checked before the run folder is made, so a refused run leaves nothing behind.
+    own: dict[str, Any] = {}
+    if resume:
+        resume_dir, cfg = resume_target(resume, CLS_DIR)
+        if (resume_dir / "split.json").is_file():
+            own = read_split(resume_dir)
+            saved = own.get("seg_run")
+            if seg_run and (not saved or not same_path(seg_run, saved)):
+                print(f"busi: warning: --seg-run {seg_run} ignored: a resumed run keeps the "
+                      f"segmentation run it started with ({saved or 'none'})", file=sys.stderr)
+            seg_run = saved
+    c = cfg.model.classifier
+    seg_path = None
+    if c.masks == "predicted" and c.mask_mode != "none" or seg_run:
+        seg_path = resolve_seg_run(seg_run, cfg.outputs.root)
+    ds = dataset_from_config(cfg)
+    if own:
+        check_same_data(own, ds, cfg.data.image_size, where=str(resume_dir), what="this run",
+                        fix="restore the data it was trained on (data.root in its config.yaml), "
+                            "or start a new run")
+    fold = None
+    if seg_path is not None:
+        seg_split = seg_record(seg_path)
+        check_same_data(seg_split, ds, cfg.data.image_size, where=str(seg_path),
+                        what="this segmentation run",
+                        fix=f"train the classifier with the data and data.image_size of the "
+                            f"segmentation run, or train a U-Net on {cfg.data.root} first")
+        manifest = read_manifest(seg_split["manifest"], cfg.split.val_size, cfg.runtime.seed)
+        fold = seg_split.get("fold")
+    else:
+        manifest = get_manifest(ds, cfg.split, cfg.runtime.seed)
+    parts = manifest.partition(fold)
+    idx = {k: ds.index(v) for k, v in parts.items()}
+    masks = classifier_masks(cfg, ds, seg_path)
+    x = classifier_inputs(ds.images, masks, c)
+    cfg, run_dir, state = start_run(cfg, f"{CLS_DIR}/{c.name}", resume, config_source)
+    runtime.setup(cfg.runtime.seed, cfg.runtime.precision, cfg.runtime.deterministic)
+    write_split(run_dir, {"manifest": str(manifest.path), "fold": fold,
+                          "seg_run": str(seg_path.resolve()) if seg_path else None,
+                          **{k: len(v) for k, v in idx.items()}, **data_record(ds, cfg)})
+    y = keras.utils.to_categorical(ds.labels, len(ds.classes)).astype("float32")
+    print(f"busi train-cls: {c.name} run {run_dir}\n  masks: {c.masks} ({c.mask_mode})"
+          f"{f' from {seg_path}' if seg_path else ''}; train {len(idx['train'])}, "
+          f"val {len(idx['val'])}, test {len(idx['test'])}")
+
+    t = cfg.training.cls
+    total_epochs = t.epochs + (c.fine_tune_epochs if c.freeze_base else 0)
+    with runtime.model_scope():
+        if state.get("epochs_done"):
+            model = load_model(run_dir / "last.keras", fix=restart_fix(run_dir))
+        else:
+            try:
+                model = build_classifier(c.name, tuple(cfg.data.image_size), len(ds.classes),
+                                         c.weights)
+            except BusiError:  # e.g. a bad model.classifier.weights file: nothing trained yet
+                if not resume:
+                    shutil.rmtree(run_dir, ignore_errors=True)
+                raise
+            if c.freeze_base:
+                _set_trainable_top_blocks(model, 0)
+            model.compile(optimizer=optimizer(t.optimizer, t.learning_rate), loss=t.loss,
+                          metrics=["accuracy"])
+    augment = build_augment(cfg.augmentation, tuple(cfg.data.image_size))
+    train = Batches(x[idx["train"]], y[idx["train"]], t.batch_size, augment=augment,
+                    shuffle=True, seed=cfg.runtime.seed, x_scale=1.0, steps=t.steps_per_epoch,
+                    workers=2 if augment is not None else 1, shard=runtime.process(),
+                    multiple=runtime.batch_multiple())
+    val = Batches(x[idx["val"]], y[idx["val"]], t.batch_size, x_scale=1.0,
+                  shard=runtime.process(), multiple=runtime.batch_multiple())
+    class_weight = None
+    if c.class_weights:
+        from sklearn.utils.class_weight import compute_class_weight
+
+        present = np.unique(ds.labels[idx["train"]])
+        weights = compute_class_weight("balanced", classes=present, y=ds.labels[idx["train"]])
+        class_weight = dict(zip(present.tolist(), weights.tolist(), strict=True))
+    hint = f"busi train-cls --resume {run_dir}"
+    stage1 = t
+    if int(state.get("epochs_done", 0)) < t.epochs:
+        state, wall = fit_stage(model, train, val, stage1, run_dir, state, hint, class_weight)
+    else:
+        wall = 0.0
+    if c.freeze_base and c.fine_tune_epochs and int(state.get("epochs_done", 0)) < total_epochs:
+        with runtime.model_scope():
+            model = load_model(run_dir / "last.keras", fix=restart_fix(run_dir))
+            _set_trainable_top_blocks(model, c.fine_tune_blocks)
+            model.compile(optimizer=optimizer(t.optimizer, c.fine_tune_learning_rate),
+                          loss=t.loss, metrics=["accuracy"])
+        state, wall2 = fit_stage(model, train, val, replace(t, epochs=total_epochs), run_dir, state,
+                            hint, class_weight)
+        wall += wall2
+    runtime.end_distribution()
+    best = load_model(run_dir / "best.keras")
+    probs = best.predict(x[idx["test"]][..., None].astype("float32"), batch_size=64, verbose=0)
+    write_predictions(run_dir / PREDICTIONS, parts["test"], ds.labels[idx["test"]],
+                      probs, ds.classes)
+    plots.plot_history(run_dir / "history.csv", run_dir / "loss_curve.png",
+                        title=f"{c.name}: training and validation loss")
+    save_gradcam(run_dir / "gradcam", best, ds, idx["test"], x, probs)
+    finish_state(run_dir, state, train_seconds=round(wall, 1),
+                  environment=runtime.environment())
+    result = evaluate_run(run_dir)
+    print(result["text"])
+    report_after_run(run_dir)
+    print(f"outputs: {run_dir}")
+    return run_dir

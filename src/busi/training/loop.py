@@ -1,0 +1,264 @@
+"""The fit loop every trainer shares, with its run bookkeeping: a run folder started or resumed,
+``model.fit`` with atomic checkpoints after each epoch, and the state a resume continues from.
+
+Each run lives in its own folder (``outputs/seg/<run>/``, ``outputs/cls/<model>/<run>/``;
+``busi.runs`` knows the layout) holding the resolved config, a pointer to the split
+manifest, checkpoints, history, curves and metrics. ``model.fit`` does the training;
+callbacks do the bookkeeping. Checkpoints are written atomically after every epoch, so a
+killed or interrupted run can be continued with ``--resume RUN_DIR``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from busi import runtime
+from busi.config import Config
+from busi.data.loading import Dataset, dataset_from_config
+from busi.data.split import Manifest, get_manifest
+from busi.errors import BusiError
+from busi.runs import (
+    STATE,
+    atomic_write,
+    kind_command,
+    new_run_dir,
+    resume_target,
+    saved_state,
+    write_command,
+    write_config,
+    write_state,
+)
+
+keras = runtime.import_keras()
+
+from busi.data.batches import Batches, fit  # noqa: E402  (after the quiet backend import)
+
+# What a callback keeps between epochs; Keras resets it in on_train_begin, so a resumed
+# fit would restart patience counters and forget the best val_loss so far.
+_CALLBACK_STATE = {"early_stopping": ("wait", "best", "best_epoch", "stopped_epoch"),
+                   "reduce_lr": ("wait", "best", "cooldown_counter")}
+
+
+def _seed_states(model) -> list:
+    """The model's random state that ``.keras`` files do not keep: its ``SeedGenerator``
+    states (dropout masks), in layer order."""
+    saved = {id(w) for w in model.weights}
+    return [v for v in model.variables if id(v) not in saved]
+
+
+def _restore_seed_states(model, values: list) -> None:
+    """Continue the dropout masks where the interrupted run left them."""
+    states = _seed_states(model)
+    if len(states) != len(values):
+        return  # another architecture: nothing to continue
+    for var, value in zip(states, values, strict=True):
+        var.assign(np.asarray(value, dtype=var.dtype))
+
+
+class RunCheckpoint(keras.callbacks.Callback):
+    """``best.keras`` (lowest val_loss), ``last.keras`` and ``state.json`` after each epoch.
+
+    Keras' ModelCheckpoint writes in place, so a Ctrl-C during the write leaves a
+    broken file; here every file goes to a temporary name and is renamed.
+    ``state.json`` also keeps what a resume needs to continue the same run: the
+    dropout seed states and the state of ``tracked`` callbacks (early stopping,
+    learning-rate schedule), restored from ``saved`` when training begins. It must
+    come after the tracked callbacks, whose own ``on_train_begin`` resets them.
+    """
+
+    def __init__(self, run_dir: Path, monitor: str = "val_loss", best: float = math.inf,
+                 best_epoch: int = -1, tracked: dict[str, Any] | None = None,
+                 saved: dict[str, Any] | None = None, stage: int = 0):
+        super().__init__()
+        self.run_dir, self.monitor = run_dir, monitor
+        self.best, self.best_epoch = best, best_epoch
+        self.tracked, self.saved, self.stage = tracked or {}, saved or {}, stage
+
+    def on_train_begin(self, logs: dict[str, float] | None = None) -> None:
+        for name, callback in self.tracked.items():
+            for key, value in self.saved.get(name, {}).items():
+                setattr(callback, key, value)
+
+    def _callback_state(self) -> dict[str, Any]:
+        def plain(value):
+            return None if value is None else float(value)
+
+        state: dict[str, Any] = {"for_epochs": self.stage}
+        for name, callback in self.tracked.items():
+            state[name] = {key: (plain(getattr(callback, key)) if key == "best"
+                                 else int(getattr(callback, key)))
+                           for key in _CALLBACK_STATE[name]}
+        return state
+
+    def _save(self, name: str) -> None:
+        tmp = self.run_dir / f".{name}.tmp.keras"
+        self.model.save(tmp)
+        os.replace(tmp, self.run_dir / name)
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+        value = (logs or {}).get(self.monitor)
+        if value is not None and np.isfinite(value) and value < self.best:
+            self.best, self.best_epoch = float(value), epoch
+            self._save("best.keras")
+        self._save("last.keras")
+        seeds = [keras.ops.convert_to_numpy(v).tolist() for v in _seed_states(self.model)]
+        write_state(self.run_dir,
+                   {"epochs_done": epoch + 1, "best": self.best, "best_epoch": self.best_epoch,
+                    "finished": False, "seed_states": seeds,
+                    "callbacks": self._callback_state()})
+
+
+def optimizer(name: str, lr: float):
+    """The config's optimizer by name, so both trainers build it the same way."""
+    return {"adam": keras.optimizers.Adam, "adamw": keras.optimizers.AdamW,
+            "sgd": keras.optimizers.SGD}[name](learning_rate=lr)
+
+
+def _trim_history(path: Path, epochs_done: int) -> None:
+    """Drop history rows of epochs that ``state.json`` never committed.
+
+    An interrupt between the CSV row and the checkpoint of an epoch means that
+    epoch is trained again on resume; its first row must not stay behind.
+    """
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    if not lines:
+        return
+    keep = [lines[0]] + [ln for ln in lines[1:] if int(ln.split(",", 1)[0]) < epochs_done]
+    if len(keep) != len(lines):
+        atomic_write(path, "".join(keep))
+
+
+def _callbacks(run_dir: Path, train_cfg, state: dict[str, Any]) -> list:
+    # Order matters: RunCheckpoint writes state.json, the commit point of an
+    # epoch, so it runs after everything else that records the epoch.
+    _trim_history(run_dir / "history.csv", int(state.get("epochs_done", 0)))
+    cbs = [keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
+           keras.callbacks.TerminateOnNaN()]
+    tracked: dict[str, Any] = {}
+    if train_cfg.early_stopping_patience:
+        tracked["early_stopping"] = keras.callbacks.EarlyStopping(
+            patience=train_cfg.early_stopping_patience, monitor="val_loss")
+    if train_cfg.reduce_lr_patience:
+        tracked["reduce_lr"] = keras.callbacks.ReduceLROnPlateau(
+            factor=0.5, min_lr=1e-6, monitor="val_loss", patience=train_cfg.reduce_lr_patience)
+    cbs += tracked.values()
+    if train_cfg.tensorboard:
+        cbs.append(keras.callbacks.TensorBoard(str(run_dir / "tensorboard")))
+    # Saved callback state belongs to one fit (a classifier's fine-tuning stage starts afresh).
+    saved = state.get("callbacks") or {}
+    cbs.append(RunCheckpoint(run_dir, best=state.get("best", math.inf),
+                             best_epoch=state.get("best_epoch", -1), tracked=tracked,
+                             saved=saved if saved.get("for_epochs") == train_cfg.epochs else {},
+                             stage=train_cfg.epochs))
+    return cbs
+
+
+def start_run(cfg: Config, kind: str, resume: str | None, config_source: str | None,
+               ) -> tuple[Config, Path, dict[str, Any]]:
+    """New run folder (config saved), or an existing one to resume (its own config).
+
+    Also sets up ``runtime.distribution``. In a multi-process run, process 0
+    owns the run folder; the others write theirs under ``<root>/workers/`` so
+    that no two processes write the same file.
+    """
+    pid, n = runtime.setup_distribution(cfg.runtime)
+    if pid > 0 and not resume:
+        from busi.config import with_overrides
+
+        cfg = with_overrides(cfg, [f"outputs.root={Path(cfg.outputs.root) / 'workers'}"
+                                   f"/process{pid}"])
+    if resume:
+        run_dir, cfg = resume_target(resume, kind)
+        return cfg, run_dir, saved_state(run_dir)
+    parent = Path(cfg.outputs.root) / kind
+    run_dir = new_run_dir(parent, cfg.outputs.run_name)
+    write_config(run_dir, cfg)
+    write_command(run_dir, resume=kind_command(kind),
+                  rerun_note=" (same config, seed, split and masks)")
+    return cfg, run_dir, {}
+
+
+def restart_fix(run_dir: Path) -> str:
+    """What to do when a run's last checkpoint cannot be loaded: start it over, or anew."""
+    return (f"delete {run_dir / STATE} and {run_dir / 'last.keras'} to train this run "
+            "from the start, or start a new run")
+
+
+def load_data(cfg: Config) -> tuple[Dataset, Manifest]:
+    """The data set and its split manifest, loaded before a run folder exists, so that bad
+    data or an impossible split leaves nothing behind."""
+    ds = dataset_from_config(cfg)
+    return ds, get_manifest(ds, cfg.split, cfg.runtime.seed)
+
+
+def fit_stage(model, train: Batches, val: Batches, train_cfg, run_dir: Path,
+              state: dict[str, Any], resume_hint: str,
+              class_weight: dict[int, float] | None = None):
+    """One ``model.fit`` stage, continued from ``state`` (a resume) and committed to state.json,
+    so that an interrupt at any point continues the same run and not a different one."""
+    initial = int(state.get("epochs_done", 0))
+    if state.get("fit_done_for") == train_cfg.epochs and (run_dir / "best.keras").is_file():
+        return state, 0.0  # this stage ended (all epochs, or early stopping) before the interrupt
+    if initial and state.get("seed_states"):
+        _restore_seed_states(model, state["seed_states"])
+    t0 = time.perf_counter()
+    try:
+        fit(model, train, validation_data=val, epochs=train_cfg.epochs, initial_epoch=initial,
+            callbacks=_callbacks(run_dir, train_cfg, state), class_weight=class_weight,
+            verbose=2)
+    except KeyboardInterrupt:
+        print(f"\nbusi: interrupted. Completed epochs are saved; continue with:\n  {resume_hint}",
+              file=sys.stderr)
+        raise
+    wall = time.perf_counter() - t0
+    final = json.loads((run_dir / STATE).read_text()) if (run_dir / STATE).is_file() \
+        else {"epochs_done": initial, "best": math.inf, "best_epoch": -1}
+    if not (run_dir / "best.keras").is_file():
+        raise BusiError("training produced no finite val_loss, so there is no best checkpoint",
+                        where=str(run_dir), fix="lower the learning rate or check the data")
+    # Committed: a resume after a later interrupt (evaluation, out-of-fold U-Nets) must not
+    # train an early-stopped model on to its epoch limit.
+    final = {**final, "fit_done_for": train_cfg.epochs}
+    write_state(run_dir, final)
+    return final, wall
+
+
+def finish_state(run_dir: Path, state: dict[str, Any], **extra: Any) -> None:
+    """Mark the run finished: from now on it is a default input of later commands."""
+    write_state(run_dir, {**state, "finished": True, **extra})
+
+
+def data_record(ds: Dataset, cfg: Config) -> dict[str, Any]:
+    """What identifies the data a run used, for its split.json: every file's bytes
+    (``Dataset.fingerprint``) and the image size the images were resized to."""
+    return {"data_fingerprint": ds.fingerprint,
+            "image_size": [int(v) for v in cfg.data.image_size]}
+
+
+def check_same_data(record: dict[str, Any], ds: Dataset, image_size, *, where: str, what: str,
+                    fix: str) -> None:
+    """Stop when a run's recorded data (fingerprint, image size) is not the data at hand.
+
+    Runs made by an older busi record no fingerprint: warned about, not refused.
+    """
+    size = record.get("image_size")
+    if size is not None and [int(v) for v in size] != [int(v) for v in image_size]:
+        raise BusiError(f"{what} used {size[0]}x{size[1]} images, not "
+                        f"{image_size[0]}x{image_size[1]} (data.image_size)", where=where, fix=fix)
+    fp = record.get("data_fingerprint")
+    if fp is None:
+        print(f"busi: warning: {where} records no data fingerprint (an older busi made it); "
+              "cannot check that it used the same data", file=sys.stderr)
+    elif fp != ds.fingerprint:
+        raise BusiError(f"{what} used other data than {ds.root} holds now (data fingerprint "
+                        f"{fp[:12]}, now {ds.fingerprint[:12]})", where=where, fix=fix)

@@ -1,0 +1,205 @@
+"""The U-Net trainer: ``train_segmentation`` fits the U-Net, draws every image's mask (out of
+fold for the classifier's training images), tunes the threshold and scores the test split.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from busi import runtime
+from busi.config import Config
+from busi.data.augment import build_augment
+from busi.data.batches import Batches
+from busi.data.loading import Dataset
+from busi.data.split import _take_groups, duplicate_groups
+from busi.errors import BusiError
+from busi.evaluation.segmentation import per_image, summarise, tune_threshold
+from busi.models.losses import segmentation_loss, segmentation_metrics
+from busi.models.masks import MaskRule, as_stored, predict_probs, save_masks
+from busi.models.saving import load_model
+from busi.models.unet import build_unet
+from busi.reporting import plots
+from busi.reporting.report import report_after_run
+from busi.runs import SEG_DIR, SPLIT, atomic_write, read_split, saved_state, write_json, write_split
+from busi.training.loop import (
+    check_same_data,
+    data_record,
+    finish_state,
+    fit_stage,
+    load_data,
+    optimizer,
+    restart_fix,
+    start_run,
+)
+
+
+def _unet(cfg: Config):
+    u = cfg.model.unet
+    h, w = cfg.data.image_size
+    return build_unet((h, w, 1), u.base_filters, u.depth, u.encoder_dropout, u.decoder_dropout)
+
+
+def _seg_batches(cfg: Config, ds: Dataset, idx: np.ndarray, *, training: bool, seed: int):
+    t = cfg.training.seg
+    augment = build_augment(cfg.augmentation, tuple(cfg.data.image_size)) if training else None
+    return Batches(ds.images[idx], ds.masks[idx], t.batch_size, augment=augment,
+                   shuffle=training, seed=seed, steps=t.steps_per_epoch if training else 0,
+                   workers=2 if training and augment is not None else 1,
+                   shard=runtime.process(), multiple=runtime.batch_multiple())
+
+
+def fit_unet(cfg: Config, ds: Dataset, train_idx: np.ndarray, val_idx: np.ndarray,
+             run_dir: Path, state: dict[str, Any], resume_hint: str):
+    """Train (or continue) one U-Net; return the best model, the final state and the time."""
+    t = cfg.training.seg
+    with runtime.model_scope():
+        if state.get("epochs_done"):
+            model = load_model(run_dir / "last.keras", fix=restart_fix(run_dir))
+        else:
+            model = _unet(cfg)
+            model.compile(optimizer=optimizer(t.optimizer, t.learning_rate),
+                          loss=segmentation_loss(t.loss),
+                          metrics=segmentation_metrics(t.threshold))
+    train = _seg_batches(cfg, ds, train_idx, training=True, seed=cfg.runtime.seed)
+    val = _seg_batches(cfg, ds, val_idx, training=False, seed=0)
+    final, wall = fit_stage(model, train, val, t, run_dir, state, resume_hint)
+    runtime.end_distribution()
+    return load_model(run_dir / "best.keras"), final, wall
+
+
+def oof_partitions(pool: np.ndarray, groups: np.ndarray, k: int, val_size: float,
+                   seed: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(train, val, held-out) image indices of each out-of-fold U-Net.
+
+    Duplicate groups (``groups``, one id per image of the data set) never straddle
+    any of the three: a near-duplicate in a fold's validation part would flatter
+    the val_loss that picks its checkpoint, and one in its training part would leak
+    into the held-out masks that stand in for test-time masks.
+    """
+    from sklearn.model_selection import GroupKFold
+
+    out = []
+    for fold, (fit_part, held_part) in enumerate(
+            GroupKFold(n_splits=k).split(pool, groups=groups[pool])):
+        fit = pool[fit_part]
+        train, val = _take_groups(fit, groups, np.zeros(len(groups), np.int64), val_size,
+                                  seed + fold, False)
+        if not len(val):  # every group larger than the share asked: take the smallest one
+            sizes = {g: int((groups[fit] == g).sum()) for g in np.unique(groups[fit])}
+            smallest = min(sizes, key=sizes.get)
+            val, train = fit[groups[fit] == smallest], fit[groups[fit] != smallest]
+        out.append((train, val, pool[held_part]))
+    return out
+
+
+def _out_of_fold(cfg: Config, ds: Dataset, pool: np.ndarray, run_dir: Path, k: int,
+                 probs: np.ndarray, source: np.ndarray, resume_hint: str) -> list:
+    """Replace the masks of ``pool`` images by those of k U-Nets that never saw them.
+
+    A classifier trained on masks the U-Net drew for its own training images sees
+    cleaner masks than it will at test time; out-of-fold masks are as imperfect
+    as test masks. Folds, and each fold's validation part, keep duplicate groups
+    together, as the split does. Returns the k U-Nets (a fold ensemble reuses them).
+    On ``--resume``, finished folds are loaded and an interrupted one continues.
+    """
+    groups = (duplicate_groups(ds, cfg.split.near_duplicate_distance)
+              if cfg.split.group_duplicates else np.arange(len(ds)))
+    models = []
+    for fold, (train, val, held) in enumerate(
+            oof_partitions(pool, groups, k, cfg.split.val_size, cfg.runtime.seed)):
+        sub = run_dir / "oof" / f"fold{fold}"
+        sub.mkdir(parents=True, exist_ok=True)
+        print(f"out-of-fold masks: fold {fold + 1}/{k} ({len(held)} images held out)")
+        model, _, _ = fit_unet(cfg, ds, train, val, sub, saved_state(sub), resume_hint)
+        probs[held] = as_stored(predict_probs(model, ds.images[held],
+                                              flip_tta=cfg.training.seg.flip_tta))
+        source[held] = f"oof{fold}"
+        models.append(model)
+    return models
+
+
+def train_segmentation(cfg: Config, *, resume: str | None = None,
+                       config_source: str | None = None, fold: int | None = None) -> Path:
+    """Train the U-Net on the manifest's train part, evaluate on its test part.
+
+    Writes to a new ``outputs/seg/<run>/``: config.yaml, split.json, best.keras,
+    last.keras, history.csv, loss_curve.png, metrics.json/.md, overlays/, and
+    masks.npz (the predicted mask of every image, which ``train-cls`` reads).
+    """
+    if resume:  # the run's own config decides the data; nothing is written before the checks
+        cfg, run_dir, state = start_run(cfg, SEG_DIR, resume, config_source)
+        ds, manifest = load_data(cfg)
+        saved = read_split(run_dir) if (run_dir / SPLIT).is_file() else {}
+        if saved:  # keep the run's fold, on the same data
+            check_same_data(saved, ds, cfg.data.image_size, where=str(run_dir),
+                            what="this run", fix="restore the data it was trained on (data.root "
+                                                 "in its config.yaml), or start a new run")
+            fold = saved.get("fold") if fold is None else fold
+    else:  # bad data or an impossible split stops here, before a run folder exists
+        ds, manifest = load_data(cfg)
+    parts = manifest.partition(fold)
+    idx = {k: ds.index(v) for k, v in parts.items()}
+    if not len(idx["val"]):
+        raise BusiError("the split has no validation images", where="split.val_size",
+                        fix="set split.val_size > 0 (e.g. 0.1)")
+    if not resume:
+        cfg, run_dir, state = start_run(cfg, SEG_DIR, resume, config_source)
+    runtime.setup(cfg.runtime.seed, cfg.runtime.precision, cfg.runtime.deterministic)
+    write_split(run_dir, {"manifest": str(manifest.path), "fold": fold,
+                          **{k: len(v) for k, v in idx.items()}, **data_record(ds, cfg)})
+    print(f"busi train-seg: run {run_dir}\n  data {cfg.data.root}: train {len(idx['train'])}, "
+          f"val {len(idx['val'])}, test {len(idx['test'])} (manifest {manifest.path})")
+
+    t = cfg.training.seg
+    hint = f"busi train-seg --resume {run_dir}"
+    model, final, wall = fit_unet(cfg, ds, idx["train"], idx["val"], run_dir, state, hint)
+
+    probs = as_stored(predict_probs(model, ds.images, flip_tta=t.flip_tta))
+    source = np.array(["final"] * len(ds), dtype=object)
+    # The threshold is tuned on probabilities of the kind it is applied to, from images
+    # that no U-Net behind them trained on: the final U-Net's validation images. With a
+    # fold ensemble the out-of-fold U-Nets train inside the train part only, so the
+    # validation images are unseen by every member and get the ensemble's average, as
+    # the test split and new images do.
+    tune_idx = idx["val"]
+    tune_probs = probs[tune_idx]  # a copy, taken before out-of-fold masks replace them
+    members = ["best.keras"]
+    if t.out_of_fold_masks > 1:
+        pool = idx["train"] if t.fold_ensemble else np.concatenate([idx["train"], idx["val"]])
+        folds = _out_of_fold(cfg, ds, pool, run_dir, t.out_of_fold_masks, probs, source, hint)
+        if t.fold_ensemble:
+            # nnU-Net's practice: images outside the pool (validation, test, new images)
+            # get the average of the final U-Net and the fold U-Nets.
+            rest = np.setdiff1d(np.arange(len(ds)), pool)
+            probs[rest] = as_stored(predict_probs([model, *folds], ds.images[rest],
+                                                  flip_tta=t.flip_tta))
+            source[rest] = "ensemble"
+            members += [f"oof/fold{k}/best.keras" for k in range(len(folds))]
+            tune_probs = probs[tune_idx]
+    threshold = (tune_threshold(ds.masks[tune_idx], tune_probs, postprocess=t.postprocess)
+                 if t.tune_threshold else t.threshold)
+    rule = MaskRule(threshold, t.postprocess)
+    scores = per_image(ds.masks[idx["test"]], rule.apply(probs[idx["test"]]), 0.5)
+    summary = summarise(scores, ds.labels[idx["test"]], ds.classes)
+    summary.update({"threshold": threshold, "postprocess": t.postprocess,
+                    "flip_tta": t.flip_tta, "best_epoch": final.get("best_epoch", -1) + 1,
+                    "epochs_done": final.get("epochs_done"), "train_seconds": round(wall, 1),
+                    "n_test": int(len(idx["test"])), "unets": len(members)})
+    write_json(run_dir / "metrics.json", summary)
+    atomic_write(run_dir / "metrics.md", plots.segmentation_markdown(summary))
+    per_file = {f: {m: float(scores[m][i]) for m in ("dice", "iou", "hd95")}
+                for i, f in enumerate(parts["test"])}
+    write_json(run_dir / "test_scores.json", per_file)
+    save_masks(run_dir / "masks.npz", ds.files, probs, source, rule, t.flip_tta, members)
+    plots.plot_history(run_dir / "history.csv", run_dir / "loss_curve.png",
+                        title="U-Net: training and validation loss")
+    plots.save_overlays(run_dir / "overlays", ds, idx["test"], rule.apply(probs), 0.5)
+    finish_state(run_dir, final, environment=runtime.environment(),
+                  precision=cfg.runtime.precision)
+    print(plots.segmentation_text(summary))
+    report_after_run(run_dir)
+    print(f"outputs: {run_dir}")
+    return run_dir

@@ -1,0 +1,352 @@
+"""Workflows that chain the stages: cross-validation (``busi cv``), evaluating trained runs
+(``busi evaluate``, also on another hospital's data), ``busi rerun`` and ``busi demo``.
+
+They sit on top because they run whole trainings or trained models on data, so they use the
+training, evaluation, reporting and inference stages below; nothing below imports them.
+
+Layout of a CV run (``run_cv``)::
+
+    outputs/cv/<run>/config.yaml, command.txt      what ran, and how to rerun it
+    outputs/cv/<run>/fold<k>/seg/<run>/             that fold's U-Net run
+    outputs/cv/<run>/fold<k>/cls/<model>/<run>/     that fold's classifier runs
+    outputs/cv/<run>/pooled/<model>/                pooled out-of-fold report per model
+    outputs/cv/<run>/cv_results.md, .json           per-fold and aggregated tables
+
+Each fold's runs are ordinary runs (checkpoints, resume, reports), so a killed
+CV resumes where it stopped: finished runs are kept, the interrupted one is
+continued with its own ``--resume``, and later folds start afresh.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from busi.config import Config, find_config, load_config, with_overrides
+from busi.errors import BusiError
+from busi.runs import (
+    CV_DIR,
+    EVAL_DIR,
+    PREDICTIONS,
+    atomic_write,
+    find_classifier_runs,
+    new_run_dir,
+    newest_run,
+    paired_seg_run,
+    read_config,
+    read_json,
+    read_split,
+    require_run,
+    resolve_cls_run,
+    run_kind,
+    write_command,
+    write_config,
+    write_json,
+    write_predictions,
+)
+
+MODELS = ("cnn", "vgg19", "mobilenet")
+
+
+def _fold_config(cfg: Config, fold_dir: Path, model: str | None = None) -> Config:
+    overrides = [f"outputs.root={fold_dir}", "outputs.run_name="]
+    if model:
+        overrides.append(f"model.classifier.name={model}")
+    return with_overrides(cfg, overrides)
+
+
+def cv_config(cfg: Config, folds: int) -> Config:
+    """The config with a stratified k-fold split (duplicate groups kept together)."""
+    return with_overrides(cfg, ["split.scheme=kfold", f"split.folds={folds}",
+                                "split.stratify=true"])
+
+
+def run_cv(cfg: Config, *, folds: int = 5, models: tuple[str, ...] = ("cnn",),
+           resume: str | None = None, config_source: str | None = None) -> Path:
+    """Train and evaluate U-Net + classifiers on every fold; write the aggregated tables."""
+    from busi.evaluation.crossval import aggregate
+    from busi.reporting.report import report_after_run
+    from busi.training.classification import train_classifier
+    from busi.training.segmentation import train_segmentation
+
+    if resume:
+        cv_dir = Path(resume)
+        if not (cv_dir / "config.yaml").is_file() or not (cv_dir / "cv.json").is_file():
+            raise BusiError("not a CV run folder (no config.yaml / cv.json)", where=str(cv_dir),
+                            fix="pass a folder under outputs/cv/")
+        meta = json.loads((cv_dir / "cv.json").read_text())
+        cfg, folds, models = read_config(cv_dir), meta["folds"], tuple(meta["models"])
+    else:
+        unknown = [m for m in models if m not in MODELS]
+        if unknown:
+            raise BusiError(f"unknown model(s) {', '.join(unknown)}", where="--models",
+                            fix=f"choose from {', '.join(MODELS)}")
+        cfg = cv_config(cfg, folds)
+        cv_dir = new_run_dir(Path(cfg.outputs.root) / CV_DIR, cfg.outputs.run_name)
+        write_config(cv_dir, cfg)
+        write_json(cv_dir / "cv.json", {"folds": folds, "models": list(models)})
+        write_command(cv_dir, resume="cv")
+    t0 = time.perf_counter()
+    for k in range(folds):
+        fold_dir = cv_dir / f"fold{k}"
+        seg, done = newest_run(fold_dir / "seg")
+        if not done:
+            print(f"busi cv: fold {k + 1}/{folds}: U-Net"
+                  + (f" (continuing {seg})" if seg else ""))
+            seg = train_segmentation(_fold_config(cfg, fold_dir), fold=k,
+                                     resume=str(seg) if seg else None)
+        for m in models:
+            run, done = newest_run(fold_dir / "cls" / m)
+            if done:
+                continue
+            print(f"busi cv: fold {k + 1}/{folds}: {m}" + (f" (continuing {run})" if run else ""))
+            train_classifier(_fold_config(cfg, fold_dir, m), seg_run=str(seg),
+                             resume=str(run) if run else None)
+    result = aggregate(cv_dir)
+    wall = time.perf_counter() - t0
+    print(result["text"])
+    print(f"busi cv: finished in {wall / 60:.1f} min (this invocation); tables: "
+          f"{cv_dir / 'cv_results.md'}")
+    report_after_run(cv_dir)
+    return cv_dir
+
+# ---------------------------------------------------------------------- evaluate
+
+
+def evaluate_command(runs: list[str] | None = None, seg_run: str | None = None,
+                     outputs_root: str = "outputs") -> Path:
+    """``busi evaluate``: finished classifier runs side by side (the newest split's by default),
+    into a new ``outputs/eval/<run>/`` -- evaluating never modifies a run's own folder."""
+    from busi.evaluation.classification import comparison_markdown, evaluate_run, markdown_table
+    from busi.reporting.report import report_after_run
+
+    if seg_run:
+        seg = require_run(seg_run, "seg", option="--seg-run", needs=("metrics.md",)) / "metrics.md"
+    run_dirs = ([require_run(r, "cls", option="`busi evaluate`", needs=("predictions.csv",))
+                 for r in runs] if runs else find_classifier_runs(outputs_root))
+    print("busi evaluate: classifier run(s) " + ", ".join(map(str, run_dirs))
+          + (f"; U-Net run {seg.parent}" if seg_run else ""))
+    results = [evaluate_run(r) for r in run_dirs]
+    out = new_run_dir(Path(outputs_root) / EVAL_DIR)
+    parts = [f"# Evaluation, {time.strftime('%Y-%m-%d %H:%M')}", ""]
+    if seg_run:
+        print(seg.read_text())
+        parts += [seg.read_text().replace("# Segmentation", "## Segmentation"), ""]
+    for r in results:
+        print(r["text"], end="\n\n")
+        parts.append(markdown_table(r, r["title"]))
+    table = comparison_markdown(results, run_dirs)
+    print("Side by side:\n" + table)
+    parts += ["## Side by side", "", table]
+    atomic_write(out / "evaluation.md", "\n".join(parts))
+    write_json(out / "evaluation.json",
+               [{"run": str(d), **{k: v for k, v in r.items() if k not in ("text",)}}
+                for r, d in zip(results, run_dirs, strict=True)])
+    print(f"reports: {out}/evaluation.md (and classification_report.* in each run folder)")
+    report_after_run(out)
+    return out
+
+
+def evaluate_on_data(data: str, cls_run: str | None = None, seg_run: str | None = None,
+                     outputs_root: str = "outputs") -> Path:
+    """Run trained models on other labelled data (another hospital's) and report, no retraining.
+
+    ``data`` is a BUSI-layout folder or a CSV manifest (``image,mask,label``).
+    The classifier's own config decides the image size and how masks are
+    applied; the segmentation run's stored rule decides how its probabilities
+    become masks -- exactly as for the run's own test images. Classes the model
+    knows but the data lacks (often ``normal``) are fine; unknown labels are not.
+    """
+    from busi.data.loading import load_dataset
+    from busi.evaluation.classification import (
+        compute,
+        inputs_of,
+        markdown_table,
+        model_of,
+        write_run_reports,
+    )
+    from busi.evaluation.segmentation import per_image, summarise
+    from busi.models.inputs import classifier_inputs
+    from busi.models.masks import as_stored, load_unets, predict_probs, read_rule
+    from busi.models.saving import load_model
+    from busi.reporting.plots import segmentation_markdown, segmentation_text
+    from busi.reporting.report import report_after_run
+
+    cls = resolve_cls_run(cls_run, outputs_root)
+    cfg = read_config(cls)
+    c = cfg.model.classifier
+    model_classes = tuple(cfg.data.classes)
+    ds = load_dataset(data, _classes_in(data, model_classes), tuple(cfg.data.image_size),
+                      cache_dir=cfg.data.cache_dir, on_bad_file=cfg.data.on_bad_file)
+    names = [ds.classes[k] for k in ds.labels]
+    labels = np.array([model_classes.index(n) for n in names])  # model's class indices
+    uses_masks = c.masks != "none" and c.mask_mode != "none"
+    seg, why = (paired_seg_run(cls, seg_run, outputs_root, "busi evaluate")
+                if uses_masks and c.masks == "predicted" or seg_run else (None, ""))
+    print(f"busi evaluate: classifier run {cls}{'' if cls_run else ' (the latest finished)'}; "
+          f"U-Net run {f'{seg} ({why})' if seg else 'none'}")
+    # Every model is loaded before the output folder is made: a bad one leaves nothing behind.
+    unets = load_unets(seg) if seg is not None else []
+    clf = load_model(cls / "best.keras")
+    out = new_run_dir(Path(outputs_root) / EVAL_DIR)
+    parts = [f"# Evaluation on {data}, {time.strftime('%Y-%m-%d %H:%M')}", "",
+             f"Classifier run: {cls}; segmentation run: {seg or 'none'}; {len(ds)} images "
+             f"({', '.join(f'{k} {names.count(k)}' for k in model_classes)}).", ""]
+    masks = ds.masks if c.masks == "ground_truth" else None
+    if seg is not None:
+        rule, tta = read_rule(seg)
+        probs = as_stored(predict_probs(unets, ds.images, flip_tta=tta))
+        predicted = rule.apply(probs)
+        masks = predicted if c.masks == "predicted" else masks
+        scored = (ds.n_masks > 0) | (np.array(names) == "normal")
+        if scored.any():
+            scores = per_image(ds.masks[scored], predicted[scored].astype(np.float32), 0.5)
+            summary = summarise(scores, labels[scored], model_classes)
+            summary.update({"threshold": rule.threshold, "postprocess": rule.postprocess,
+                            "flip_tta": tta, "best_epoch": "-", "epochs_done": "-",
+                            "n_test": int(scored.sum())})
+            write_json(out / "segmentation.json", summary)
+            print(segmentation_text(summary))
+            parts += [segmentation_markdown(summary).replace("# Segmentation on the test split",
+                                                             "## Segmentation"), ""]
+    x = classifier_inputs(ds.images, masks if uses_masks else None, c)
+    probs_cls = clf.predict(x[..., None].astype("float32"), batch_size=64, verbose=0)
+    write_predictions(out / PREDICTIONS, ds.files, labels, probs_cls, model_classes)
+    r = compute(ds.files, names, [model_classes[int(i)] for i in probs_cls.argmax(1)], probs_cls,
+                list(model_classes))
+    title = f"{model_of(cls)} ({inputs_of(cls)}) -- {cls.name} on {Path(data).name}"
+    r["title"] = title
+    r["text"] = f"{title}\n{r['report_text']}"
+    write_run_reports(out, r, title)
+    parts.append(markdown_table(r, title))
+    atomic_write(out / "evaluation.md", "\n".join(parts))
+    print(r["text"])
+    print(f"reports: {out}/evaluation.md")
+    report_after_run(out)
+    return out
+
+
+def _classes_in(data: str, model_classes: tuple[str, ...]) -> tuple[str, ...]:
+    """The model's classes that a BUSI-layout folder has; a folder of another name is an error."""
+    root = Path(data)
+    if not root.is_dir():
+        return model_classes  # a CSV manifest: labels are checked row by row
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    unknown = [f for f in folders if f not in model_classes]
+    if unknown:
+        raise BusiError(f"class folder(s) {', '.join(unknown)} are not among the model's classes "
+                        f"({', '.join(model_classes)})", where=str(root),
+                        fix="rename or remove those folders; the model cannot predict new classes")
+    present = tuple(c for c in model_classes if c in folders)
+    if not present:
+        raise BusiError("no class folder of the model's classes found", where=str(root),
+                        fix=f"put images under {', '.join(model_classes)}/ or pass a CSV manifest")
+    return present
+
+# ---------------------------------------------------------------------- rerun
+
+
+def rerun(run_dir: str | Path) -> Path:
+    """``busi rerun RUN_DIR``: the same run again, from what the run folder recorded.
+
+    A run folder holds its resolved config (seed, precision and determinism
+    included), the split manifest it used and, for a classifier, the segmentation
+    run whose masks it read. A rerun uses exactly those, writes a new run folder
+    (never the old one), and refuses when the data no longer matches the manifest
+    -- a different data set would be a different experiment, not a rerun.
+    """
+    from busi.data.loading import dataset_from_config
+    from busi.data.split import manifest_name
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise BusiError("run folder not found", where=str(run_dir),
+                        fix="pass a folder under outputs/seg/, outputs/cls/<model>/ or outputs/cv/")
+    kind = run_kind(run_dir)
+    if kind == "eval":
+        raise BusiError("an evaluation folder is not a training run", where=str(run_dir),
+                        fix="rerun the runs it evaluated, then busi evaluate them")
+    cfg = read_config(run_dir)
+    if kind == "cv":
+        meta = read_json(run_dir / "cv.json")
+        if not (isinstance(meta, dict) and isinstance(meta.get("folds"), int)
+                and isinstance(meta.get("models"), list)):
+            raise BusiError("cv.json does not record folds and models", where=str(run_dir),
+                            fix="restore cv.json, or start a new cross-validation with busi cv")
+        print(f"busi rerun: cross-validation {run_dir} ({meta['folds']} folds, "
+              f"{', '.join(meta['models'])})")
+        return run_cv(cfg, folds=meta["folds"], models=tuple(meta["models"]))
+    from busi.training.loop import check_same_data
+
+    split = read_split(run_dir)
+    if "manifest" not in split:
+        raise BusiError("split.json names no split manifest", where=str(run_dir / "split.json"),
+                        fix="restore split.json, or start a new run instead")
+    ds = dataset_from_config(cfg)
+    expected = Path(split["manifest"]).name
+    if "data_fingerprint" in split or split.get("seg_run") is not None:
+        # Refused here, before train-* makes a run folder. Old runs without a fingerprint
+        # are warned about.
+        check_same_data(split, ds, cfg.data.image_size, where=str(run_dir), what="this run",
+                        fix="restore the original data folder, or start a new run instead")
+    elif manifest_name(ds, cfg.split, cfg.runtime.seed) != expected:
+        raise BusiError(f"the data under {cfg.data.root} is not the data this run used "
+                        f"(its split manifest was {expected})", where=str(run_dir),
+                        fix="restore the original data folder, or start a new run instead")
+    print(f"busi rerun: {kind} run {run_dir} (seed {cfg.runtime.seed}, manifest {expected})")
+    if kind == "seg":
+        from busi.training.segmentation import train_segmentation
+
+        return train_segmentation(cfg, fold=split.get("fold"))
+    from busi.training.classification import train_classifier
+
+    return train_classifier(cfg, seg_run=split["seg_run"])
+
+# ---------------------------------------------------------------------- demo
+
+
+def run_demo(workdir: Path = Path("outputs/demo"), per_class: int = 40,
+             overrides: list[str] | None = None) -> Path:
+    """``busi demo``: the whole pipeline on synthetic data, so that a newcomer sees every step
+    and its outputs in a few minutes on a CPU, with the same functions as a real run."""
+    from busi.data.check import check_dataset, format_report
+    from busi.data.synth import SynthSpec, write_dataset
+    from busi.training.classification import train_classifier
+    from busi.training.segmentation import train_segmentation
+
+    t0 = time.perf_counter()
+    workdir = Path(workdir)
+    data = workdir / "data"
+    base = [f"data.root={data}", f"data.cache_dir={workdir / 'cache'}",
+            f"split.manifest_dir={workdir / 'splits'}", f"outputs.root={workdir}"]
+    cfg = load_config(find_config("demo"), [*base, *(overrides or [])])
+    if not data.exists():
+        print(f"[1/5] writing {per_class} synthetic images per class to {data}")
+        write_dataset(data, SynthSpec(per_class=per_class, seed=cfg.runtime.seed))
+    else:
+        print(f"[1/5] reusing synthetic data in {data}")
+    report = check_dataset(data, tuple(cfg.data.classes),
+                           near_distance=cfg.split.near_duplicate_distance,
+                           cache_dir=cfg.data.cache_dir, size=tuple(cfg.data.image_size))
+    print(format_report(report, limit=3))
+    print("[2/5] segmentation (U-Net)")
+    seg = train_segmentation(cfg)
+    runs = []
+    print("[3/5] classifiers on the U-Net's predicted masks")
+    for i, name in enumerate(("cnn", "vgg19", "mobilenet"), start=1):
+        print(f"[3/5] classifier {i}/3: {name}")
+        model_cfg = load_config(find_config("demo"), [*base, *(overrides or []),
+                                                      f"model.classifier.name={name}"])
+        runs.append(str(train_classifier(model_cfg, seg_run=str(seg))))
+    print("[4/5] evaluation")
+    out = evaluate_command(runs, seg_run=str(seg), outputs_root=str(workdir))
+    print("note: the demo trains VGG19 and MobileNet from scratch for a few epochs on 64x64 "
+          "images (no ImageNet download), so near-chance scores for them are expected here; "
+          "the CNN is the one to read. Real-data figures: docs/RESULTS.md")
+    print(f"[5/5] demo finished in {time.perf_counter() - t0:.0f} s. "
+          f"Everything is under {workdir}/: seg/ (U-Net), cls/<model>/ (classifiers), "
+          f"eval/ (tables: {out}/evaluation.md)")
+    return out
