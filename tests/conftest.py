@@ -20,7 +20,7 @@ REAL_BUSI = Path(os.environ.get("BUSI_DATA", REAL_BUSI))
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A read-only-by-convention synthetic data set (12 images per class)."""
-    from busi.synth import SynthSpec, write_dataset
+    from busi.data.synth import SynthSpec, write_dataset
 
     root = tmp_path_factory.mktemp("synth") / "busi"
     write_dataset(root, SynthSpec(per_class=12, seed=0, height=96, width=128))

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from busi.config import AugmentationConfig
-from busi.metrics import dice
-from busi.synth import render_case
+from busi.data.synth import render_case
+from busi.evaluation.segmentation import dice
 
 pytest.importorskip("keras")
-from busi.augment import build_augment  # noqa: E402
+from busi.data.augment import build_augment  # noqa: E402
 
 
 def lesion_batch(n: int = 8, size: int = 128):
@@ -106,7 +106,7 @@ def batches_seen_by_fit(batches, epochs: int, initial_epoch: int = 0) -> list[np
 
     import keras
 
-    from busi.pipeline import fit
+    from busi.data.batches import fit
 
     seen: list[np.ndarray] = []
 
@@ -130,7 +130,7 @@ def batches_seen_by_fit(batches, epochs: int, initial_epoch: int = 0) -> list[np
 def test_batches_are_the_same_with_one_or_two_worker_threads(engine: str) -> None:
     """Each batch's transform comes from (seed, epoch, batch) whatever the thread timing, and
     the batches of fit's epoch e are those of epoch e (prefetching threads included)."""
-    from busi.pipeline import Batches
+    from busi.data.batches import Batches
 
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (48, 48, 48), dtype=np.uint8)
@@ -176,7 +176,7 @@ def test_image_data_generator_draws_as_get_random_transform_does() -> None:
         "tensorflow.keras.preprocessing.image").ImageDataGenerator
     from scipy.stats import ks_2samp
 
-    from busi.augment import _random_transform
+    from busi.data.augment import _random_transform
 
     cfg = AugmentationConfig()
     generator = ImageDataGenerator(rotation_range=cfg.rotation_range, width_shift_range=10,

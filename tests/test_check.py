@@ -8,8 +8,8 @@ from pathlib import Path
 import cv2
 import pytest
 
-from busi.check import check_dataset, format_markdown, format_report
 from busi.cli import main
+from busi.data.check import check_dataset, format_markdown, format_report
 
 
 def test_clean_synthetic_set(synth_root: Path, tmp_path: Path) -> None:

@@ -119,7 +119,7 @@ def test_loss_names_the_config_allows_are_the_ones_keras_and_busi_build() -> Non
     import keras
 
     from busi.config import ClsLoss, SegLoss
-    from busi.losses import SEG_LOSSES, segmentation_loss
+    from busi.models.losses import SEG_LOSSES, segmentation_loss
 
     assert set(typing.get_args(SegLoss)) == set(SEG_LOSSES)
     for name in SEG_LOSSES:

@@ -27,7 +27,7 @@ def work(tmp_path_factory: pytest.TempPathFactory, synth_root: Path) -> Path:
 @pytest.fixture(scope="module")
 def cv_run(work: Path) -> Path:
     """A 3-fold CV killed during fold 1's classifier, then resumed."""
-    from busi import train
+    from busi.training import classification as train
 
     real = train.train_classifier
     calls = {"n": 0}
@@ -120,7 +120,7 @@ def test_report_renders_in_a_real_browser(cv_run: Path, tmp_path: Path) -> None:
 
 def test_gradcam_highlights_part_of_the_image(cv_run: Path) -> None:
     from busi import runtime
-    from busi.explain import gradcam
+    from busi.reporting.gradcam import gradcam
 
     keras = runtime.import_keras()
     (run,) = list((cv_run / "fold0" / "cls" / "cnn").iterdir())
@@ -162,7 +162,7 @@ def test_pooled_report_follows_a_changed_fold_and_its_interval_resamples_folds(
     import csv
     import shutil
 
-    from busi.cv import aggregate
+    from busi.evaluation.crossval import aggregate
 
     cv = tmp_path / "cv"
     shutil.copytree(cv_run, cv, ignore=shutil.ignore_patterns("*.keras", "*.png", "report.*"))

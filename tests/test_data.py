@@ -9,8 +9,8 @@ import cv2
 import numpy as np
 import pytest
 
-from busi import data as data_mod
-from busi.data import load_dataset, scan
+from busi.data import loading as data_mod
+from busi.data.loading import load_dataset, scan
 from busi.errors import BusiError
 
 SIZE = (32, 32)

@@ -84,7 +84,7 @@ def keras_reference(mobilenet_run: Path) -> tuple[np.ndarray, np.ndarray]:
     """The run's test inputs and the trained Keras model's probabilities on them."""
     import keras
 
-    from busi.export import run_inputs
+    from busi.inference.export import run_inputs
 
     x, _, _ = run_inputs(mobilenet_run)
     return x, keras.models.load_model(mobilenet_run / "best.keras").predict(x, verbose=0)

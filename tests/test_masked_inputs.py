@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("keras")
-from busi.train import masked_inputs  # noqa: E402
+from busi.models.inputs import masked_inputs  # noqa: E402
 
 
 def _case():

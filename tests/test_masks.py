@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from busi.masks import MaskRule, largest_component, predict_probs
+from busi.models.masks import MaskRule, largest_component, predict_probs
 
 
 def test_threshold_is_strict_and_output_binary() -> None:

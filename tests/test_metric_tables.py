@@ -7,7 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from busi.evaluate import _csv_table, _markdown_table, bootstrap_ci, comparison_markdown, compute
+from busi.evaluation.classification import (
+    _csv_table,
+    bootstrap_ci,
+    comparison_markdown,
+    compute,
+)
+from busi.evaluation.classification import markdown_table as _markdown_table
 
 CLASSES = ["benign", "malignant", "normal"]
 
@@ -118,7 +124,7 @@ def test_duplicate_groups_are_resampled_together() -> None:
 def test_resampled_figures_are_scikit_learns() -> None:
     from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
-    from busi.evaluate import accuracy_macro_f1
+    from busi.evaluation.classification import accuracy_macro_f1
 
     rng = np.random.default_rng(0)
     t = rng.choice(["benign", "malignant"], 50)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from busi.metrics import dice, hd95, iou, per_image, summarise
+from busi.evaluation.segmentation import dice, hd95, iou, per_image, summarise
 
 
 def square(y: int, x: int, size: int = 10, shape: int = 40) -> np.ndarray:
@@ -44,7 +44,7 @@ def test_summary_separates_lesion_and_normal_images() -> None:
 
 def _headline_hd95(truth: np.ndarray, prob: np.ndarray) -> float:
     """The HD95 a report leads with: the one its first table row and summary line show."""
-    from busi.report import segmentation_markdown
+    from busi.reporting.plots import segmentation_markdown
 
     s = summarise(per_image(truth, prob), np.zeros(len(truth), int), ["benign"])
     s.update({"threshold": 0.5, "best_epoch": 1, "epochs_done": 1, "n_test": len(truth)})

@@ -75,7 +75,7 @@ def test_no_network_for_imagenet_says_how_to_predownload(monkeypatch: pytest.Mon
 
 
 def test_fine_tuning_opens_only_the_top_blocks_of_the_base() -> None:
-    from busi.train import _set_trainable_top_blocks
+    from busi.training.classification import _set_trainable_top_blocks
 
     model = build_classifier("vgg19", (64, 64), 3, weights="none")
     base = model.get_layer("vgg19")

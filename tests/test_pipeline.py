@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from busi.cli import main
-from busi.split import read_manifest
+from busi.data.split import read_manifest
 
 TINY = """
 data: {{root: {data}, image_size: [32, 32], cache_dir: {work}/cache}}
@@ -86,7 +86,7 @@ def test_interrupted_training_resumes_as_the_same_run(work: Path, monkeypatch: p
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     """Same shuffle, augmentation, dropout masks, optimizer and callback state after --resume:
     with runtime.deterministic the history is that of a run never interrupted."""
-    from busi import train
+    from busi.training import loop as train
 
     settings = [f"--set={key}" for key in (
         "training.seg.epochs=3", "runtime.deterministic=true", "training.seg.reduce_lr_patience=1",
@@ -119,7 +119,7 @@ def test_an_interrupted_classifier_resumes_as_the_same_run(
         work: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """train-cls --resume RUN uses the run's config (here ground-truth masks, so no
     segmentation run anywhere) and continues it as if never interrupted."""
-    from busi import train
+    from busi.training import loop as train
 
     settings = [f"--set={key}" for key in (
         "training.cls.epochs=2", "runtime.deterministic=true",
@@ -148,8 +148,8 @@ def test_resume_keeps_early_stopping_and_lr_schedule_state(tmp_path: Path) -> No
     in on_train_begin), but not into a classifier's fine-tuning stage, which starts afresh."""
     import keras
 
-    from busi import train
     from busi.config import TrainConfig
+    from busi.training import loop as train
 
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dropout(0.5), keras.layers.Dense(1)])
     model.compile("adam", "mse")
@@ -281,7 +281,7 @@ def test_predict_gives_the_mask_the_segmentation_run_scored(
     """Same preprocessing and mask rule as training: predict == what evaluate measured."""
     import cv2
 
-    from busi.masks import load_masks
+    from busi.models.masks import load_masks
 
     stored = load_masks(seg_run)
     scored = sorted(json.loads((seg_run / "test_scores.json").read_text()))[:3]
@@ -316,8 +316,8 @@ def test_fold_ensemble_segments_test_and_new_images_with_every_fold_unet(
         work: Path, cls_run: Path, synth_root: Path, tmp_path: Path) -> None:
     import cv2
 
-    from busi.data import resize_image
-    from busi.masks import load_masks, load_unets, predict_probs
+    from busi.data.loading import resize_image
+    from busi.models.masks import load_masks, load_unets, predict_probs
 
     out_root = work / "ensemble"
     assert run(work, "train-seg", "--set", f"outputs.root={out_root}",
@@ -336,8 +336,8 @@ def test_fold_ensemble_segments_test_and_new_images_with_every_fold_unet(
     val = read_manifest(split["manifest"]).partition(split["fold"])["val"]
     assert {source[f] for f in val} == {"ensemble"}
     assert {s for f, s in source.items() if f not in test and f not in val} == {"oof0", "oof1"}
-    from busi.data import load_dataset
-    from busi.metrics import tune_threshold
+    from busi.data.loading import load_dataset
+    from busi.evaluation.segmentation import tune_threshold
 
     ds = load_dataset(synth_root, size=(32, 32), cache_dir=work / "cache")
     vi = ds.index(val)
@@ -370,7 +370,7 @@ def test_a_run_killed_among_its_out_of_fold_unets_resumes_without_retraining(
         work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The final U-Net stopped early; Ctrl-C in the second fold's first epoch. The resume
     must keep the final U-Net and fold 0 as they are and finish fold 1 once."""
-    from busi import train
+    from busi.training import loop as train
 
     real = train.RunCheckpoint.on_epoch_end
 
@@ -674,7 +674,7 @@ def test_a_model_file_keras_refuses_or_cannot_read_is_one_clear_error(
 
 def test_predictions_csv_keeps_any_file_name(tmp_path: Path) -> None:
     from busi.errors import BusiError
-    from busi.evaluate import read_predictions, write_predictions
+    from busi.runs import read_predictions, write_predictions
 
     files = ['benign/a, "b".png', "normal/plain.png", 'malignant/"quoted".png']
     probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]])

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from busi.check import check_dataset
 from busi.config import SplitConfig
-from busi.data import load_dataset
-from busi.split import get_manifest
+from busi.data.check import check_dataset
+from busi.data.loading import load_dataset
+from busi.data.split import get_manifest
 
 pytestmark = pytest.mark.real_data
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from busi.config import SplitConfig
-from busi.data import load_dataset
-from busi.split import duplicate_groups, get_manifest
+from busi.data.loading import load_dataset
+from busi.data.split import duplicate_groups, get_manifest
 
 
 def dataset(root: Path, tmp_path: Path):
@@ -114,7 +114,7 @@ def test_stratified_holdout_on_a_tiny_set_falls_back_and_says_so(
 
 def test_out_of_fold_unets_keep_duplicate_groups_on_one_side_of_every_split() -> None:
     # Pairs of near-duplicates (the same lesion saved twice), as BUSI has ~140 of.
-    from busi.train import oof_partitions
+    from busi.training.segmentation import oof_partitions
 
     groups = np.repeat(np.arange(60), 2)          # 120 images, 60 pairs
     pool = np.arange(100)                         # the rest stands for the test split
@@ -131,7 +131,7 @@ def test_out_of_fold_unets_keep_duplicate_groups_on_one_side_of_every_split() ->
 def grouped_dataset(seed: int = 0):
     """300 images in BUSI's class proportions with duplicate groups of 2-4 images, some
     across classes: exact duplicates share a pixel hash; pHashes are random, so far apart."""
-    from busi.data import Dataset
+    from busi.data.loading import Dataset
 
     rng = np.random.default_rng(seed)
     labels = np.repeat([0, 1, 2], [150, 90, 60])
@@ -155,7 +155,7 @@ def test_stratified_holdout_takes_the_fraction_asked(fraction: float, seed: int)
     class close to its share, and no group split; 1-in-k sizes keep the k-fold's fold."""
     from sklearn.model_selection import StratifiedGroupKFold
 
-    from busi.split import build_manifest_rows
+    from busi.data.split import build_manifest_rows
 
     ds = grouped_dataset(seed)
     rows = build_manifest_rows(ds, SplitConfig(stratify=True, test_size=fraction, val_size=0.1),
@@ -181,7 +181,7 @@ def test_stratified_holdout_takes_the_fraction_asked(fraction: float, seed: int)
 def test_a_manifest_written_with_a_third_for_0_3_is_not_reused() -> None:
     """Manifests are written once and reused by name: a stratified 0.3 split gets a new
     name (the old file held a third), 1-in-k and unstratified splits keep theirs."""
-    from busi.split import manifest_name
+    from busi.data.split import manifest_name
 
     ds = grouped_dataset()
     names = {(strat, size): manifest_name(ds, SplitConfig(stratify=strat, test_size=size), 0)

@@ -10,8 +10,8 @@ import cv2
 import numpy as np
 import pytest
 
-import busi.synth as synth
-from busi.synth import CLASSES, SynthSpec, render_case, write_dataset
+import busi.data.synth as synth
+from busi.data.synth import CLASSES, SynthSpec, render_case, write_dataset
 
 NAME_RE = re.compile(r"^(benign|malignant|normal) \((\d+)\)(_mask(_1)?)?\.png$")
 
@@ -327,7 +327,7 @@ def test_a_folder_filled_meanwhile_wins(tmp_path: Path, monkeypatch: pytest.Monk
 def test_a_small_cnn_beats_chance_on_synthetic_images(tmp_path: Path) -> None:
     """The demo and the tests need data a model can learn: the classes must be separable."""
     keras = pytest.importorskip("keras")
-    from busi.data import load_dataset
+    from busi.data.loading import load_dataset
     from busi.models import build_classifier
 
     root = tmp_path / "data"
