@@ -37,8 +37,8 @@ from bench_train import DEFAULT_DATA, _images, bench_input  # noqa: E402
 
 
 def _unet(cfg):
-    from busi.losses import segmentation_loss, segmentation_metrics
     from busi.models import build_unet
+    from busi.models.losses import segmentation_loss, segmentation_metrics
 
     keras = runtime.import_keras()
     u, t = cfg.model.unet, cfg.training.seg
@@ -58,8 +58,8 @@ def _fit_rate(model, data, n_images: int, epochs: int, **kw) -> float:
 
 def pipeline_overhead(cfg, images, masks, n: int, epochs: int) -> tuple[float, float]:
     """(img/s via busi's Batches + augmentation, img/s via model.fit on arrays)."""
-    from busi.augment import build_augment
-    from busi.pipeline import Batches
+    from busi.data.augment import build_augment
+    from busi.data.batches import Batches
 
     b = cfg.training.seg.batch_size
     n = n - n % b  # whole batches on both sides
@@ -110,7 +110,7 @@ def matmul_gflops(precision: str, n: int = 2048, repeats: int = 10) -> float:
 
 def predict_latency(seg_run: str, cls_run: str, images: np.ndarray,
                     n: int) -> tuple[float, float]:
-    from busi.predict import Predictor
+    from busi.inference.predict import Predictor
 
     predictor = Predictor(seg_run, cls_run)
     predictor(images[0])  # warm-up

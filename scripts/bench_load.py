@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from busi.data import load_dataset
+from busi.data.loading import load_dataset
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/data/busi/Dataset_BUSI_with_GT"
 

@@ -1,7 +1,7 @@
 """Benchmark: can the input pipeline keep the U-Net fed? img/s of each side.
 
 Prints, for each augmentation engine, how many training images per second the
-input pipeline (busi.pipeline.Batches: slicing, scaling, augmentation, mask
+input pipeline (busi.data.batches.Batches: slicing, scaling, augmentation, mask
 binarisation) prepares on one thread, and for the U-Net at each config how many
 images per second one training step consumes on in-memory arrays. The pipeline
 runs in ``workers`` threads while the model trains, so the ratio that matters is
@@ -33,14 +33,14 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/data/busi/Dataset_B
 
 def _images(data: str, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, str]:
     """Real BUSI when present, else a synthetic set of the same size (so it always runs)."""
-    from busi.data import load_dataset
+    from busi.data.loading import load_dataset
 
     if Path(data, "benign").is_dir():
         ds = load_dataset(data, size=size, cache_dir="data/cache")
         return ds.images, ds.masks, f"{data} ({len(ds)} images)"
     import tempfile
 
-    from busi.synth import SynthSpec, write_dataset
+    from busi.data.synth import SynthSpec, write_dataset
 
     tmp = Path(tempfile.mkdtemp()) / "synth"
     write_dataset(tmp, SynthSpec(per_class=40, seed=0))
@@ -52,8 +52,8 @@ def bench_input(images, masks, cfg, engine: str, batch: int, seconds: float) -> 
     """Images/s that one thread of the input pipeline prepares with this engine."""
     from dataclasses import replace
 
-    from busi.augment import build_augment
-    from busi.pipeline import Batches
+    from busi.data.augment import build_augment
+    from busi.data.batches import Batches
 
     aug = build_augment(replace(cfg.augmentation, engine=engine), tuple(cfg.data.image_size))
     batches = Batches(images, masks, batch, augment=aug, shuffle=True, seed=0)
@@ -68,8 +68,8 @@ def bench_input(images, masks, cfg, engine: str, batch: int, seconds: float) -> 
 
 def bench_model(images, masks, cfg, precision: str, batch: int, steps: int) -> float:
     """Images/s of U-Net training steps on in-memory arrays (no input pipeline)."""
-    from busi.losses import segmentation_loss, segmentation_metrics
     from busi.models import build_unet
+    from busi.models.losses import segmentation_loss, segmentation_metrics
 
     keras = runtime.import_keras()
     runtime.setup(0, precision)

@@ -43,8 +43,8 @@ RULES = [(False, "none"), (True, "none"), (False, "largest_component"),
 def _run_data(run: Path, part: str):
     """The run's data set and the indices of one part of its split."""
     from busi.config import load_config
-    from busi.data import dataset_from_config
-    from busi.split import read_manifest
+    from busi.data.loading import dataset_from_config
+    from busi.data.split import read_manifest
 
     if not (run / "config.yaml").is_file() or not (run / "split.json").is_file():
         raise BusiError("not a segmentation run folder (no config.yaml / split.json)",
@@ -64,8 +64,8 @@ def evaluate(run: str | Path, part: str = "val", variants: bool = False,
              members: list[str] | None = None, tune: bool = False) -> list[dict]:
     """One row per mask rule: Dice, IoU, HD95 and misses on the part's images."""
     from busi import runtime
-    from busi.masks import MaskRule, as_stored, predict_probs, read_rule, unet_members
-    from busi.metrics import per_image, summarise, tune_threshold
+    from busi.evaluation.segmentation import per_image, summarise, tune_threshold
+    from busi.models.masks import MaskRule, as_stored, predict_probs, read_rule, unet_members
 
     run = Path(run)
     rule, tta = read_rule(run)
@@ -79,7 +79,7 @@ def evaluate(run: str | Path, part: str = "val", variants: bool = False,
     else:
         paths = unet_members(run)
     keras = runtime.import_keras()
-    import busi.losses  # noqa: F401  (registers the loss and metrics the checkpoints name)
+    import busi.models.losses  # noqa: F401  (registers the loss and metrics the checkpoints name)
 
     models = [keras.models.load_model(p) for p in paths]
     ds, idx = _run_data(run, part)
