@@ -28,9 +28,11 @@ import numpy as np
 from busi.config import Config, find_config, load_config, with_overrides
 from busi.errors import BusiError
 from busi.runs import (
+    CONFIG,
     CV_DIR,
     EVAL_DIR,
     PREDICTIONS,
+    SPLIT,
     atomic_write,
     find_classifier_runs,
     new_run_dir,
@@ -74,7 +76,7 @@ def run_cv(cfg: Config, *, folds: int = 5, models: tuple[str, ...] = ("cnn",),
 
     if resume:
         cv_dir = Path(resume)
-        if not (cv_dir / "config.yaml").is_file() or not (cv_dir / "cv.json").is_file():
+        if not (cv_dir / CONFIG).is_file() or not (cv_dir / "cv.json").is_file():
             raise BusiError("not a CV run folder (no config.yaml / cv.json)", where=str(cv_dir),
                             fix="pass a folder under outputs/cv/")
         meta = json.loads((cv_dir / "cv.json").read_text())
@@ -125,7 +127,7 @@ def evaluate_command(runs: list[str] | None = None, seg_run: str | None = None,
 
     if seg_run:
         seg = require_run(seg_run, "seg", option="--seg-run", needs=("metrics.md",)) / "metrics.md"
-    run_dirs = ([require_run(r, "cls", option="`busi evaluate`", needs=("predictions.csv",))
+    run_dirs = ([require_run(r, "cls", option="`busi evaluate`", needs=(PREDICTIONS,))
                  for r in runs] if runs else find_classifier_runs(outputs_root))
     print("busi evaluate: classifier run(s) " + ", ".join(map(str, run_dirs))
           + (f"; U-Net run {seg.parent}" if seg_run else ""))
@@ -283,7 +285,7 @@ def rerun(run_dir: str | Path) -> Path:
 
     split = read_split(run_dir)
     if "manifest" not in split:
-        raise BusiError("split.json names no split manifest", where=str(run_dir / "split.json"),
+        raise BusiError("split.json names no split manifest", where=str(run_dir / SPLIT),
                         fix="restore split.json, or start a new run instead")
     ds = dataset_from_config(cfg)
     expected = Path(split["manifest"]).name

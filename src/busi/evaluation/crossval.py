@@ -2,18 +2,8 @@
 reports, from the finished runs of a ``busi cv`` folder (``busi.workflows.run_cv`` trains them).
 
 A 78-image test set moves 1.3 points of accuracy per image, so one split cannot
-separate the paper's models; k folds give every image one out-of-fold
-prediction. Layout of a CV run::
-
-    outputs/cv/<run>/config.yaml, command.txt      what ran, and how to rerun it
-    outputs/cv/<run>/fold<k>/seg/<run>/             that fold's U-Net run
-    outputs/cv/<run>/fold<k>/cls/<model>/<run>/     that fold's classifier runs
-    outputs/cv/<run>/pooled/<model>/                pooled out-of-fold report per model
-    outputs/cv/<run>/cv_results.md, .json           per-fold and aggregated tables
-
-Each fold's runs are ordinary runs (checkpoints, resume, reports), so a killed
-CV resumes where it stopped: finished runs are kept, the interrupted one is
-continued with its own ``--resume``, and later folds start afresh.
+separate the paper's models; k folds give every image one out-of-fold prediction. The
+folder layout of a CV run is described in ``busi.workflows``.
 """
 
 from __future__ import annotations

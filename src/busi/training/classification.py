@@ -30,6 +30,7 @@ from busi.reporting.report import report_after_run
 from busi.runs import (
     CLS_DIR,
     PREDICTIONS,
+    SPLIT,
     read_split,
     resolve_seg_run,
     resume_target,
@@ -83,7 +84,7 @@ def train_classifier(cfg: Config, *, seg_run: str | None = None, resume: str | N
     own: dict[str, Any] = {}
     if resume:
         resume_dir, cfg = resume_target(resume, CLS_DIR)
-        if (resume_dir / "split.json").is_file():
+        if (resume_dir / SPLIT).is_file():
             own = read_split(resume_dir)
             saved = own.get("seg_run")
             if seg_run and (not saved or not same_path(seg_run, saved)):
