@@ -81,6 +81,7 @@ def test_data_parallel_on_two_jax_devices_follows_one_device(work: Path) -> None
 
 
 @needs_jax
+@pytest.mark.slow  # 30 s of two JAX start-ups; the multi-host path, run with `pytest -m slow`
 def test_two_jax_processes_on_localhost_follow_one_process(work: Path) -> None:
     if not list((work / "outputs" / "seg").glob("*-jax1")):
         assert train(work, "jax1", backend="jax")[2] == 0
