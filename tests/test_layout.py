@@ -154,3 +154,15 @@ def test_the_check_sees_a_cycle_and_an_upward_import(tmp_path: Path) -> None:
                                     "busi.reporting.report"])
 def test_layer_of_a_module_is_its_package(module: str) -> None:
     assert layer_of(module) == LAYERS[module.rsplit(".", 1)[0]]
+
+
+def test_the_first_backend_import_is_the_quiet_one() -> None:
+    """Any stage module may be the first to pull in Keras (the restructure made
+    busi.data.batches one): TensorFlow's C++ start-up lines must still not reach the user."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", "import busi.data.batches, busi.models"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "absl" not in proc.stderr and "oneDNN" not in proc.stderr, proc.stderr[-2000:]

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import math
 
-import keras
-import numpy as np
+from busi.runtime import import_keras
 
-from busi.data.augment import Augment
+keras = import_keras()  # first import of the backend: quiet (see runtime)
+import numpy as np  # noqa: E402
+
+from busi.data.augment import Augment  # noqa: E402
 
 
 class Batches(keras.utils.PyDataset):

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import keras
-from keras import layers
+from busi.runtime import import_keras
 
-from busi.errors import BusiError
-from busi.models.layers import ImagenetPreprocess
+keras = import_keras()  # first import of the backend: quiet (see runtime)
+from keras import layers  # noqa: E402
+
+from busi.errors import BusiError  # noqa: E402
+from busi.models.layers import ImagenetPreprocess  # noqa: E402
 
 FAMILIES = ("cnn", "vgg19", "mobilenet")
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-import keras
+from busi.runtime import import_keras
+
+keras = import_keras()  # first import of the backend: quiet (see runtime)
 
 
 @keras.saving.register_keras_serializable(package="busi")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import keras
-from keras import ops
+from busi.runtime import import_keras
 
-from busi.errors import BusiError
+keras = import_keras()  # first import of the backend: quiet (see runtime)
+from keras import ops  # noqa: E402
+
+from busi.errors import BusiError  # noqa: E402
 
 SEG_LOSSES = ("mse", "bce", "dice", "bce_dice")
 

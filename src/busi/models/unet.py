@@ -9,8 +9,10 @@ a 1x1 sigmoid output. About 31.0 M parameters.
 
 from __future__ import annotations
 
-import keras
-from keras import layers
+from busi.runtime import import_keras
+
+keras = import_keras()  # first import of the backend: quiet (see runtime)
+from keras import layers  # noqa: E402
 
 
 def _double_conv(x, filters: int, name: str):
