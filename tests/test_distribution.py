@@ -58,9 +58,13 @@ def losses(work: Path, name: str, root: str = "outputs") -> np.ndarray:
 
 
 def test_mirrored_on_two_cpu_devices_follows_one_device(work: Path) -> None:
-    out, err, rc = train(work, "tf1")
-    assert rc == 0, err[-2000:]
-    out, err, rc = train(work, "tf2", "runtime.distribution=mirrored", "runtime.cpu_devices=2")
+    # both runs at once: most of each is start-up, which the two cores share well
+    procs = [train(work, "tf1", wait=False),
+             train(work, "tf2", "runtime.distribution=mirrored", "runtime.cpu_devices=2",
+                   wait=False)]
+    (_, err1, rc1), (out, err, rc) = [p.communicate(timeout=600) + (p.returncode,)
+                                      for p in procs]
+    assert rc1 == 0, err1[-2000:]
     assert rc == 0, err[-2000:]
     assert "MirroredStrategy over 2 device(s)" in out
     one, two = losses(work, "tf1"), losses(work, "tf2")
@@ -70,11 +74,13 @@ def test_mirrored_on_two_cpu_devices_follows_one_device(work: Path) -> None:
 
 @needs_jax
 def test_data_parallel_on_two_jax_devices_follows_one_device(work: Path) -> None:
-    out, err, rc = train(work, "jax1", backend="jax")
-    assert rc == 0, err[-2000:]
     flags = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    out, err, rc = train(work, "jax2", "runtime.distribution=data_parallel", backend="jax",
-                         env=flags)
+    procs = [train(work, "jax1", backend="jax", wait=False),
+             train(work, "jax2", "runtime.distribution=data_parallel", backend="jax",
+                   env=flags, wait=False)]
+    (_, err1, rc1), (out, err, rc) = [p.communicate(timeout=600) + (p.returncode,)
+                                      for p in procs]
+    assert rc1 == 0, err1[-2000:]
     assert rc == 0, err[-2000:]
     assert "DataParallel over 2 device(s)" in out
     np.testing.assert_allclose(losses(work, "jax2"), losses(work, "jax1"), rtol=2e-3)
