@@ -82,6 +82,21 @@ def history(run_dir: Path) -> list[dict[str, float]]:
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
 
 
+def ctrl_c_after_first_epoch(monkeypatch: pytest.MonkeyPatch):
+    """Make every run stop as a Ctrl-C would, right after its first epoch is committed;
+    returns the real callback, to put back before resuming."""
+    from busi.training.loop import RunCheckpoint
+
+    real = RunCheckpoint.on_epoch_end
+
+    def interrupt(self, epoch, logs=None):
+        real(self, epoch, logs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunCheckpoint, "on_epoch_end", interrupt)
+    return real
+
+
 def test_interrupted_training_resumes_as_the_same_run(work: Path, monkeypatch: pytest.MonkeyPatch,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     """Same shuffle, augmentation, dropout masks, optimizer and callback state after --resume:
@@ -93,13 +108,7 @@ def test_interrupted_training_resumes_as_the_same_run(work: Path, monkeypatch: p
         "training.seg.early_stopping_patience=2", "augmentation.engine=image_data_generator",
         "training.seg.flip_tta=false", "training.seg.tune_threshold=false")]
     assert run(work, "train-seg", f"--set=outputs.root={work / 'whole'}", *settings) == 0
-    real = train.RunCheckpoint.on_epoch_end
-
-    def ctrl_c_after_first_epoch(self, epoch, logs=None):
-        real(self, epoch, logs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train.RunCheckpoint, "on_epoch_end", ctrl_c_after_first_epoch)
+    real = ctrl_c_after_first_epoch(monkeypatch)
     out_root = work / "resume"
     assert run(work, "train-seg", f"--set=outputs.root={out_root}", *settings) == 130
     (run_dir,) = list((out_root / "seg").iterdir())
@@ -125,13 +134,7 @@ def test_an_interrupted_classifier_resumes_as_the_same_run(
         "training.cls.epochs=2", "runtime.deterministic=true",
         "model.classifier.masks=ground_truth", "augmentation.engine=image_data_generator")]
     assert run(work, "train-cls", f"--set=outputs.root={work / 'cls-whole'}", *settings) == 0
-    real = train.RunCheckpoint.on_epoch_end
-
-    def ctrl_c_after_first_epoch(self, epoch, logs=None):
-        real(self, epoch, logs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train.RunCheckpoint, "on_epoch_end", ctrl_c_after_first_epoch)
+    real = ctrl_c_after_first_epoch(monkeypatch)
     assert run(work, "train-cls", f"--set=outputs.root={work / 'cls-cut'}", *settings) == 130
     monkeypatch.setattr(train.RunCheckpoint, "on_epoch_end", real)
     monkeypatch.chdir(tmp_path)  # no outputs/seg here: the resume must not look for one

@@ -292,8 +292,7 @@ def rerun(run_dir: str | Path) -> Path:
     if "data_fingerprint" in split or split.get("seg_run") is not None:
         # Refused here, before train-* makes a run folder. Old runs without a fingerprint
         # are warned about.
-        check_same_data(split, ds, cfg.data.image_size, where=str(run_dir), what="this run",
-                        fix="restore the original data folder, or start a new run instead")
+        check_same_data(split, ds, cfg.data.image_size, where=str(run_dir))
     elif manifest_name(ds, cfg.split, cfg.runtime.seed) != expected:
         raise BusiError(f"the data under {cfg.data.root} is not the data this run used "
                         f"(its split manifest was {expected})", where=str(run_dir),

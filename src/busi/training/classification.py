@@ -97,9 +97,7 @@ def train_classifier(cfg: Config, *, seg_run: str | None = None, resume: str | N
         seg_path = resolve_seg_run(seg_run, cfg.outputs.root)
     ds = dataset_from_config(cfg)
     if own:
-        check_same_data(own, ds, cfg.data.image_size, where=str(resume_dir), what="this run",
-                        fix="restore the data it was trained on (data.root in its config.yaml), "
-                            "or start a new run")
+        check_same_data(own, ds, cfg.data.image_size, where=str(resume_dir))
     fold = None
     if seg_path is not None:
         seg_split = seg_record(seg_path)

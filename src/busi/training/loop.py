@@ -245,8 +245,10 @@ def data_record(ds: Dataset, cfg: Config) -> dict[str, Any]:
             "image_size": [int(v) for v in cfg.data.image_size]}
 
 
-def check_same_data(record: dict[str, Any], ds: Dataset, image_size, *, where: str, what: str,
-                    fix: str) -> None:
+def check_same_data(record: dict[str, Any], ds: Dataset, image_size, *, where: str,
+                    what: str = "this run",
+                    fix: str = "restore the data it was trained on (data.root in its "
+                               "config.yaml), or start a new run") -> None:
     """Stop when a run's recorded data (fingerprint, image size) is not the data at hand.
 
     Runs made by an older busi record no fingerprint: warned about, not refused.

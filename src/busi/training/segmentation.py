@@ -134,9 +134,7 @@ def train_segmentation(cfg: Config, *, resume: str | None = None,
         ds, manifest = load_data(cfg)
         saved = read_split(run_dir) if (run_dir / SPLIT).is_file() else {}
         if saved:  # keep the run's fold, on the same data
-            check_same_data(saved, ds, cfg.data.image_size, where=str(run_dir),
-                            what="this run", fix="restore the data it was trained on (data.root "
-                                                 "in its config.yaml), or start a new run")
+            check_same_data(saved, ds, cfg.data.image_size, where=str(run_dir))
             fold = saved.get("fold") if fold is None else fold
     else:  # bad data or an impossible split stops here, before a run folder exists
         ds, manifest = load_data(cfg)
