@@ -26,3 +26,35 @@ class ImagenetPreprocess(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "family": self.family}
+
+
+@keras.saving.register_keras_serializable(package="busi")
+class InputNorm(keras.layers.Layer):
+    """Map the raw [0, 1] gray image to what the network expects, inside the model.
+
+    ``fixed``: ``x * scale + offset`` (the identity for the paper's U-Net; [-1, 1] for an
+    ImageNet MobileNet, whose ``preprocess_input`` maps 0..255 to [-1, 1]).
+    ``per_image``: each image to zero mean and unit variance over its own pixels, so a
+    scanner's gain and offset (which differ from hospital to hospital) do not reach the
+    network: a linear change of intensities gives the same input.
+
+    Being a layer, it is saved with the model, so a saved model takes the same raw
+    images whatever the normalisation.
+    """
+
+    def __init__(self, mode: str = "fixed", scale: float = 1.0, offset: float = 0.0,
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.mode, self.scale, self.offset = mode, float(scale), float(offset)
+
+    def call(self, x):
+        ops = keras.ops
+        if self.mode == "per_image":
+            mean = ops.mean(x, axis=(1, 2, 3), keepdims=True)
+            std = ops.std(x, axis=(1, 2, 3), keepdims=True)
+            return (x - mean) / ops.maximum(std, 1e-3)
+        return x * self.scale + self.offset
+
+    def get_config(self):
+        return {**super().get_config(), "mode": self.mode, "scale": self.scale,
+                "offset": self.offset}

@@ -5,6 +5,12 @@ two 3x3 ReLU convs per level (64/128/256/512) each followed by 2x2 max-pool and
 dropout 0.2; a 1024-filter bottleneck; 2x2 stride-2 transposed convs (ReLU),
 concatenation with the matching encoder level, two 3x3 convs and dropout 0.1;
 a 1x1 sigmoid output. About 31.0 M parameters.
+
+:func:`build_mobilenet_unet` is the same U shape on a pretrained encoder, as segmentation
+model zoos build it: the ImageNet MobileNet v1's feature maps at strides 2, 4, 8 and 16
+feed the decoder's skip connections and its stride-32 output is the bottleneck. It learns
+from BUSI's few hundred images what a from-scratch encoder cannot: edges and textures
+seen on a million photographs, which transfer to scanners it never saw.
 """
 
 from __future__ import annotations
@@ -13,6 +19,13 @@ from busi.runtime import import_keras
 
 keras = import_keras()  # first import of the backend: quiet (see runtime)
 from keras import layers  # noqa: E402
+
+from busi.errors import BusiError  # noqa: E402
+from busi.models.layers import InputNorm  # noqa: E402
+
+# MobileNet v1 layers whose outputs are the encoder's scales (strides 2, 4, 8, 16, 32).
+MOBILENET_SKIPS = ("conv_pw_1_relu", "conv_pw_3_relu", "conv_pw_5_relu", "conv_pw_11_relu",
+                   "conv_pw_13_relu")
 
 
 def _double_conv(x, filters: int, name: str):
@@ -24,10 +37,14 @@ def _double_conv(x, filters: int, name: str):
 
 def build_unet(input_shape: tuple[int, int, int] = (128, 128, 1), base_filters: int = 64,
                depth: int = 4, encoder_dropout: float = 0.2, decoder_dropout: float = 0.1,
-               name: str = "unet") -> keras.Model:
-    """Return the U-Net; the output is a per-pixel lesion probability in float32."""
+               name: str = "unet", input_norm: str = "fixed") -> keras.Model:
+    """Return the U-Net; the output is a per-pixel lesion probability in float32.
+
+    ``input_norm="per_image"`` standardises each image first (see :class:`InputNorm`);
+    ``"fixed"`` feeds the [0, 1] image as the paper does, with no extra layer.
+    """
     inputs = keras.Input(input_shape, name="image")
-    x = inputs
+    x = inputs if input_norm == "fixed" else InputNorm(input_norm, name="input_norm")(inputs)
     skips = []
     for level in range(depth):
         filters = base_filters * 2**level
@@ -44,5 +61,72 @@ def build_unet(input_shape: tuple[int, int, int] = (128, 128, 1), base_filters: 
         x = _double_conv(x, filters, f"dec{level + 1}")
         x = layers.Dropout(decoder_dropout, name=f"dec{level + 1}_dropout")(x)
     # float32 output under mixed precision: sigmoid/loss in bfloat16 lose small probabilities.
+    outputs = layers.Conv2D(1, 1, activation="sigmoid", dtype="float32", name="mask")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def load_weights_file(model: keras.Model, path: str, what: str, where: str) -> None:
+    """Load a Keras weights file into ``model``, or say clearly why it does not fit."""
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        raise BusiError(f"{what} weights file not found", where=f"{where}: {path}",
+                        fix="give the path of a .weights.h5 file (e.g. "
+                            "../shared/weights/mobilenet_v1_imagenet/"
+                            "mobilenet_1_0_notop.weights.h5), or '' to start from random "
+                            "weights")
+    try:
+        model.load_weights(path)
+    except Exception as exc:  # Keras raises ValueError/KeyError/OSError for a misfit file
+        raise BusiError(f"the file does not fit the {what} ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:200]})", where=f"{where}: {path}",
+                        fix=f"use a weights file saved from the same {what} architecture "
+                            "(include_top=False, alpha 1.0)") from None
+
+
+def _conv_bn(x, filters: int, name: str):
+    for i in (1, 2):
+        x = layers.Conv2D(filters, 3, padding="same", use_bias=False,
+                          kernel_initializer="he_normal", name=f"{name}_conv{i}")(x)
+        x = layers.BatchNormalization(name=f"{name}_bn{i}")(x)
+        x = layers.Activation("relu", name=f"{name}_relu{i}")(x)
+    return x
+
+
+def build_mobilenet_unet(input_shape: tuple[int, int, int] = (128, 128, 1),
+                         base_filters: int = 16, decoder_dropout: float = 0.1,
+                         weights: str = "", input_norm: str = "fixed",
+                         name: str = "mobilenet_unet") -> keras.Model:
+    """A U-Net whose encoder is Keras' MobileNet v1 (alpha 1.0), ImageNet weights from a file.
+
+    The gray [0, 1] image becomes the encoder's input inside the model: scaled to
+    [-1, 1] (MobileNet's ``preprocess_input``; ``input_norm="per_image"``
+    standardises it instead) and repeated to three channels. The encoder's batch
+    norms run in inference mode, as Keras' transfer-learning guide does for
+    fine-tuning: their ImageNet statistics stay, and batches of 16 do not replace
+    them with noisy ones. The decoder (conv-BN-ReLU twice per scale, widths
+    ``base_filters * 2**level``) upsamples bilinearly and joins each encoder scale.
+    Both sides must be multiples of 32.
+    """
+    inputs = keras.Input(input_shape, name="image")
+    if input_norm == "fixed":
+        x = InputNorm("fixed", scale=2.0, offset=-1.0, name="input_norm")(inputs)
+    else:
+        x = InputNorm(input_norm, name="input_norm")(inputs)
+    x = layers.Concatenate(name="gray_to_rgb")([x, x, x])
+    base = keras.applications.MobileNet(input_shape=(*input_shape[:2], 3), include_top=False,
+                                        weights=None, alpha=1.0)
+    if weights:
+        load_weights_file(base, weights, "MobileNet encoder", "model.unet.encoder_weights")
+    encoder = keras.Model(base.input, [base.get_layer(n).output for n in MOBILENET_SKIPS],
+                          name="mobilenet_encoder")
+    *skips, x = encoder(x, training=False)
+    for level in reversed(range(5)):
+        x = layers.UpSampling2D(2, interpolation="bilinear", name=f"dec{level + 1}_up")(x)
+        if level:
+            x = layers.Concatenate(name=f"dec{level + 1}_concat")([x, skips[level - 1]])
+        x = _conv_bn(x, base_filters * 2**level, f"dec{level + 1}")
+        if decoder_dropout:
+            x = layers.Dropout(decoder_dropout, name=f"dec{level + 1}_dropout")(x)
     outputs = layers.Conv2D(1, 1, activation="sigmoid", dtype="float32", name="mask")(x)
     return keras.Model(inputs, outputs, name=name)
