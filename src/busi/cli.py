@@ -8,6 +8,7 @@ module that owns the work, so the same work is reachable from Python. A
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import textwrap
@@ -27,7 +28,10 @@ def _add_config_args(p: argparse.ArgumentParser, default: str | None = "paper") 
     p.add_argument("--config", "-c", default=default,
                    help="YAML config: a path, or a name in configs/ (paper, cpu, demo); "
                         f"default: {default}")
-    p.add_argument("--data", help="data folder in the BUSI layout (overrides data.root)")
+    p.add_argument("--data", action="append", metavar="PATH",
+                   help="data folder in the BUSI layout, or a CSV manifest (image,mask,label"
+                        "[,patient]); repeat it to train on several sources together "
+                        "(overrides data.root)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config value, e.g. --set training.seg.epochs=5 "
                         "(repeatable)")
@@ -49,8 +53,11 @@ def load_cli_config(args: argparse.Namespace):
     from busi.config import find_config, load_config
 
     overrides = list(args.overrides)
-    if getattr(args, "data", None):
-        overrides.append(f"data.root={args.data}")
+    data = getattr(args, "data", None) or []
+    if len(data) == 1:
+        overrides.append(f"data.root={data[0]}")
+    elif data:  # JSON is YAML: paths with spaces, commas or colons stay one string each
+        overrides.append(f"data.root={json.dumps(data)}")
     path = find_config(args.config) if args.config else None
     return load_config(path, overrides)
 
@@ -335,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog=_examples("""
             busi data split --config paper --data data/Dataset_BUSI_with_GT
             busi data split --config paper --set split.scheme=kfold --set split.folds=5
+            busi data split --config paper --data data/Dataset_BUSI_with_GT --data my_scans.csv
         """))
     _add_config_args(p)
     p.set_defaults(func=cmd_data_split)

@@ -40,7 +40,9 @@ def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = 
 class DataConfig:
     """Where the images are and how they are decoded."""
 
-    root: str = "data/Dataset_BUSI_with_GT"
+    # A BUSI-layout folder or a CSV manifest, or a list of them: one data set of several
+    # sources (e.g. BUSI plus the user's own labelled scans), split together.
+    root: str | list[str] = "data/Dataset_BUSI_with_GT"
     classes: list[str] = field(default_factory=lambda: list(CLASSES))
     image_size: list[int] = field(default_factory=lambda: [128, 128],
                                   metadata={**_range(16, 4096), "length": 2})
@@ -211,7 +213,7 @@ def _describe(tp: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin in (list, tuple):
         (inner, *_) = typing.get_args(tp) or (Any,)
-        return f"a list of {_describe(inner)}s"
+        return f"a list of {re.sub(r'^an? ', '', _describe(inner))}s"
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_describe(a) for a in typing.get_args(tp))
     if dataclasses.is_dataclass(tp):
@@ -266,7 +268,8 @@ def _convert(value: Any, tp: Any, key: str, where: str, meta: dict[str, Any],
         if not isinstance(value, list):
             raise fail(_describe(tp))
         if "length" in meta and len(value) != meta["length"]:
-            raise fail(f"a list of exactly {meta['length']} {_describe(inner)}s")
+            raise fail(f"a list of exactly {meta['length']} "
+                       f"{re.sub(r'^an? ', '', _describe(inner))}s")
         return [_convert(v, inner, key, where, meta) for v in value]
     if tp is type(None):
         if value is not None:
@@ -435,6 +438,9 @@ def check_consistency(cfg: Config, where: str) -> Config:
         raise BusiError("'training.seg.fold_ensemble' needs the out-of-fold U-Nets",
                         where=where, fix="set training.seg.out_of_fold_masks to 2 or more "
                                          "(e.g. 5), or fold_ensemble: false")
+    if cfg.data.root == []:
+        raise BusiError("'data.root' names no data source", where=where,
+                        fix="pass --data PATH (repeat it for several sources)")
     classes = cfg.data.classes
     if len(classes) < 2 or len(set(classes)) != len(classes):
         raise BusiError(f"'data.classes' must name two or more different classes, got {classes}",

@@ -7,6 +7,11 @@ one image are merged by OR. Names contain spaces and parentheses.
 Decoding 780 PNGs takes seconds, so the decoded 128x128 arrays are cached on
 disk under a key made from every file's bytes and the target size: editing,
 adding or removing a file changes the key, and nothing stale is ever read.
+
+``data.root`` may also list several sources (BUSI-layout folders and CSV
+manifests), so that a user's own labelled scans train beside BUSI: each source
+is scanned and cached on its own, and the arrays are concatenated into one
+:class:`Dataset` whose ids carry the source's name.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ class Case:
     masks: tuple[Path, ...]
     label: str
     id: str = ""  # set for CSV manifests: the image path as the CSV writes it
+    patient: str = ""  # CSV manifests' optional `patient` column; "" = not known
 
     @property
     def name(self) -> str:
@@ -74,6 +80,7 @@ class Layout:
 
 
 CSV_COLUMNS = ("image", "mask", "label")
+PATIENT_COLUMN = "patient"
 
 
 def scan_csv(path: Path, classes: tuple[str, ...]) -> Layout:
@@ -83,7 +90,10 @@ def scan_csv(path: Path, classes: tuple[str, ...]) -> Layout:
     empty ``mask`` cell means "no lesion" (an all-zero mask, as BUSI's normal
     images have); several masks of one image go in one cell separated by ``;``.
     A class of ``classes`` with no row is fine (external sets often have no
-    normal images); a label outside ``classes`` is an error.
+    normal images); a label outside ``classes`` is an error. An optional
+    ``patient`` column says whose scan each image is: the split keeps all of a
+    patient's images on one side, as it does near-duplicates (an empty cell:
+    not known, the image is grouped by its duplicates only).
     """
     import csv
 
@@ -124,16 +134,20 @@ def scan_csv(path: Path, classes: tuple[str, ...]) -> Layout:
             if not p.is_file():
                 raise fail(f"file not found: {p}", "fix the path (relative to the CSV's folder)",
                            line)
-        layout.cases.append(Case(image=paths[0], masks=tuple(paths[1:]), label=label, id=image))
+        layout.cases.append(Case(image=paths[0], masks=tuple(paths[1:]), label=label, id=image,
+                                 patient=row.get(PATIENT_COLUMN, "")))
     return layout
 
 
-def scan(root: str | Path, classes: Iterable[str]) -> Layout:
+def scan(root: str | Path, classes: Iterable[str], *, partial: bool = False) -> Layout:
     """List the cases under ``root`` (BUSI layout, or a CSV manifest); no decoding.
 
     Raises for problems that make the folder unusable as a whole (missing root,
     missing or empty class folder); per-file problems are returned in the layout
-    so that ``busi data check`` can list them all at once.
+    so that ``busi data check`` can list them all at once. ``partial`` (one of
+    several sources): a folder may lack some class folders, as a CSV may lack
+    some labels, but a sub-folder that is not a class is an error, as an unknown
+    CSV label is: its images would otherwise be left out without a word.
     """
     root = Path(root)
     classes = tuple(classes)
@@ -145,6 +159,19 @@ def scan(root: str | Path, classes: Iterable[str]) -> Layout:
                             "or to a CSV manifest (image,mask,label), or run "
                             "`busi data synth --out DIR`")
     layout = Layout(root=root, classes=classes, cases=[])
+    if partial:
+        present = sorted(p.name for p in root.iterdir()
+                         if p.is_dir() and not p.name.startswith("."))
+        unknown = [f for f in present if f not in classes]
+        if unknown:
+            raise BusiError(f"folder(s) {', '.join(unknown)} are not among data.classes "
+                            f"({', '.join(classes)})", where=str(root),
+                            fix="rename or remove those folders, or add the classes to "
+                                "data.classes")
+        if not present:
+            raise BusiError(f"no class folder ({', '.join(classes)}) found", where=str(root),
+                            fix="pass a folder with class sub-folders, or a CSV manifest")
+        classes = tuple(c for c in classes if c in present)
     for label in classes:
         folder = root / label
         if not folder.is_dir():
@@ -293,12 +320,26 @@ def decode_case(case: Case, blobs: dict[Path, bytes], size: tuple[int, int]) -> 
 
 
 @dataclass
-class Dataset:
-    """Decoded arrays of a BUSI-layout folder, in manifest order."""
+class Source:
+    """One data source of a :class:`Dataset`: its images are ``files[start:stop]``."""
 
-    root: Path
+    tag: str                       # prefix of its ids ("" when it is the only source)
+    path: Path                     # the BUSI-layout folder or the CSV manifest
+    layout: Layout
+    fingerprint: str
+    start: int
+    stop: int
+    problems: list[Problem] = field(default_factory=list)
+
+
+@dataclass
+class Dataset:
+    """Decoded arrays of one or more data sources, in manifest order."""
+
+    root: Path                     # the (first) source's folder or CSV
     classes: tuple[str, ...]
-    files: list[str]               # "benign/benign (1).png", the ids in every manifest
+    files: list[str]               # "benign/benign (1).png", the ids in every manifest;
+                                   # with several sources "<tag>/benign/benign (1).png"
     images: np.ndarray             # uint8 (N, H, W)
     masks: np.ndarray              # uint8 (N, H, W), 0/1, OR of all masks of the image
     labels: np.ndarray             # int (N,), index into classes
@@ -308,17 +349,26 @@ class Dataset:
     pixel_hashes: list[str]        # sha1 of the decoded gray original (exact duplicates)
     fingerprint: str               # hash of every file's bytes: identifies the data set
     problems: list[Problem] = field(default_factory=list)
-    layout: Layout | None = None
+    layout: Layout | None = None   # the scan of a single source (None for several)
+    # Patient id per image ("" = not known), from a CSV's `patient` column; namespaced by
+    # source tag with several sources, so two sites' patient "A" are two patients.
+    patients: list[str] = field(default_factory=list)
+    sources: list[Source] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.files)
+
+    @property
+    def location(self) -> str:
+        """The source path(s), for messages: ``A + B`` when there are several."""
+        return " + ".join(str(s.path) for s in self.sources) or str(self.root)
 
     def index(self, files: Iterable[str]) -> np.ndarray:
         where = {f: i for i, f in enumerate(self.files)}
         missing = [f for f in files if f not in where]
         if missing:
             raise BusiError(f"{len(missing)} file(s) of the split manifest are not in the data, "
-                            f"e.g. {missing[0]!r}", where=str(self.root),
+                            f"e.g. {missing[0]!r}", where=self.location,
                             fix="use the data set the manifest was made for, or delete the "
                                 "manifest so a new one is written")
         return np.array([where[f] for f in files], dtype=np.int64)
@@ -345,20 +395,90 @@ def _fingerprint(layout: Layout, blobs: dict[Path, bytes]) -> str:
     return h.hexdigest()
 
 
-def load_dataset(root: str | Path, classes: Iterable[str] = ("benign", "malignant", "normal"),
+def source_tag(path: str | Path) -> str:
+    """The short name that prefixes a source's ids: its folder's name, or its CSV's stem."""
+    path = Path(path)
+    if path.suffix.lower() == ".csv":
+        return path.stem
+    return path.name or path.resolve().name
+
+
+def load_dataset(root: str | Path | list[str] | list[Path],
+                 classes: Iterable[str] = ("benign", "malignant", "normal"),
                  size: tuple[int, int] | list[int] = (128, 128), *,
                  cache_dir: str | Path | None = "data/cache", on_bad_file: str = "error",
                  workers: int = 0, collect: bool = False) -> Dataset:
-    """Decode a BUSI-layout folder into arrays, through the on-disk cache.
+    """Decode one data source, or several, into arrays, through the on-disk cache.
+
+    ``root`` is a BUSI-layout folder or a CSV manifest, or a list of them. One
+    source (or a list of one) gives exactly the ids and fingerprint it always
+    had, so existing split manifests and runs still match. Several sources give
+    one data set: each is scanned and cached on its own, its ids get its
+    :func:`source_tag` as a prefix (two sources with one tag are refused: their
+    ids could collide) and the fingerprint is a hash of the sources'
+    fingerprints. A source may lack some of ``classes``, never add one.
 
     ``on_bad_file='error'`` stops at the first bad file with a message naming it;
     ``'skip'`` leaves bad cases out and reports them on stderr. ``collect=True``
     (used by ``busi data check``) never stops and keeps every problem in
     ``Dataset.problems``.
     """
+    roots = list(root) if isinstance(root, (list, tuple)) else [root]
+    if not roots:
+        raise BusiError("no data source given", where="data.root",
+                        fix="pass --data PATH (a BUSI-layout folder or a CSV manifest)")
+    kwargs = {"cache_dir": cache_dir, "on_bad_file": on_bad_file, "workers": workers,
+              "collect": collect}
+    if len(roots) == 1:
+        return _load_source(roots[0], classes, size, **kwargs)
+    tags: dict[str, Path] = {}
+    for r in map(Path, roots):
+        tag = source_tag(r)
+        if tag in tags:
+            raise BusiError(f"data sources {tags[tag]} and {r} would both be called {tag!r} "
+                            "in the image ids" + (" (the same source twice)"
+                                                  if tags[tag] == r else ""),
+                            where="data.root",
+                            fix="list each source once, and give folders / CSV files that "
+                                "hold different images different names")
+        tags[tag] = r
+    parts = [_load_source(r, classes, size, partial=True, **kwargs) for r in tags.values()]
+    return _concatenate(parts, list(tags))
+
+
+def _concatenate(parts: list[Dataset], tags: list[str]) -> Dataset:
+    """One data set of several sources; ids and patient ids get ``<tag>/`` in front."""
+    h = hashlib.blake2b(digest_size=12)
+    sources, start = [], 0
+    for tag, part in zip(tags, parts, strict=True):
+        h.update(f"{tag}\0{part.fingerprint}\0".encode())
+        src = part.sources[0]
+        sources.append(Source(tag, src.path, src.layout, src.fingerprint, start,
+                              start + len(part), src.problems))
+        start += len(part)
+    return Dataset(
+        root=parts[0].root, classes=parts[0].classes,
+        files=[f"{tag}/{f}" for tag, part in zip(tags, parts, strict=True) for f in part.files],
+        images=np.concatenate([p.images for p in parts]),
+        masks=np.concatenate([p.masks for p in parts]),
+        labels=np.concatenate([p.labels for p in parts]),
+        shapes=np.concatenate([p.shapes.reshape(-1, 2) for p in parts]),
+        n_masks=np.concatenate([p.n_masks for p in parts]),
+        phashes=np.concatenate([p.phashes.reshape(-1, 8) for p in parts]),
+        pixel_hashes=[x for p in parts for x in p.pixel_hashes],
+        fingerprint=h.hexdigest(), problems=[x for p in parts for x in p.problems],
+        patients=[f"{tag}/{x}" if x else "" for tag, part in zip(tags, parts, strict=True)
+                  for x in part.patients],
+        sources=sources)
+
+
+def _load_source(root: str | Path, classes: Iterable[str], size: tuple[int, int] | list[int],
+                 *, cache_dir: str | Path | None, on_bad_file: str, workers: int,
+                 collect: bool, partial: bool = False) -> Dataset:
+    """One source (a BUSI-layout folder or a CSV manifest) -> its :class:`Dataset`."""
     size = (int(size[0]), int(size[1]))
     workers = workers or min(8, os.cpu_count() or 1)
-    layout = scan(root, classes)
+    layout = scan(root, classes, partial=partial)
     problems = [Problem(str(p), "image has no mask file (<name>_mask.png)",
                         fix="add its mask, remove the image, or set data.on_bad_file: skip")
                 for p in layout.missing_masks]
@@ -419,7 +539,9 @@ def load_dataset(root: str | Path, classes: Iterable[str] = ("benign", "malignan
         labels=np.array([layout.classes.index(c.label) for c in kept_cases], dtype=np.int64),
         shapes=arrays["shapes"], n_masks=np.array([len(c.masks) for c in kept_cases], np.int64),
         phashes=arrays["phashes"], pixel_hashes=arrays["pixel_hashes"].tolist(),
-        fingerprint=fingerprint, problems=problems, layout=layout)
+        fingerprint=fingerprint, problems=problems, layout=layout,
+        patients=[c.patient for c in kept_cases],
+        sources=[Source("", Path(root), layout, fingerprint, 0, len(kept_cases), problems)])
 
 
 def _stack(layout: Layout, decoded: list[Decoded], keep: list[int],

@@ -7,7 +7,9 @@ classification can never be evaluated on different test sets.
 Near-duplicate images (the same lesion saved twice; BUSI has ~140 such groups,
 some across the benign/malignant folders) are grouped, and a group is never
 split between train and test: otherwise a model is tested on images it has,
-in effect, already seen.
+in effect, already seen. The same holds for a patient's images when the data
+says whose they are (a CSV manifest's ``patient`` column): a model tested on a
+patient it was trained on has seen that patient's anatomy and scanner.
 """
 
 from __future__ import annotations
@@ -49,6 +51,32 @@ def duplicate_groups(ds: Dataset, max_distance: int) -> np.ndarray:
     # Renumber by first appearance so ids do not depend on scipy's internals.
     first: dict[int, int] = {}
     return np.array([first.setdefault(lab, len(first)) for lab in labels[:n]], dtype=np.int64)
+
+
+def image_groups(ds: Dataset, cfg: SplitConfig) -> np.ndarray:
+    """The group id per image that every split keeps on one side: near-duplicates and patients.
+
+    Groups are the connected components of "is a near-duplicate of" (when
+    ``cfg.group_duplicates``) together with "is of the same patient" (always,
+    where ``ds.patients`` knows the patient), so a patient whose image is a
+    near-duplicate of another patient's joins that patient's group. Without
+    patient ids this is :func:`duplicate_groups`, unchanged.
+    """
+    groups = (duplicate_groups(ds, cfg.near_duplicate_distance) if cfg.group_duplicates
+              else np.arange(len(ds)))
+    if not any(ds.patients):
+        return groups
+    first_of: dict[tuple[str, object], int] = {}
+    rows, cols = [], []
+    for i, (g, patient) in enumerate(zip(groups.tolist(), ds.patients, strict=True)):
+        for key in [("group", g)] + ([("patient", patient)] if patient else []):
+            rows.append(i)
+            cols.append(first_of.setdefault(key, i))
+    n = len(ds)
+    graph = csr_matrix((np.ones(len(rows), bool), (rows, cols)), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    first: dict[int, int] = {}
+    return np.array([first.setdefault(lab, len(first)) for lab in labels], dtype=np.int64)
 
 
 def _smallest_present(labels: np.ndarray) -> int:
@@ -182,11 +210,13 @@ class Manifest:
 def build_manifest_rows(ds: Dataset, cfg: SplitConfig, seed: int) -> list[dict[str, str]]:
     """The manifest's rows for this data set; a pure function of (data, cfg, seed)."""
     labels = ds.labels
-    groups = (duplicate_groups(ds, cfg.near_duplicate_distance) if cfg.group_duplicates
-              else np.arange(len(ds)))
+    groups = image_groups(ds, cfg)
     idx = np.arange(len(ds))
     rows = [{"file": f, "class": ds.classes[labels[i]], "group": str(groups[i])}
             for i, f in enumerate(ds.files)]
+    if any(ds.patients):  # so that a reader of the manifest sees why images are grouped
+        for row, patient in zip(rows, ds.patients, strict=True):
+            row["patient"] = patient
     if cfg.scheme == "holdout":
         rest, test = _take_groups(idx, groups, labels, cfg.test_size, seed, cfg.stratify)
         train, val = (_take_groups(rest, groups, labels, cfg.val_size, seed + 1, cfg.stratify)
@@ -216,6 +246,12 @@ def manifest_name(ds: Dataset, cfg: SplitConfig, seed: int) -> str:
             _is_fold_fraction(f) for f in (cfg.test_size, cfg.val_size) if f > 0):
         # Earlier versions wrote a third for 0.3: such a manifest must not be reused.
         settings += "|quota"
+    if any(ds.patients):
+        # The same images grouped by other patients is another split (the fingerprint
+        # covers the pixels and labels only); without patients, names stay as they were.
+        settings += "|patients:" + hashlib.blake2b(
+            "\n".join(f"{f}\t{p}" for f, p in zip(ds.files, ds.patients, strict=True)
+                      if p).encode(), digest_size=8).hexdigest()
     tag = hashlib.blake2b(settings.encode(), digest_size=4).hexdigest()
     return f"{ds.fingerprint[:12]}-{cfg.scheme}-seed{seed}-{tag}.csv"
 

@@ -169,7 +169,9 @@ def _config_blocks(run: Path) -> list[Block]:
     cfg = yaml.safe_load((run / CONFIG).read_text())
     t, u, c = cfg["training"], cfg["model"]["unet"], cfg["model"]["classifier"]
     a, r, sp = cfg["augmentation"], cfg["runtime"], cfg["split"]
-    rows = [("data", f"{cfg['data']['root']} at {cfg['data']['image_size'][0]}x"
+    root = cfg["data"]["root"]  # one source, or a list of several
+    root = " + ".join(map(str, root)) if isinstance(root, list) else root
+    rows = [("data", f"{root} at {cfg['data']['image_size'][0]}x"
                      f"{cfg['data']['image_size'][1]}"),
             ("split", f"{sp['scheme']}, test {sp['test_size']}, val {sp['val_size']}, folds "
                       f"{sp['folds']}, stratify {sp['stratify']}, duplicate groups "

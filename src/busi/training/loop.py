@@ -262,5 +262,5 @@ def check_same_data(record: dict[str, Any], ds: Dataset, image_size, *, where: s
         print(f"busi: warning: {where} records no data fingerprint (an older busi made it); "
               "cannot check that it used the same data", file=sys.stderr)
     elif fp != ds.fingerprint:
-        raise BusiError(f"{what} used other data than {ds.root} holds now (data fingerprint "
+        raise BusiError(f"{what} used other data than {ds.location} holds now (data fingerprint "
                         f"{fp[:12]}, now {ds.fingerprint[:12]})", where=where, fix=fix)

@@ -14,7 +14,7 @@ from busi.config import Config
 from busi.data.augment import build_augment
 from busi.data.batches import Batches
 from busi.data.loading import Dataset
-from busi.data.split import _take_groups, duplicate_groups
+from busi.data.split import _take_groups, image_groups
 from busi.errors import BusiError
 from busi.evaluation.segmentation import per_image, summarise, tune_threshold
 from busi.models.losses import segmentation_loss, segmentation_metrics
@@ -105,8 +105,7 @@ def _out_of_fold(cfg: Config, ds: Dataset, pool: np.ndarray, run_dir: Path, k: i
     together, as the split does. Returns the k U-Nets (a fold ensemble reuses them).
     On ``--resume``, finished folds are loaded and an interrupted one continues.
     """
-    groups = (duplicate_groups(ds, cfg.split.near_duplicate_distance)
-              if cfg.split.group_duplicates else np.arange(len(ds)))
+    groups = image_groups(ds, cfg.split)  # what the split keeps together
     models = []
     for fold, (train, val, held) in enumerate(
             oof_partitions(pool, groups, k, cfg.split.val_size, cfg.runtime.seed)):
@@ -148,7 +147,7 @@ def train_segmentation(cfg: Config, *, resume: str | None = None,
     runtime.setup(cfg.runtime.seed, cfg.runtime.precision, cfg.runtime.deterministic)
     write_split(run_dir, {"manifest": str(manifest.path), "fold": fold,
                           **{k: len(v) for k, v in idx.items()}, **data_record(ds, cfg)})
-    print(f"busi train-seg: run {run_dir}\n  data {cfg.data.root}: train {len(idx['train'])}, "
+    print(f"busi train-seg: run {run_dir}\n  data {ds.location}: train {len(idx['train'])}, "
           f"val {len(idx['val'])}, test {len(idx['test'])} (manifest {manifest.path})")
 
     t = cfg.training.seg
