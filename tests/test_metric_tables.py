@@ -132,3 +132,133 @@ def test_resampled_figures_are_scikit_learns() -> None:
     acc, f1 = accuracy_macro_f1(confusion_matrix(t, p, labels=CLASSES).astype(float))
     assert acc == pytest.approx(accuracy_score(t, p))
     assert f1 == pytest.approx(f1_score(t, p, labels=["benign", "malignant"], average="macro"))
+
+
+# ------------------------------------------------------------- issue 13: another site's patients
+
+
+def test_recall_intervals_resample_groups_not_images() -> None:
+    """Each prediction saved four times under one patient: the recall intervals are those of
+    the 60 distinct images; as 240 independent images they would be narrower."""
+    t, p = _fold(0.7, n=60, seed=3)
+    t4, p4, group = np.repeat(t, 4), np.repeat(p, 4), np.repeat(np.arange(60), 4)
+    distinct, grouped, as_images = bootstrap_ci(t, p), bootstrap_ci(t4, p4, group), \
+        bootstrap_ci(t4, p4)
+    assert set(grouped["recall"]) == set(CLASSES)
+    for c in CLASSES:
+        assert grouped["recall"][c] == pytest.approx(distinct["recall"][c]), c
+        assert _width(as_images["recall"][c]) < 0.7 * _width(distinct["recall"][c]), c
+        recall = np.mean(p[t == c] == c)
+        assert grouped["recall"][c][0] <= recall <= grouped["recall"][c][1], c
+    r = compute([f"f{i}" for i in range(240)], t4.tolist(), p4.tolist(),
+                np.eye(3)[[CLASSES.index(c) for c in p4]], CLASSES, groups=group,
+                unit_name="patients")
+    assert "the 60 patients (240 images" in r["ci95_method"]
+    lo, hi = r["ci95"]["recall"]["benign"]
+    assert f"| {r['report']['benign']['recall']:.2f} ({lo:.2f}-{hi:.2f}) |" in \
+        _markdown_table(r, "site B")
+
+
+def _lesion_probs(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """True labels (benign, malignant, some normal) and softmax outputs that half know them."""
+    rng = np.random.default_rng(seed)
+    t = np.array(CLASSES)[rng.integers(0, 3, n)]
+    logits = rng.normal(size=(n, 3)) + 1.5 * np.eye(3)[[CLASSES.index(c) for c in t]]
+    return t, np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+
+
+def test_benign_malignant_auc_is_scikit_learns_with_a_patient_interval() -> None:
+    from sklearn.metrics import roc_auc_score
+
+    from busi.evaluation.classification import benign_malignant_auc
+
+    t, probs = _lesion_probs(90, seed=1)
+    patients = np.arange(90) // 3
+    a = benign_malignant_auc(t, probs, CLASSES, patients)
+    lesion = t != "normal"
+    score = probs[lesion, 1] / (probs[lesion, 0] + probs[lesion, 1])
+    assert a["auc"] == pytest.approx(roc_auc_score(t[lesion] == "malignant", score))
+    assert a["n_images"] == lesion.sum() and a["n_units"] == len(set(patients[lesion]))
+    assert a["ci95"][0] < a["auc"] < a["ci95"][1]
+    # every image twice under its own patient: the same patients, the same interval
+    twice = benign_malignant_auc(np.repeat(t, 2), np.repeat(probs, 2, axis=0), CLASSES,
+                                 np.repeat(patients, 2))
+    assert twice["auc"] == pytest.approx(a["auc"])
+    assert twice["ci95"] == pytest.approx(a["ci95"], abs=1e-4)
+    # ... but as independent images the interval would narrow
+    as_images = benign_malignant_auc(np.repeat(t, 2), np.repeat(probs, 2, axis=0), CLASSES,
+                                     np.arange(180))
+    assert _width(as_images["ci95"]) < 0.85 * _width(a["ci95"])
+    r = compute([f"f{i}" for i in range(90)], t.tolist(),
+                [CLASSES[k] for k in probs.argmax(1)], probs, CLASSES, groups=patients,
+                unit_name="patients")
+    r["benign_malignant_auc"] = a
+    md = _markdown_table(r, "site B")
+    assert (f"Benign vs malignant ROC AUC {a['auc']:.3f} (95% CI {a['ci95'][0]:.3f}-"
+            f"{a['ci95'][1]:.3f}) on {a['n_images']} benign or malignant images" in md)
+    assert f"percentile bootstrap of those {a['n_units']} patients with replacement" in md
+
+
+def test_benign_malignant_auc_without_both_classes_is_not_made_up() -> None:
+    from busi.evaluation.classification import benign_malignant_auc
+
+    t, probs = _lesion_probs(30, seed=2)
+    t[t == "malignant"] = "benign"
+    a = benign_malignant_auc(t, probs, CLASSES, np.arange(30))
+    assert a["auc"] is None and a["ci95"] is None and a["n_malignant"] == 0
+    assert benign_malignant_auc(t, probs[:, [0, 2]], ["benign", "normal"]) is None
+    # one malignant patient: most resamples lack it, and those are left out, not scored
+    t, probs = _lesion_probs(40, seed=3)
+    t[t == "malignant"] = "benign"
+    t[:2] = "malignant"
+    a = benign_malignant_auc(t, probs, CLASSES, np.r_[0, 0, np.arange(1, 39)])
+    assert a["auc"] is not None and 0 < a["resamples"] < 2000
+
+
+def test_segmentation_means_resample_patients_and_pool_their_images() -> None:
+    from busi.evaluation.segmentation import group_mean_ci, patient_intervals
+
+    rng = np.random.default_rng(0)
+    dice = rng.uniform(0.2, 0.95, 20)
+    one = group_mean_ci(dice, np.arange(20))
+    # each patient scanned five times, the same image each time: same interval as one copy
+    assert group_mean_ci(np.repeat(dice, 5), np.repeat(np.arange(20), 5)) == pytest.approx(one)
+    assert _width(group_mean_ci(np.repeat(dice, 5), np.arange(100))) < 0.6 * _width(one)
+    # a patient with many images weighs by its images once drawn (pooled mean, not per patient)
+    values, groups = np.r_[np.zeros(9), 1.0], np.r_[np.zeros(9), 1]
+    lo, hi = group_mean_ci(values, groups)
+    assert lo == 0.0 and hi == pytest.approx(1.0)
+    assert group_mean_ci(np.array([np.nan, np.nan]), np.array([0, 1])) is None
+    # a missed lesion has no HD95: left out of a resample's mean, never counted as 0
+    ci = group_mean_ci(np.array([5.0, np.nan, 7.0, np.nan]), np.array([0, 0, 1, 1]))
+    assert 5.0 <= ci[0] <= ci[1] <= 7.0
+    scores = {"dice": np.r_[dice, 1.0, 1.0], "iou": np.r_[dice, 1.0, 1.0],
+              "hd95": np.r_[dice * 10, np.nan, np.nan],
+              "hd95_all": np.r_[dice * 10, np.nan, np.nan],
+              "pred_empty": np.r_[np.zeros(20, bool), True, False],
+              "true_empty": np.r_[np.zeros(20, bool), True, True]}
+    iv = patient_intervals(scores, np.r_[np.arange(20), 3, 21])
+    assert iv["n_units"] == 21 and iv["n_units_lesion"] == 20 and iv["n_units_lesion_free"] == 2
+    assert iv["n_lesion_images"] == 20 and iv["n_lesion_free_images"] == 2
+    assert iv["ci95"]["dice"] == pytest.approx(one)
+    assert iv["ci95"]["fraction_predicted_empty"] == [0.0, 1.0]
+    no_normal = {k: (v[:20] if isinstance(v, np.ndarray) else v) for k, v in scores.items()}
+    assert patient_intervals(no_normal, np.arange(20))["ci95"]["fraction_predicted_empty"] is None
+
+
+def test_resampled_aucs_are_scikit_learns_weighted_auc() -> None:
+    from sklearn.metrics import roc_auc_score
+
+    from busi.evaluation.classification import weighted_aucs
+
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 2, 60)
+    score = rng.integers(0, 8, 60) / 8  # ties between and within the classes
+    weights = rng.integers(0, 3, (20, 60)).astype(float)
+    weights[0] = 1.0
+    weights[1] = np.where(y == 1, 1.0, 0.0)  # one class only: no AUC
+    aucs = weighted_aucs(y, score, weights)
+    assert aucs[0] == pytest.approx(roc_auc_score(y, score))
+    assert np.isnan(aucs[1])
+    for w, auc in zip(weights[2:], aucs[2:], strict=True):
+        assert auc == pytest.approx(roc_auc_score(y, score, sample_weight=w))

@@ -466,6 +466,90 @@ def test_evaluate_on_data_with_an_unknown_class_folder_is_a_clear_error(
     assert "cancer" in err and "fix:" in err
 
 
+def _site_manifest(root: Path, out: Path, per_class: int = 6, normal: bool = True,
+                   patients: int | None = None) -> Path:
+    """A second site's CSV manifest (absolute paths) over the synthetic images; image i of
+    each class belongs to patient P<i mod patients> when ``patients`` is given."""
+    rows = ["image,mask,label" + (",patient" if patients else "")]
+    for c in ("benign", "malignant", *(("normal",) if normal else ())):
+        for i in range(1, per_class + 1):
+            masks = ";".join(str(m) for m in sorted((root / c).glob(f"{c} ({i})_mask*.png")))
+            rows.append(f"{root / c / f'{c} ({i}).png'},{masks if c != 'normal' else ''},{c}"
+                        + (f",P{i % patients}" if patients else ""))
+    out.write_text("\n".join(rows) + "\n")
+    return out
+
+
+def test_evaluate_on_a_second_site_resamples_its_patients(
+        cls_run: Path, synth_root: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """busi issue 13: lesion Dice, normal scans predicted empty, benign/malignant AUC and
+    per-class recall of another hospital's scans, each with an interval over its patients."""
+    from sklearn.metrics import roc_auc_score
+
+    manifest = _site_manifest(synth_root, tmp_path / "site.csv", patients=4)
+    assert main(["evaluate", "--data", str(manifest), "--cls-run", str(cls_run),
+                 "--outputs", str(tmp_path / "o")]) == 0
+    printed = capsys.readouterr().out
+    (out,) = (tmp_path / "o" / "eval").iterdir()
+    record = json.loads((out / "evaluation.json").read_text())
+    assert record["resampled"]["unit"] == "patients" and record["resampled"]["n"] == 4
+    seg = record["segmentation"]
+    assert seg == json.loads((out / "segmentation.json").read_text())
+    iv = seg["intervals"]
+    assert (iv["n_units"], iv["n_lesion_images"], iv["n_lesion_free_images"]) == (4, 12, 6)
+    for key in ("dice", "iou", "hd95_all", "fraction_predicted_empty"):
+        assert len(iv["ci95"][key]) == 2, key
+    lo, hi = iv["ci95"]["dice"]
+    assert lo <= seg["lesion_images"]["dice"]["mean"] <= hi
+    cls = record["classification"]
+    assert "the 4 patients (18 images" in cls["ci95_method"]
+    assert set(cls["ci95"]["recall"]) == {"benign", "malignant", "normal"}
+    with open(out / "predictions.csv") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["true"] != "normal"]
+    pb, pm = (np.array([float(r[f"p_{c}"]) for r in rows]) for c in ("benign", "malignant"))
+    auc = cls["benign_malignant_auc"]
+    assert auc["auc"] == pytest.approx(roc_auc_score([r["true"] == "malignant" for r in rows],
+                                                     pm / (pb + pm)))
+    assert auc["n_images"] == 12 and auc["n_units"] == 4 and len(auc["ci95"]) == 2
+    report = (out / "evaluation.md").read_text()
+    for text in ("of 4 patients", "Normal scans predicted empty", "Lesion Dice",
+                 "Benign vs malignant ROC AUC", "Recall (95% CI)", "4 patients"):
+        assert text in report and text in printed, text
+
+
+def test_evaluate_on_data_with_only_a_seg_run_measures_the_unet_alone(
+        seg_run: Path, synth_root: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A user who trained only a U-Net measures it on another site; the data here has no
+    normal images and no patient column (near-duplicate groups stand in, and it says so)."""
+    manifest = _site_manifest(synth_root, tmp_path / "site.csv", normal=False)
+    assert main(["evaluate", "--data", str(manifest), "--seg-run", str(seg_run),
+                 "--outputs", str(tmp_path / "o")]) == 0
+    printed = capsys.readouterr().out
+    (out,) = (tmp_path / "o" / "eval").iterdir()
+    assert not (out / "predictions.csv").exists()
+    assert not (out / "classification_report.json").exists()
+    record = json.loads((out / "evaluation.json").read_text())
+    assert record["classification"] is None and record["cls_run"] is None
+    assert record["resampled"]["unit"] == "duplicate groups"
+    iv = record["segmentation"]["intervals"]
+    assert iv["n_lesion_images"] == 12 and iv["ci95"]["fraction_predicted_empty"] is None
+    report = (out / "evaluation.md").read_text()
+    assert "Classifier run: none (segmentation only)" in report
+    assert "site.csv has no patient column" in report and "Lesion Dice" in report
+    assert "predicted empty" not in report and "Precision" not in report
+    assert "segmentation only" in printed and "Lesion Dice" in printed
+    # a blank patient cell is a clear error, and no evaluation folder is left behind
+    lines = _site_manifest(synth_root, tmp_path / "p.csv", patients=3).read_text().splitlines()
+    lines[3] = lines[3].rsplit(",", 1)[0] + ","
+    (tmp_path / "p.csv").write_text("\n".join(lines) + "\n")
+    assert main(["evaluate", "--data", str(tmp_path / "p.csv"), "--seg-run", str(seg_run),
+                 "--outputs", str(tmp_path / "o2")]) == 2
+    assert "p.csv, line 4: empty patient cell" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()
+
+
 def _seg_eval():
     import importlib.util
 
@@ -542,6 +626,8 @@ def test_predict_and_evaluate_pair_a_classifier_with_its_own_unet(
                  "--outputs", str(outputs)]) == 0
     (report,) = (outputs / "eval").glob("*/evaluation.md")
     assert f"segmentation run: {seg_run};" in report.read_text()
+    assert "a BUSI-layout folder names no patients, so near-duplicate groups" in \
+        report.read_text()
 
 
 def _change_one_image(root: Path) -> None:

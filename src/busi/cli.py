@@ -241,23 +241,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
     p.set_defaults(func=cmd_train_cls)
 
-    p = sub.add_parser("evaluate", help="per-class precision/recall/F1 tables of classifier runs",
+    p = sub.add_parser("evaluate", help="per-class precision/recall/F1 tables of classifier runs "
+                                        "(--data: trained runs on another site's images)",
                        formatter_class=fmt, epilog=_examples("""
             busi evaluate                                 # every classifier run of the latest split
             busi evaluate outputs/cls/vgg19/20261124-120000
             busi evaluate --seg-run outputs/seg/20261124-101500
-            # trained models on another hospital's images (BUSI layout or CSV image,mask,label):
-            busi evaluate --data other_site.csv --seg-run outputs/seg/A --cls-run outputs/cls/cnn/B
+            # trained models on another hospital's images (BUSI layout, or a CSV manifest
+            # image,mask,label[,patient]; 95% intervals resample its patients, not images):
+            busi evaluate --data other_site.csv --cls-run outputs/cls/cnn/B   # + its own U-Net
+            busi evaluate --data other_site.csv --seg-run outputs/seg/A       # the U-Net only
         """))
     p.add_argument("runs", nargs="*", metavar="RUN_DIR", help="classifier run folders")
     p.add_argument("--seg-run", metavar="RUN_DIR",
                    help="also report this U-Net's Dice/IoU/HD95; with --data, the U-Net that "
-                        "segments the images (default: the classifier's own)")
+                        "segments the images (default: the classifier's own), and without "
+                        "--cls-run the U-Net alone is measured (no classifier)")
     p.add_argument("--data", metavar="PATH",
-                   help="evaluate trained runs on this data (BUSI-layout folder or CSV manifest "
-                        "with columns image,mask,label) instead of their own test split")
+                   help="evaluate trained runs on this data (BUSI-layout folder, or CSV manifest "
+                        "with columns image,mask,label and optionally patient) instead of their "
+                        "own test split. Runs: --cls-run -> that classifier and its U-Net; "
+                        "only --seg-run -> segmentation only; neither -> the newest finished "
+                        "classifier. Intervals resample the CSV's patients (without a patient "
+                        "column: near-duplicate groups)")
     p.add_argument("--cls-run", metavar="RUN_DIR",
-                   help="with --data: the classifier run (default: the newest finished)")
+                   help="with --data: the classifier run (default: the newest finished, "
+                        "unless --seg-run alone asks for segmentation only)")
     p.add_argument("--outputs", default="outputs", help="outputs root (default: outputs)")
     p.set_defaults(func=cmd_evaluate)
 

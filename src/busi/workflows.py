@@ -43,6 +43,7 @@ from busi.runs import (
     read_split,
     require_run,
     resolve_cls_run,
+    resolve_seg_run,
     run_kind,
     write_command,
     write_config,
@@ -156,79 +157,149 @@ def evaluate_on_data(data: str, cls_run: str | None = None, seg_run: str | None 
                      outputs_root: str = "outputs") -> Path:
     """Run trained models on other labelled data (another hospital's) and report, no retraining.
 
-    ``data`` is a BUSI-layout folder or a CSV manifest (``image,mask,label``).
-    The classifier's own config decides the image size and how masks are
-    applied; the segmentation run's stored rule decides how its probabilities
-    become masks -- exactly as for the run's own test images. Classes the model
-    knows but the data lacks (often ``normal``) are fine; unknown labels are not.
+    ``data`` is a BUSI-layout folder or a CSV manifest (``image,mask,label``, and
+    ``patient`` when known). Which runs: ``--cls-run`` names the classifier (with its
+    own U-Net, or ``--seg-run``); ``--seg-run`` alone measures that U-Net only, so a
+    U-Net can be measured on another site without a classifier; neither takes the
+    newest finished classifier. The run's own config decides the image size and how
+    masks are applied; the segmentation run's stored rule decides how its
+    probabilities become masks -- exactly as for the run's own test images. Classes
+    the model knows but the data lacks (often ``normal``) are fine; unknown labels are
+    not. Every 95% interval resamples patients (:func:`resampling_groups`): one
+    patient's scans are alike, so counting them as independent images would give
+    intervals far too narrow.
     """
     from busi.data.loading import load_dataset
     from busi.evaluation.classification import (
+        benign_malignant_auc,
         compute,
         inputs_of,
         markdown_table,
         model_of,
         write_run_reports,
     )
-    from busi.evaluation.segmentation import per_image, summarise
+    from busi.evaluation.segmentation import patient_intervals, per_image, summarise
     from busi.models.inputs import classifier_inputs
     from busi.models.masks import as_stored, load_unets, predict_probs, read_rule
     from busi.models.saving import load_model
     from busi.reporting.plots import segmentation_markdown, segmentation_text
     from busi.reporting.report import report_after_run
 
-    cls = resolve_cls_run(cls_run, outputs_root)
-    cfg = read_config(cls)
-    c = cfg.model.classifier
+    if seg_run and not cls_run:  # the U-Net alone
+        cls, seg = None, resolve_seg_run(seg_run, outputs_root)
+        cfg = read_config(seg)
+    else:
+        cls = resolve_cls_run(cls_run, outputs_root)
+        cfg = read_config(cls)
     model_classes = tuple(cfg.data.classes)
     ds = load_dataset(data, _classes_in(data, model_classes), tuple(cfg.data.image_size),
                       cache_dir=cfg.data.cache_dir, on_bad_file=cfg.data.on_bad_file)
     names = [ds.classes[k] for k in ds.labels]
     labels = np.array([model_classes.index(n) for n in names])  # model's class indices
-    uses_masks = c.masks != "none" and c.mask_mode != "none"
-    seg, why = (paired_seg_run(cls, seg_run, outputs_root, "busi evaluate")
-                if uses_masks and c.masks == "predicted" or seg_run else (None, ""))
-    print(f"busi evaluate: classifier run {cls}{'' if cls_run else ' (the latest finished)'}; "
-          f"U-Net run {f'{seg} ({why})' if seg else 'none'}")
+    groups, unit_name, unit_note = resampling_groups(data, ds, cfg.split.near_duplicate_distance)
+    if cls is not None:
+        c = cfg.model.classifier
+        uses_masks = c.masks != "none" and c.mask_mode != "none"
+        seg, why = (paired_seg_run(cls, seg_run, outputs_root, "busi evaluate")
+                    if uses_masks and c.masks == "predicted" or seg_run else (None, ""))
+        print(f"busi evaluate: classifier run {cls}{'' if cls_run else ' (the latest finished)'}"
+              f"; U-Net run {f'{seg} ({why})' if seg else 'none'}")
+    else:
+        print(f"busi evaluate: U-Net run {seg} (segmentation only: no --cls-run)")
     # Every model is loaded before the output folder is made: a bad one leaves nothing behind.
     unets = load_unets(seg) if seg is not None else []
-    clf = load_model(cls / "best.keras")
+    clf = load_model(cls / "best.keras") if cls is not None else None
     out = new_run_dir(Path(outputs_root) / EVAL_DIR)
+    n_units = len(np.unique(groups))
     parts = [f"# Evaluation on {data}, {time.strftime('%Y-%m-%d %H:%M')}", "",
-             f"Classifier run: {cls}; segmentation run: {seg or 'none'}; {len(ds)} images "
-             f"({', '.join(f'{k} {names.count(k)}' for k in model_classes)}).", ""]
-    masks = ds.masks if c.masks == "ground_truth" else None
+             f"Classifier run: {cls or 'none (segmentation only)'}; segmentation run: "
+             f"{seg or 'none'}; {len(ds)} images "
+             f"({', '.join(f'{k} {names.count(k)}' for k in model_classes)}) of {n_units} "
+             f"{unit_name}. 95% intervals resample {unit_name}, not images: {unit_note}.", ""]
+    record: dict = {"data": str(data), "cls_run": str(cls) if cls else None,
+                    "seg_run": str(seg) if seg else None, "n_images": len(ds),
+                    "resampled": {"unit": unit_name, "n": n_units, "source": unit_note},
+                    "segmentation": None, "classification": None}
+    masks = ds.masks if cls is not None and c.masks == "ground_truth" else None
     if seg is not None:
         rule, tta = read_rule(seg)
         probs = as_stored(predict_probs(unets, ds.images, flip_tta=tta))
         predicted = rule.apply(probs)
-        masks = predicted if c.masks == "predicted" else masks
+        masks = predicted if cls is not None and c.masks == "predicted" else masks
         scored = (ds.n_masks > 0) | (np.array(names) == "normal")
         if scored.any():
             scores = per_image(ds.masks[scored], predicted[scored].astype(np.float32), 0.5)
             summary = summarise(scores, labels[scored], model_classes)
             summary.update({"threshold": rule.threshold, "postprocess": rule.postprocess,
                             "flip_tta": tta, "best_epoch": "-", "epochs_done": "-",
-                            "n_test": int(scored.sum())})
+                            "n_test": int(scored.sum()), "data": str(data),
+                            "intervals": patient_intervals(scores, groups[scored], unit_name)})
             write_json(out / "segmentation.json", summary)
+            record["segmentation"] = summary
             print(segmentation_text(summary))
-            parts += [segmentation_markdown(summary).replace("# Segmentation on the test split",
+            parts += [segmentation_markdown(summary).replace(f"# Segmentation on {data}",
                                                              "## Segmentation"), ""]
-    x = classifier_inputs(ds.images, masks if uses_masks else None, c)
-    probs_cls = clf.predict(x[..., None].astype("float32"), batch_size=64, verbose=0)
-    write_predictions(out / PREDICTIONS, ds.files, labels, probs_cls, model_classes)
-    r = compute(ds.files, names, [model_classes[int(i)] for i in probs_cls.argmax(1)], probs_cls,
-                list(model_classes))
-    title = f"{model_of(cls)} ({inputs_of(cls)}) -- {cls.name} on {Path(data).name}"
-    r["title"] = title
-    r["text"] = f"{title}\n{r['report_text']}"
-    write_run_reports(out, r, title)
-    parts.append(markdown_table(r, title))
+    if cls is not None:
+        x = classifier_inputs(ds.images, masks if uses_masks else None, c)
+        probs_cls = clf.predict(x[..., None].astype("float32"), batch_size=64, verbose=0)
+        write_predictions(out / PREDICTIONS, ds.files, labels, probs_cls, model_classes)
+        r = compute(ds.files, names, [model_classes[int(i)] for i in probs_cls.argmax(1)],
+                    probs_cls, list(model_classes), groups=groups, unit_name=unit_name)
+        r["benign_malignant_auc"] = benign_malignant_auc(names, probs_cls, list(model_classes),
+                                                         groups, unit_name=unit_name)
+        title = f"{model_of(cls)} ({inputs_of(cls)}) -- {cls.name} on {Path(data).name}"
+        r["title"] = title
+        r["text"] = f"{title}\n{r['report_text']}"
+        write_run_reports(out, r, title)
+        table = markdown_table(r, title)
+        print(table)
+        parts.append(table)
+        record["classification"] = {k: v for k, v in r.items()
+                                    if k not in ("text", "report_text")}
     atomic_write(out / "evaluation.md", "\n".join(parts))
-    print(r["text"])
-    print(f"reports: {out}/evaluation.md")
+    write_json(out / "evaluation.json", record)
+    print(f"reports: {out}/evaluation.md, evaluation.json")
     report_after_run(out)
     return out
+
+
+def resampling_groups(data: str, ds, near_distance: int) -> tuple[np.ndarray, str, str]:
+    """What an interval resamples for each image of ``ds``: (group ids, their name, why).
+
+    A CSV manifest's ``patient`` column gives patients. Without one (a BUSI-layout
+    folder, or a CSV without the column) the near-duplicate groups stand in: they keep
+    repeated frames of one lesion together but cannot join a patient's different
+    views, so those intervals can still be too narrow -- the report says so. A blank
+    patient cell is an error, not a guess: the interval would claim more than it knows.
+    """
+    import csv
+
+    path = Path(data)
+    if path.suffix.lower() == ".csv" and path.is_file():
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()}
+                    for row in reader]
+            columns = [(c or "").strip() for c in reader.fieldnames or []]
+        if "patient" in columns:
+            patient = {}
+            for line, row in enumerate(rows, start=2):
+                if not row["patient"]:
+                    raise BusiError("empty patient cell", where=f"{path}, line {line}",
+                                    fix="write whose scan the image is (any id), or drop the "
+                                        "patient column to resample near-duplicate groups")
+                patient[row["image"]] = row["patient"]
+            return (np.array([patient[f] for f in ds.files]), "patients",
+                    f"the patient column of {path.name}")
+        why = f"{path.name} has no patient column"
+    else:
+        why = "a BUSI-layout folder names no patients"
+    from busi.data.split import duplicate_groups
+
+    return (duplicate_groups(ds, near_distance), "duplicate groups",
+            f"{why}, so near-duplicate groups (pHash distance <= {near_distance}) stand in for "
+            "patients; a patient's different views are still counted as independent, so these "
+            "intervals may be too narrow")
 
 
 def _classes_in(data: str, model_classes: tuple[str, ...]) -> tuple[str, ...]:

@@ -81,9 +81,15 @@ def bootstrap_ci(y_true: np.ndarray, y_pred: np.ndarray, groups: np.ndarray | No
             for f in rng.integers(0, len(members), len(members)):
                 drawn = members[f][rng.integers(0, len(members[f]), len(members[f]))]
                 np.add.at(weights[b], drawn, 1)
-    acc, f1 = accuracy_macro_f1((weights @ counts).reshape(n, k, k))
+    cms = (weights @ counts).reshape(n, k, k)
+    acc, f1 = accuracy_macro_f1(cms)
+    # Recall of each class in the data: a resample without that class has none (NaN, left out).
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = cms[:, np.arange(k), np.arange(k)] / cms.sum(-1)
     return {"accuracy": np.percentile(acc, [2.5, 97.5]).round(4).tolist(),
-            "macro_f1": np.percentile(f1, [2.5, 97.5]).round(4).tolist()}
+            "macro_f1": np.percentile(f1, [2.5, 97.5]).round(4).tolist(),
+            "recall": {c: np.nanpercentile(recall[:, code[c]], [2.5, 97.5]).round(4).tolist()
+                       for c in names if c in set(t.tolist())}}
 
 
 def accuracy_macro_f1(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -103,13 +109,21 @@ def accuracy_macro_f1(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def resampled_units(n_images: int, groups: np.ndarray | None = None,
-                    folds: np.ndarray | None = None, n: int = N_BOOTSTRAP) -> str:
-    """What :func:`bootstrap_ci` resampled, as the tables print it."""
+                    folds: np.ndarray | None = None, n: int = N_BOOTSTRAP,
+                    unit_name: str = "duplicate groups") -> str:
+    """What :func:`bootstrap_ci` resampled, as the tables print it.
+
+    ``unit_name`` names what ``groups`` are: near-duplicate groups (a split manifest's),
+    or ``"patients"`` when the data says whose scan each image is.
+    """
     n_groups = (len({(f, g) for f, g in zip(np.zeros(n_images) if folds is None else folds,
                                             groups, strict=True)})
                 if groups is not None else None)
-    unit = (f"the {n_groups} duplicate groups ({n_images} images; near-duplicates are drawn "
-            "together)" if n_groups is not None else f"the {n_images} images")
+    together = {"duplicate groups": "near-duplicates are drawn together",
+                "patients": "a patient's images are drawn together"}.get(
+                    unit_name, "the images of each are drawn together")
+    unit = (f"the {n_groups} {unit_name} ({n_images} images; {together})"
+            if n_groups is not None else f"the {n_images} images")
     if folds is not None:
         return (f"two-level percentile bootstrap, {n} resamples: the {len(set(folds))} folds "
                 f"with replacement, then within each drawn fold its share of {unit} with "
@@ -143,7 +157,7 @@ def _order(classes: list[str]) -> list[str]:
 
 def compute(files: list[str], y_true: list[str], y_pred: list[str], probs: np.ndarray,
             classes: list[str], groups: np.ndarray | None = None,
-            folds: np.ndarray | None = None) -> dict:
+            folds: np.ndarray | None = None, unit_name: str = "duplicate groups") -> dict:
     """Every figure of a classification report, from (true, predicted) class names.
 
     Per-class rows and the macro/weighted averages cover the classes *present* in
@@ -152,7 +166,8 @@ def compute(files: list[str], y_true: list[str], y_pred: list[str], probs: np.nd
     (an F1 of 0 for a class that cannot be found). A prediction of an absent class
     still counts: it is a miss (lower recall) of the true class, and the
     confusion matrix keeps every class of the model. ``groups`` and ``folds`` say
-    what the bootstrap intervals resample (:func:`bootstrap_ci`).
+    what the bootstrap intervals resample (:func:`bootstrap_ci`); ``unit_name`` what a
+    group is (``"patients"`` for data that names them).
     """
     labels = _order(classes)
     t, p = np.array(y_true), np.array(y_pred)
@@ -175,7 +190,70 @@ def compute(files: list[str], y_true: list[str], y_pred: list[str], probs: np.nd
             "macro_f1": float(f1_score(t, p, labels=present, average="macro", zero_division=0)),
             "confusion_matrix": cm.tolist(), "roc_auc_ovr": auc, "roc_auc_macro": macro_auc,
             "ci95": bootstrap_ci(t, p, groups, folds),
-            "ci95_method": resampled_units(len(t), groups, folds)}
+            "ci95_method": resampled_units(len(t), groups, folds, unit_name=unit_name)}
+
+
+BM_SCORE = "p(malignant) / (p(benign) + p(malignant))"
+
+
+def benign_malignant_auc(y_true: list[str] | np.ndarray, probs: np.ndarray, classes: list[str],
+                         groups: np.ndarray | None = None, seed: int = 0,
+                         n: int = N_BOOTSTRAP, unit_name: str = "patients") -> dict | None:
+    """ROC AUC of benign vs malignant over the images that are one of the two, with a 95%
+    percentile bootstrap interval that resamples ``groups`` (patients), not images.
+
+    The clinical question on another site's scans is "is this lesion malignant?", so
+    the score is the model's malignant share of the two lesion classes, BM_SCORE:
+    a normal probability, which says nothing about benign vs malignant, drops out.
+    A resample weighs each image by how often its unit was drawn (:func:`weighted_aucs`,
+    scikit-learn's ``sample_weight`` AUC), so it equals the AUC of the duplicated
+    images; resamples holding one class only have no AUC and are left out
+    (``resamples`` counts the rest). None when the model lacks one of the two classes.
+    """
+    if "benign" not in classes or "malignant" not in classes:
+        return None
+    t = np.asarray(y_true)
+    sel = (t == "benign") | (t == "malignant")
+    pb = probs[sel, classes.index("benign")].astype(np.float64)
+    pm = probs[sel, classes.index("malignant")].astype(np.float64)
+    score = np.divide(pm, pb + pm, out=np.full_like(pm, 0.5), where=(pb + pm) > 0)
+    y = (t[sel] == "malignant").astype(int)
+    g = np.arange(len(y)) if groups is None else np.asarray(groups)[sel]
+    units, unit = np.unique(g, return_inverse=True)
+    out: dict = {"score": BM_SCORE, "n_images": int(sel.sum()), "n_benign": int((y == 0).sum()),
+                 "n_malignant": int(y.sum()), "n_units": len(units),
+                 "unit_name": "images" if groups is None else unit_name, "auc": None,
+                 "ci95": None, "resamples": 0}
+    if not 0 < y.sum() < len(y):
+        return out
+    out["auc"] = float(roc_auc_score(y, score))
+    rng = np.random.default_rng(seed)
+    draws = rng.multinomial(len(units), np.full(len(units), 1 / len(units)), size=n)
+    aucs = weighted_aucs(y, score, draws[:, unit.ravel()].astype(np.float64))
+    aucs = aucs[np.isfinite(aucs)]
+    if aucs.size:
+        out["ci95"] = np.percentile(aucs, [2.5, 97.5]).round(4).tolist()
+    out["resamples"] = int(aucs.size)
+    return out
+
+
+def weighted_aucs(y: np.ndarray, score: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """ROC AUC for each row of image weights (n, N): what ``roc_auc_score(y, score,
+    sample_weight=row)`` gives (a test checks), for all rows in one matrix product.
+
+    scikit-learn takes milliseconds per call, seconds for 2000 resamples; this is the
+    Mann-Whitney form of the same area (a positive above a negative counts 1, a tie
+    1/2), summed per distinct score. NaN where a row holds one class only.
+    """
+    _, level = np.unique(score, return_inverse=True)
+    onehot = np.zeros((len(score), int(level.max()) + 1))
+    onehot[np.arange(len(score)), level.ravel()] = 1.0
+    pos = (weights * (y == 1)) @ onehot  # (n, levels): weighted positives at each score
+    neg = (weights * (y == 0)) @ onehot
+    below = np.cumsum(neg, axis=1) - neg  # negatives scored strictly lower
+    den = pos.sum(1) * neg.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, (pos * (below + 0.5 * neg)).sum(1) / den, np.nan)
 
 
 def _averaged_over(r: dict) -> str:
@@ -191,14 +269,17 @@ def _averaged_over(r: dict) -> str:
 
 def markdown_table(r: dict, title: str) -> str:
     rep = r["report"]
-    lines = [f"### {title}", "", "| | Precision | Recall | F1-score | Support |",
+    recall_ci = r["ci95"].get("recall", {})  # absent in reports written before it was added
+    lines = [f"### {title}", "", "| | Precision | Recall"
+             + (" (95% CI)" if recall_ci else "") + " | F1-score | Support |",
              "|---|---:|---:|---:|---:|"]
     for c in r["labels"]:
         if c not in r["present"]:
             lines.append(f"| {c.capitalize()} | not in data | | | 0 |")
             continue
         e = rep[c]
-        lines.append(f"| {c.capitalize()} | {e['precision']:.2f} | {e['recall']:.2f} | "
+        ci = (f" ({recall_ci[c][0]:.2f}-{recall_ci[c][1]:.2f})" if c in recall_ci else "")
+        lines.append(f"| {c.capitalize()} | {e['precision']:.2f} | {e['recall']:.2f}{ci} | "
                      f"{e['f1-score']:.2f} | {int(e['support'])} |")
     lines.append(f"| Accuracy | | | {r['accuracy']:.2f} | {r['n']} |")
     for key, name in (("macro avg", "Macro avg."), ("weighted avg", "Weighted avg.")):
@@ -211,13 +292,29 @@ def markdown_table(r: dict, title: str) -> str:
               f"Accuracy {r['accuracy']:.3f} (95% CI {ci['accuracy'][0]:.3f}-"
               f"{ci['accuracy'][1]:.3f}); macro-F1 {r['macro_f1']:.3f} (95% CI "
               f"{ci['macro_f1'][0]:.3f}-{ci['macro_f1'][1]:.3f}); one-vs-rest ROC AUC "
-              f"(macro) {auc}. 95% intervals: {r.get('ci95_method', 'bootstrap')}.", "",
-              "Confusion matrix (rows: true, columns: predicted):", "",
+              f"(macro) {auc}. 95% intervals: {r.get('ci95_method', 'bootstrap')}.", ""]
+    if r.get("benign_malignant_auc"):
+        lines += [benign_malignant_line(r["benign_malignant_auc"]), ""]
+    lines += ["Confusion matrix (rows: true, columns: predicted):", "",
               "| true \\ pred | " + " | ".join(r["labels"]) + " |",
               "|---|" + "---:|" * len(r["labels"])]
     for c, row in zip(r["labels"], r["confusion_matrix"], strict=True):
         lines.append(f"| {c} | " + " | ".join(str(v) for v in row) + " |")
     return "\n".join(lines) + "\n"
+
+
+def benign_malignant_line(a: dict) -> str:
+    """The benign-vs-malignant AUC sentence: figure, interval, what was resampled, the score."""
+    counts = (f"{a['n_images']} benign or malignant images ({a['n_benign']} benign, "
+              f"{a['n_malignant']} malignant) of {a['n_units']} {a.get('unit_name', 'images')}")
+    if a["auc"] is None:
+        return f"Benign vs malignant ROC AUC: n/a (needs both classes; {counts})."
+    ci = ("no interval (no resample held both classes)" if a["ci95"] is None else
+          f"95% CI {a['ci95'][0]:.3f}-{a['ci95'][1]:.3f}")
+    return (f"Benign vs malignant ROC AUC {a['auc']:.3f} ({ci}) on {counts}; score "
+            f"{a['score']}. Interval: percentile bootstrap of those {a['n_units']} "
+            f"{a.get('unit_name', 'images')} with replacement ({a['resamples']} resamples held "
+            "both classes and were scored).")
 
 
 def _csv_table(r: dict) -> str:

@@ -111,6 +111,61 @@ def summarise(scores: dict[str, np.ndarray], labels: np.ndarray,
     return result
 
 
+def group_mean_ci(values: np.ndarray, groups: np.ndarray, seed: int = 0,
+                  n: int | None = None) -> list[float] | None:
+    """95% percentile interval of the mean over images, resampling ``groups`` (patients).
+
+    A resample draws the groups with replacement and pools their images, so a patient
+    scanned twenty times is one draw, not twenty: the interval is as wide as the
+    number of patients warrants. Non-finite values (HD95 of a missed lesion) are left
+    out of a resample's mean, as :func:`summarise` leaves them out; a resample with
+    none left has no mean and is skipped. None when no value is finite.
+    """
+    from busi.evaluation.classification import N_BOOTSTRAP
+
+    values, groups = np.asarray(values, np.float64), np.asarray(groups)
+    finite = np.isfinite(values)
+    if not finite.any():
+        return None
+    units, unit = np.unique(groups, return_inverse=True)
+    unit = unit.ravel()
+    sums = np.bincount(unit, weights=np.where(finite, values, 0.0), minlength=len(units))
+    counts = np.bincount(unit, weights=finite.astype(np.float64), minlength=len(units))
+    rng = np.random.default_rng(seed)
+    draws = rng.multinomial(len(units), np.full(len(units), 1 / len(units)),
+                            size=n or N_BOOTSTRAP)
+    total = draws @ counts
+    means = (draws @ sums)[total > 0] / total[total > 0]
+    return np.percentile(means, [2.5, 97.5]).round(4).tolist()
+
+
+def patient_intervals(scores: dict[str, np.ndarray], groups: np.ndarray,
+                      unit_name: str = "patients", seed: int = 0) -> dict:
+    """Intervals of the summary's means, resampling ``groups``: lesion Dice, IoU and HD95
+    over the lesion images, and the fraction of lesion-free images predicted empty.
+
+    Each figure resamples the groups that have images of its kind (the patients with
+    lesion images for Dice; those with normal scans for the empty fraction), and the
+    result says how many there were, so a table can state what varied.
+    """
+    from busi.evaluation.classification import N_BOOTSTRAP
+
+    groups = np.asarray(groups)
+    lesion = ~scores["true_empty"]
+    ci: dict = {m: group_mean_ci(scores[m][lesion], groups[lesion], seed)
+                for m in ("dice", "iou", "hd95", "hd95_all")}
+    ci["fraction_predicted_empty"] = group_mean_ci(
+        scores["pred_empty"][~lesion].astype(np.float64), groups[~lesion], seed)
+    return {"ci95": ci, "unit_name": unit_name, "n_units": len(np.unique(groups)),
+            "n_units_lesion": len(np.unique(groups[lesion])),
+            "n_units_lesion_free": len(np.unique(groups[~lesion])),
+            "n_lesion_images": int(lesion.sum()), "n_lesion_free_images": int((~lesion).sum()),
+            "ci95_method": f"percentile bootstrap, {N_BOOTSTRAP} resamples: the {unit_name} "
+                           "drawn with replacement and their images pooled; a figure over "
+                           f"lesion images draws from the {unit_name} with lesion images, the "
+                           f"empty fraction from the {unit_name} with lesion-free images"}
+
+
 def tune_threshold(truth: np.ndarray, prob: np.ndarray, candidates: np.ndarray | None = None,
                    postprocess: str = "none") -> float:
     """Threshold that maximises pooled Dice on (validation) images, clean-up included."""

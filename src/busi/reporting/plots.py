@@ -149,9 +149,15 @@ def _hd95_note(le: dict) -> str:
 
 def segmentation_markdown(s: dict) -> str:
     le = s["lesion_images"]
-    lines = ["# Segmentation on the test split", "",
-             f"Masks: {_mask_rule(s)}; best epoch {s['best_epoch']} of "
-             f"{s['epochs_done']}; {s['n_test']} test images. {_hd95_note(le)}", "",
+    if "data" in s:  # busi evaluate --data: another site's images, no training epochs
+        head = [f"# Segmentation on {s['data']}", "",
+                f"Masks: {_mask_rule(s)}; {s['n_test']} scored images (with a mask file, or "
+                f"labelled normal). {_hd95_note(le)}", ""]
+    else:
+        head = ["# Segmentation on the test split", "",
+                f"Masks: {_mask_rule(s)}; best epoch {s['best_epoch']} of "
+                f"{s['epochs_done']}; {s['n_test']} test images. {_hd95_note(le)}", ""]
+    lines = [*head,
              "| images | n | Dice | IoU | HD95, misses counted (px) | HD95, detected (px) | "
              "missed |", "|---|---:|---:|---:|---:|---:|---:|"]
     lines.append(f"| all lesion images | {le['dice']['n']} | {fmt_stat(le['dice'])} | "
@@ -165,7 +171,45 @@ def segmentation_markdown(s: dict) -> str:
     lf = s["lesion_free_images"]
     if lf["n"]:
         lines.append(f"Lesion-free (normal) images predicted empty: {_empty_count(lf)}.")
+    if "intervals" in s:
+        lines += ["", *_interval_table(s)]
     return "\n".join(lines) + "\n"
+
+
+def _ci(ci: list[float] | None, digits: int = 3) -> str:
+    return "n/a" if ci is None else f"{ci[0]:.{digits}f}-{ci[1]:.{digits}f}"
+
+
+def _interval_rows(s: dict) -> list[tuple[str, str, str, str]]:
+    """(figure, images and units, value, 95% CI) for each figure that has data."""
+    iv, le, lf = s["intervals"], s["lesion_images"], s["lesion_free_images"]
+    unit, ci = iv["unit_name"], iv["ci95"]
+    rows = []
+    if iv["n_lesion_images"]:
+        over = f"{iv['n_lesion_images']} lesion images, {iv['n_units_lesion']} {unit}"
+        for key, name, digits in (("dice", "Lesion Dice", 3), ("iou", "Lesion IoU", 3),
+                                  ("hd95_all", "HD95, misses counted (px)", 1),
+                                  ("hd95", "HD95, detected (px)", 1)):
+            mean = le[key]["mean"]
+            rows.append((name, over, "n/a" if not np.isfinite(mean) else f"{mean:.{digits}f}",
+                         _ci(ci[key], digits)))
+    if lf["n"]:
+        rows.append(("Normal scans predicted empty",
+                     f"{lf['n']} lesion-free images, {iv['n_units_lesion_free']} {unit}",
+                     f"{lf['fraction_predicted_empty']:.3f}",
+                     _ci(ci["fraction_predicted_empty"])))
+    return rows
+
+
+def _interval_table(s: dict) -> list[str]:
+    """The figures a second site is quoted by, with intervals over patients (Markdown)."""
+    iv = s["intervals"]
+    lines = [f"95% intervals resample the {iv['n_units']} {iv['unit_name']}, not images: "
+             f"{iv['ci95_method']}.", "",
+             f"| figure | over | value | 95% CI ({iv['unit_name']} resampled) |",
+             "|---|---|---:|---:|"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in _interval_rows(s)]
+    return lines
 
 
 def _empty_count(lf: dict) -> str:
@@ -177,7 +221,8 @@ def _empty_count(lf: dict) -> str:
 def segmentation_text(s: dict) -> str:
     le = s["lesion_images"]
     every = f"{fmt_stat(le['hd95_all'])} px (misses at the diagonal), " if "hd95_all" in le else ""
-    out = [f"test Dice {fmt_stat(le['dice'])}, IoU {fmt_stat(le['iou'])}, HD95 {every}"
+    where = "" if "data" in s else "test "  # busi evaluate --data: not a test split
+    out = [f"{where}Dice {fmt_stat(le['dice'])}, IoU {fmt_stat(le['iou'])}, HD95 {every}"
            f"{fmt_stat(le['hd95'])} px on detected lesions, {le['hd95_undefined']} missed, "
            f"on {le['dice']['n']} lesion images ({_mask_rule(s)})"]
     for name, e in s["per_class"].items():
@@ -186,6 +231,10 @@ def segmentation_text(s: dict) -> str:
     lf = s["lesion_free_images"]
     if lf["n"]:
         out.append(f"  normal     predicted empty: {_empty_count(lf)}")
+    if "intervals" in s:
+        iv = s["intervals"]
+        out.append(f"95% intervals, the {iv['n_units']} {iv['unit_name']} resampled:")
+        out += [f"  {a:30} {c:>7}  ({d})  over {b}" for a, b, c, d in _interval_rows(s)]
     return "\n".join(out)
 
 
