@@ -150,7 +150,9 @@ def cmd_cv(args: argparse.Namespace) -> int:
     models = tuple(m.strip() for m in args.models.split(",") if m.strip())
     if not models and not args.resume:
         raise BusiError("no classifier named", where="--models",
-                        fix="name one or more, e.g. --models cnn,vgg19,mobilenet")
+                        fix="name one or more, e.g. --models cnn,vgg19,mobilenet, or "
+                            "--models none for the U-Nets only")
+    models = () if models == ("none",) else models
     cfg = None if args.resume else load_cli_config(args)
     run_cv(cfg, folds=args.folds, models=models, resume=args.resume)
     return 0
@@ -274,12 +276,14 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=fmt, epilog=_examples("""
             busi cv --config configs/cpu.yaml --folds 5 --data data/Dataset_BUSI_with_GT
             busi cv --config cpu --folds 5 --models cnn,vgg19,mobilenet
+            busi cv --config cpu --folds 5 --models none     # the U-Nets only
             busi cv --resume outputs/cv/20261125-101500      # continue a killed CV
         """))
     _add_config_args(p)
     p.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
     p.add_argument("--models", default="cnn",
-                   help="comma-separated classifiers to train per fold (default: cnn)")
+                   help="comma-separated classifiers to train per fold (default: cnn; "
+                        "none: segmentation only)")
     p.add_argument("--resume", metavar="CV_DIR", help="continue an interrupted CV run")
     p.set_defaults(func=cmd_cv)
 

@@ -77,6 +77,17 @@ class AugmentationConfig:
     zoom_range: list[float] = field(default_factory=lambda: [0.8, 1.0],
                                     metadata={**_range(0.1, 10), "length": 2})
     fill_mode: Literal["nearest", "constant", "reflect", "wrap"] = "nearest"
+    # What changes between scanners and hospitals, drawn per image of the training batches
+    # and applied to the image only (off by default: the paper has none). Each range is
+    # [low, high]; [1, 1] / 0 leaves the image alone.
+    gain_range: list[float] = field(default_factory=lambda: [1.0, 1.0],
+                                    metadata={**_range(0.05, 20), "length": 2})
+    contrast_range: list[float] = field(default_factory=lambda: [1.0, 1.0],
+                                        metadata={**_range(0.05, 20), "length": 2})
+    gamma_range: list[float] = field(default_factory=lambda: [1.0, 1.0],
+                                     metadata={**_range(0.05, 20), "length": 2})
+    blur_sigma: float = field(default=0.0, metadata=_range(0, 20))  # px, max; half the images
+    speckle: float = field(default=0.0, metadata=_range(0, 2))  # SD of multiplicative noise
 
 
 @dataclass
@@ -85,6 +96,14 @@ class UNetConfig:
 
     base_filters: int = field(default=64, metadata=_range(1, 1024))
     depth: int = field(default=4, metadata=_range(1, 6))
+    # "plain": the paper's encoder, trained from scratch. "mobilenet": Keras' MobileNet v1
+    # (alpha 1.0) as the encoder, ImageNet weights from encoder_weights ('' = random);
+    # depth is then 5 (strides 2..32) and base_filters sets the decoder's width.
+    encoder: Literal["plain", "mobilenet"] = "plain"
+    encoder_weights: str = ""
+    # "fixed": the [0, 1] image as it is (the paper); "per_image": each image standardised
+    # to zero mean and unit SD inside the model, so a scanner's gain and offset drop out.
+    input_norm: Literal["fixed", "per_image"] = "fixed"
     encoder_dropout: float = field(default=0.2, metadata=_range(0, 1, hi_open=True))
     decoder_dropout: float = field(default=0.1, metadata=_range(0, 1, hi_open=True))
 
@@ -418,7 +437,8 @@ def check_consistency(cfg: Config, where: str) -> Config:
     backbones refuse inputs under 32 px.
     """
     h, w = cfg.data.image_size
-    depth = cfg.model.unet.depth
+    unet = cfg.model.unet
+    depth = 5 if unet.encoder == "mobilenet" else unet.depth
     step = 2 ** depth
     if h % step or w % step:
         def near(v: int) -> int:
@@ -426,8 +446,12 @@ def check_consistency(cfg: Config, where: str) -> Config:
 
         raise BusiError(f"'data.image_size' {h}x{w} cannot pass through the U-Net's {depth} "
                         f"pooling levels: both sides must be multiples of 2^{depth} = {step}",
-                        where=where, fix=f"use e.g. [{near(h)}, {near(w)}], or lower "
-                                         "model.unet.depth")
+                        where=where, fix=f"use e.g. [{near(h)}, {near(w)}]"
+                        + (", or lower model.unet.depth" if unet.encoder == "plain" else ""))
+    if unet.encoder_weights and unet.encoder == "plain":
+        raise BusiError("'model.unet.encoder_weights' is for a pretrained encoder, and "
+                        "model.unet.encoder is 'plain' (trained from scratch)", where=where,
+                        fix="set model.unet.encoder: mobilenet, or encoder_weights: ''")
     name = cfg.model.classifier.name
     if name in ("vgg19", "mobilenet") and min(h, w) < 32:
         raise BusiError(f"'model.classifier.name' {name} needs images of at least 32x32, "

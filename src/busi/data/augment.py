@@ -172,9 +172,56 @@ def keras_layers(cfg: AugmentationConfig, image_size: tuple[int, int]) -> Augmen
     return apply
 
 
+def has_site_changes(cfg: AugmentationConfig) -> bool:
+    return (tuple(cfg.gain_range) != (1, 1) or tuple(cfg.contrast_range) != (1, 1)
+            or tuple(cfg.gamma_range) != (1, 1) or cfg.blur_sigma > 0 or cfg.speckle > 0)
+
+
+def site_changes(cfg: AugmentationConfig) -> Augment:
+    """What differs between scanners and hospitals, on the image only (the mask stays).
+
+    Per image, in this order: gain (multiply), contrast (about the image's mean),
+    gamma (``x ** g``, ``log g`` uniform in the log range so 0.5 and 2 are equally
+    likely), Gaussian blur on half the images (sigma up to ``blur_sigma``: softer
+    transducers and lower resolution), multiplicative Gaussian noise (``speckle``:
+    ultrasound's noise scales with the echo), clipped to [0, 1]. Drawn from the
+    batch's own ``Generator``, like the geometric transforms.
+    """
+    import cv2
+
+    log_gamma = np.log(cfg.gamma_range)
+
+    def apply(images: np.ndarray, masks: np.ndarray | None, seed: int):
+        rng = np.random.default_rng([seed, 1])
+        out = np.empty_like(images)
+        for k, x in enumerate(images):
+            x = x * rng.uniform(*cfg.gain_range)
+            mean = x.mean()
+            x = (x - mean) * rng.uniform(*cfg.contrast_range) + mean
+            x = np.clip(x, 0, 1) ** np.exp(rng.uniform(*log_gamma))
+            if cfg.blur_sigma > 0 and rng.random() < 0.5:
+                sigma = rng.uniform(0.3, cfg.blur_sigma)
+                x = cv2.GaussianBlur(x, (0, 0), sigma).reshape(x.shape)
+            if cfg.speckle > 0:
+                x = x * (1 + rng.normal(0, cfg.speckle, x.shape))
+            out[k] = np.clip(x, 0, 1)
+        return out, masks
+
+    return apply
+
+
 def build_augment(cfg: AugmentationConfig, image_size: tuple[int, int]) -> Augment | None:
-    if cfg.engine == "none":
-        return None
-    if cfg.engine == "image_data_generator":
-        return image_data_generator(cfg)
-    return keras_layers(cfg, image_size)
+    """The geometric engine, then (if any is set) the site changes on the image."""
+    geometric = (None if cfg.engine == "none" else image_data_generator(cfg)
+                 if cfg.engine == "image_data_generator" else keras_layers(cfg, image_size))
+    if not has_site_changes(cfg):
+        return geometric
+    site = site_changes(cfg)
+    if geometric is None:
+        return site
+
+    def apply(images: np.ndarray, masks: np.ndarray | None, seed: int):
+        images, masks = geometric(images, masks, seed)
+        return site(images, masks, seed)
+
+    return apply

@@ -20,7 +20,7 @@ from busi.evaluation.segmentation import per_image, summarise, tune_threshold
 from busi.models.losses import segmentation_loss, segmentation_metrics
 from busi.models.masks import MaskRule, as_stored, predict_probs, save_masks
 from busi.models.saving import load_model
-from busi.models.unet import build_unet
+from busi.models.unet import build_mobilenet_unet, build_unet
 from busi.reporting import plots
 from busi.reporting.report import report_after_run
 from busi.runs import SEG_DIR, SPLIT, atomic_write, read_split, saved_state, write_json, write_split
@@ -39,7 +39,11 @@ from busi.training.loop import (
 def _unet(cfg: Config):
     u = cfg.model.unet
     h, w = cfg.data.image_size
-    return build_unet((h, w, 1), u.base_filters, u.depth, u.encoder_dropout, u.decoder_dropout)
+    if u.encoder == "mobilenet":
+        return build_mobilenet_unet((h, w, 1), u.base_filters, u.decoder_dropout,
+                                    weights=u.encoder_weights, input_norm=u.input_norm)
+    return build_unet((h, w, 1), u.base_filters, u.depth, u.encoder_dropout, u.decoder_dropout,
+                      input_norm=u.input_norm)
 
 
 def _seg_batches(cfg: Config, ds: Dataset, idx: np.ndarray, *, training: bool, seed: int):
