@@ -37,13 +37,13 @@ from bench_train import DEFAULT_DATA, _images, bench_input  # noqa: E402
 
 
 def _unet(cfg):
-    from busi.models import build_unet
     from busi.models.losses import segmentation_loss, segmentation_metrics
+    from busi.models.unet import unet_from_config
 
     keras = runtime.import_keras()
     u, t = cfg.model.unet, cfg.training.seg
     h, w = cfg.data.image_size
-    model = build_unet((h, w, 1), u.base_filters, u.depth, u.encoder_dropout, u.decoder_dropout)
+    model = unet_from_config(u, (h, w))
     model.compile(optimizer=keras.optimizers.Adam(t.learning_rate),
                   loss=segmentation_loss(t.loss), metrics=segmentation_metrics())
     return model

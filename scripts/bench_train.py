@@ -68,14 +68,14 @@ def bench_input(images, masks, cfg, engine: str, batch: int, seconds: float) -> 
 
 def bench_model(images, masks, cfg, precision: str, batch: int, steps: int) -> float:
     """Images/s of U-Net training steps on in-memory arrays (no input pipeline)."""
-    from busi.models import build_unet
     from busi.models.losses import segmentation_loss, segmentation_metrics
+    from busi.models.unet import unet_from_config
 
     keras = runtime.import_keras()
     runtime.setup(0, precision)
     u, t = cfg.model.unet, cfg.training.seg
     h, w = cfg.data.image_size
-    model = build_unet((h, w, 1), u.base_filters, u.depth, u.encoder_dropout, u.decoder_dropout)
+    model = unet_from_config(u, (h, w))
     model.compile(optimizer=keras.optimizers.Adam(t.learning_rate),
                   loss=segmentation_loss(t.loss), metrics=segmentation_metrics())
     x = images[:batch, ..., None].astype("float32") / 255.0

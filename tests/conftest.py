@@ -15,6 +15,9 @@ os.environ.setdefault("BUSI_DEBUG", "1")
 
 REAL_BUSI = Path(__file__).resolve().parents[1].parent / "shared/data/busi/Dataset_BUSI_with_GT"
 REAL_BUSI = Path(os.environ.get("BUSI_DATA", REAL_BUSI))
+# The ImageNet MobileNet v1 weights (no top) that configs/cpu.yaml's U-Net encoder loads.
+MOBILENET_WEIGHTS = Path(os.environ.get("BUSI_MOBILENET_WEIGHTS", Path(__file__).resolve(
+).parents[1].parent / "shared/weights/mobilenet_v1_imagenet/mobilenet_1_0_notop.weights.h5"))
 
 
 @pytest.fixture(scope="session")
@@ -40,3 +43,11 @@ def real_busi() -> Path:
     if not (REAL_BUSI / "benign").is_dir():
         pytest.skip(f"real BUSI not found at {REAL_BUSI} (set BUSI_DATA to its folder)")
     return REAL_BUSI
+
+
+@pytest.fixture(scope="session")
+def mobilenet_weights() -> Path:
+    if not MOBILENET_WEIGHTS.is_file():
+        pytest.skip(f"MobileNet ImageNet weights not found at {MOBILENET_WEIGHTS} "
+                    "(set BUSI_MOBILENET_WEIGHTS to the file)")
+    return MOBILENET_WEIGHTS

@@ -196,3 +196,34 @@ def test_image_data_generator_draws_as_get_random_transform_does() -> None:
         assert ks_2samp(a, b).pvalue > 0.01, key
     assert abs(np.mean([t["flip_horizontal"] for t in ours]) - 0.5) < 0.05
     assert not any(t["shear"] or t["flip_vertical"] for t in ours)
+
+
+SITE = dict(gain_range=[0.7, 1.4], contrast_range=[0.7, 1.3], gamma_range=[0.7, 1.5],
+            blur_sigma=1.5, speckle=0.1)
+
+
+def test_site_changes_alter_the_image_only_within_range_and_by_seed() -> None:
+    images, masks = lesion_batch(6, 64)
+    images = 0.2 + 0.6 * images
+    site = build_augment(AugmentationConfig(engine="none", **SITE), (64, 64))
+    out, out_masks = site(images, masks, 3)
+    np.testing.assert_array_equal(out_masks, masks)
+    assert out.shape == images.shape and out.min() >= 0 and out.max() <= 1
+    assert not np.allclose(out, images)
+    np.testing.assert_array_equal(site(images, masks, 3)[0], out)
+    assert not np.allclose(site(images, masks, 4)[0], out)
+
+
+def test_gain_multiplies_and_site_changes_are_off_by_default() -> None:
+    images, masks = lesion_batch(4, 64)
+    images = 0.1 + 0.5 * images
+    assert build_augment(AugmentationConfig(engine="none"), (64, 64)) is None
+    half = build_augment(AugmentationConfig(engine="none", gain_range=[0.5, 0.5]), (64, 64))
+    np.testing.assert_allclose(half(images, masks, 0)[0], 0.5 * images, atol=1e-6)
+    # With the geometric engine: the same transform as without site changes, then the gain.
+    geometric = build_augment(AugmentationConfig(), (64, 64))
+    both = build_augment(AugmentationConfig(gain_range=[0.5, 0.5]), (64, 64))
+    g_img, g_mask = geometric(images, masks, 7)
+    b_img, b_mask = both(images, masks, 7)
+    np.testing.assert_array_equal(b_mask, g_mask)
+    np.testing.assert_allclose(b_img, 0.5 * np.clip(g_img, 0, 1), atol=1e-6)

@@ -122,3 +122,14 @@ def test_impossible_sizes_and_counts_are_one_line_before_any_work(
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert expected in proc.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "outputs").exists()
+
+
+def test_cv_with_models_none_trains_the_unets_only(synth_root: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import busi.workflows
+
+    seen = {}
+    monkeypatch.setattr(busi.workflows, "run_cv",
+                        lambda cfg, **kw: seen.update(kw))
+    assert main(["cv", "--models", "none", "--data", str(synth_root)]) == 0
+    assert seen["models"] == ()

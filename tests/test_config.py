@@ -66,6 +66,11 @@ def write(tmp_path: Path, text: str) -> Path:
     ("data:\n  image_size: [16, 16]\nmodel:\n  unet: {depth: 2}\n  classifier: {name: vgg19}\n",
      ["vgg19 needs images of at least 32x32"]),
     ("training:\n  seg:\n    fold_ensemble: true\n", ["fold_ensemble", "out_of_fold_masks"]),
+    ("data:\n  image_size: [112, 112]\nmodel:\n  unet: {encoder: mobilenet}\n",
+     ["2^5 = 32", "[128, 128]"]),
+    ("model:\n  unet: {encoder_weights: w.weights.h5}\n",
+     ["'model.unet.encoder_weights'", "encoder: mobilenet"]),
+    ("augmentation:\n  gain_range: [0, 2]\n", ["'augmentation.gain_range'", ">= 0.05"]),
     ("data:\n  classes: [benign, benign]\n", ["'data.classes'"]),
 ])
 def test_bad_config_is_one_message_naming_key_and_file(tmp_path: Path, text: str,
@@ -134,3 +139,19 @@ def test_a_config_that_is_not_utf8_text_is_one_message(tmp_path: Path) -> None:
     with pytest.raises(BusiError, match="not a UTF-8 text file") as err:
         load_config(path)
     assert str(path) in str(err.value)
+
+
+def test_auto_precision_uses_bfloat16_only_where_the_cpu_computes_it(tmp_path: Path) -> None:
+    """Emulated bfloat16 is several times slower than float32 (docs/PERFORMANCE.md)."""
+    from busi import runtime
+
+    with_amx = tmp_path / "amx"
+    with_amx.write_text("flags\t\t: fpu avx2 avx512f amx_bf16 amx_tile\n")
+    without = tmp_path / "plain"
+    without.write_text("flags\t\t: fpu avx2 avx512f avx512bw\n")
+    assert runtime.cpu_has_bf16(str(with_amx)) and not runtime.cpu_has_bf16(str(without))
+    assert not runtime.cpu_has_bf16(str(tmp_path / "missing"))
+    assert runtime.resolve_precision("float32") == "float32"
+    assert runtime.resolve_precision("mixed_bfloat16") == "mixed_bfloat16"
+    expected = "mixed_bfloat16" if runtime.cpu_has_bf16() else "float32"
+    assert runtime.resolve_precision("auto") == expected  # no GPU on the test machines

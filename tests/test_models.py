@@ -85,3 +85,47 @@ def test_fine_tuning_opens_only_the_top_blocks_of_the_base() -> None:
     open_layers = {layer.name for layer in base.layers if layer.weights and layer.trainable}
     assert open_layers == {f"block5_conv{i}" for i in range(1, 5)}
     assert model.get_layer("fc").trainable, "the new head always trains"
+
+
+def test_mobilenet_unet_loads_its_encoder_weights_and_saves_whole(tmp_path: Path) -> None:
+    """The pretrained encoder's weights arrive; the saved U-Net takes raw gray images."""
+    from busi.models.saving import load_model
+    from busi.models.unet import build_mobilenet_unet
+
+    base = keras.applications.MobileNet(input_shape=(64, 64, 3), include_top=False,
+                                        weights=None)
+    weights = tmp_path / "encoder.weights.h5"
+    base.save_weights(weights)
+    model = build_mobilenet_unet((64, 64, 1), base_filters=4, weights=str(weights))
+    encoder = model.get_layer("mobilenet_encoder")
+    np.testing.assert_array_equal(encoder.get_layer("conv1").get_weights()[0],
+                                  base.get_layer("conv1").get_weights()[0])
+    x = np.random.default_rng(0).uniform(0, 1, (2, 64, 64, 1)).astype("float32")
+    p = model.predict(x, verbose=0)
+    assert p.shape == (2, 64, 64, 1) and p.min() >= 0 and p.max() <= 1
+    model.save(tmp_path / "m.keras")
+    np.testing.assert_allclose(load_model(tmp_path / "m.keras").predict(x, verbose=0), p,
+                               atol=1e-5)
+
+
+def test_a_weights_file_of_another_network_is_a_clear_error(tmp_path: Path) -> None:
+    from busi.models.unet import build_mobilenet_unet
+
+    other = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    wrong = tmp_path / "other.weights.h5"
+    other.save_weights(wrong)
+    with pytest.raises(BusiError, match="does not fit the MobileNet encoder") as err:
+        build_mobilenet_unet((64, 64, 1), base_filters=4, weights=str(wrong))
+    assert str(wrong) in str(err.value)
+    with pytest.raises(BusiError, match="not found"):
+        build_mobilenet_unet((64, 64, 1), base_filters=4, weights=str(tmp_path / "none.h5"))
+
+
+@pytest.mark.parametrize("norm, blind", [("per_image", True), ("fixed", False)])
+def test_per_image_norm_makes_the_unet_blind_to_a_scanners_gain_and_offset(
+        norm: str, blind: bool) -> None:
+    model = build_unet((32, 32, 1), base_filters=4, depth=2, input_norm=norm)
+    x = np.random.default_rng(1).uniform(0.1, 0.5, (2, 32, 32, 1)).astype("float32")
+    same = np.allclose(model.predict(x, verbose=0), model.predict(1.7 * x + 0.1, verbose=0),
+                       atol=1e-4)
+    assert same == blind

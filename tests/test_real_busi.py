@@ -31,7 +31,8 @@ def test_paper_split_is_702_78(real_busi: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_whole_pipeline_on_real_busi(real_busi: Path, tmp_path: Path) -> None:
+def test_whole_pipeline_on_real_busi(real_busi: Path, mobilenet_weights: Path,
+                                     tmp_path: Path) -> None:
     """Real files through every stage (tiny training): `pytest -m slow`, about 2 minutes."""
     import csv
     import json
@@ -41,7 +42,8 @@ def test_whole_pipeline_on_real_busi(real_busi: Path, tmp_path: Path) -> None:
     common = ["--data", str(real_busi), "--set", f"outputs.root={tmp_path}",
               "--set", f"data.cache_dir={tmp_path}/cache",
               "--set", f"split.manifest_dir={tmp_path}/splits",
-              "--set", "model.unet.base_filters=4", "--set", "model.classifier.weights=none"]
+              "--set", "model.unet.base_filters=4", "--set", "model.classifier.weights=none",
+              "--set", f"model.unet.encoder_weights={mobilenet_weights}"]
     assert main(["train-seg", "--config", "cpu", *common, "--set", "training.seg.epochs=1",
                  "--set", "training.seg.steps_per_epoch=4"]) == 0
     assert main(["train-cls", "--model", "cnn", "--config", "cpu", *common,

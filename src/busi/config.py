@@ -190,7 +190,9 @@ class RuntimeConfig:
     """How the run executes: randomness, numeric precision, devices."""
 
     seed: int = 42
-    precision: Literal["float32", "mixed_bfloat16", "mixed_float16"] = "float32"
+    # auto: mixed_bfloat16 on a GPU or a CPU with native bfloat16 (AVX512-BF16/AMX), else
+    # float32 (emulated bfloat16 is several times slower than float32).
+    precision: Literal["float32", "mixed_bfloat16", "mixed_float16", "auto"] = "float32"
     distribution: Literal["none", "mirrored", "data_parallel"] = "none"
     deterministic: bool = False
     # TensorFlow only: split the CPU into this many logical devices (0 = leave as is), so

@@ -153,8 +153,11 @@ def aggregate(cv_dir: str | Path) -> dict:
                           + " | ".join(f"{row['recall'].get(c, float('nan')):.2f}"
                                        for c in labels) + " |")
         detail += ["", markdown_table(r, f"{m}: pooled out-of-fold report"), ""]
-    lines += ["## Classification", "", *summary, "",
-              "Pooled 95% intervals: " + "; ".join(methods) + ".", "", *detail]
+    if models:
+        lines += ["## Classification", "", *summary, "",
+                  "Pooled 95% intervals: " + "; ".join(methods) + ".", "", *detail]
+    else:
+        lines += ["No classifier in this CV (`--models none`): segmentation only."]
     text = "\n".join(lines) + "\n"
     atomic_write(cv_dir / "cv_results.md", text)
     write_json(cv_dir / "cv_results.json", result)

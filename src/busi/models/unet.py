@@ -75,11 +75,22 @@ def load_weights_file(model: keras.Model, path: str, what: str, where: str) -> N
                             "../shared/weights/mobilenet_v1_imagenet/"
                             "mobilenet_1_0_notop.weights.h5), or '' to start from random "
                             "weights")
+    import warnings
+
     try:
-        model.load_weights(path)
+        # Keras only warns when a file lacks some of the layers ("Skipping ..."), which
+        # would leave them at random weights: that is a misfit too.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model.load_weights(path)
+        skipped = [str(w.message) for w in caught if "skipping" in str(w.message).lower()
+                   or "could not be loaded" in str(w.message).lower()]
+        if skipped:
+            raise ValueError(skipped[0])
     except Exception as exc:  # Keras raises ValueError/KeyError/OSError for a misfit file
-        raise BusiError(f"the file does not fit the {what} ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0][:200]})", where=f"{where}: {path}",
+        detail = " ".join(str(exc).split())[:240]
+        raise BusiError(f"the file does not fit the {what} ({type(exc).__name__}: {detail})",
+                        where=f"{where}: {path}",
                         fix=f"use a weights file saved from the same {what} architecture "
                             "(include_top=False, alpha 1.0)") from None
 
@@ -130,3 +141,13 @@ def build_mobilenet_unet(input_shape: tuple[int, int, int] = (128, 128, 1),
             x = layers.Dropout(decoder_dropout, name=f"dec{level + 1}_dropout")(x)
     outputs = layers.Conv2D(1, 1, activation="sigmoid", dtype="float32", name="mask")(x)
     return keras.Model(inputs, outputs, name=name)
+
+
+def unet_from_config(u, image_size: tuple[int, int] | list[int]) -> keras.Model:
+    """The U-Net a :class:`busi.config.UNetConfig` describes, for gray images of ``image_size``."""
+    h, w = image_size
+    if u.encoder == "mobilenet":
+        return build_mobilenet_unet((h, w, 1), u.base_filters, u.decoder_dropout,
+                                    weights=u.encoder_weights, input_norm=u.input_norm)
+    return build_unet((h, w, 1), u.base_filters, u.depth, u.encoder_dropout, u.decoder_dropout,
+                      input_norm=u.input_norm)

@@ -114,14 +114,14 @@ def train_classifier(cfg: Config, *, seg_run: str | None = None, resume: str | N
     masks = classifier_masks(cfg, ds, seg_path)
     x = classifier_inputs(ds.images, masks, c)
     cfg, run_dir, state = start_run(cfg, f"{CLS_DIR}/{c.name}", resume, config_source)
-    runtime.setup(cfg.runtime.seed, cfg.runtime.precision, cfg.runtime.deterministic)
+    precision = runtime.setup(cfg.runtime.seed, cfg.runtime.precision, cfg.runtime.deterministic)
     write_split(run_dir, {"manifest": str(manifest.path), "fold": fold,
                           "seg_run": str(seg_path.resolve()) if seg_path else None,
                           **{k: len(v) for k, v in idx.items()}, **data_record(ds, cfg)})
     y = keras.utils.to_categorical(ds.labels, len(ds.classes)).astype("float32")
     print(f"busi train-cls: {c.name} run {run_dir}\n  masks: {c.masks} ({c.mask_mode})"
           f"{f' from {seg_path}' if seg_path else ''}; train {len(idx['train'])}, "
-          f"val {len(idx['val'])}, test {len(idx['test'])}")
+          f"val {len(idx['val'])}, test {len(idx['test'])}; precision {precision}")
 
     t = cfg.training.cls
     total_epochs = t.epochs + (c.fine_tune_epochs if c.freeze_base else 0)
@@ -178,7 +178,7 @@ def train_classifier(cfg: Config, *, seg_run: str | None = None, resume: str | N
                         title=f"{c.name}: training and validation loss")
     save_gradcam(run_dir / "gradcam", best, ds, idx["test"], x, probs)
     finish_state(run_dir, state, train_seconds=round(wall, 1),
-                  environment=runtime.environment())
+                  environment=runtime.environment(), precision=precision)
     result = evaluate_run(run_dir)
     print(result["text"])
     report_after_run(run_dir)

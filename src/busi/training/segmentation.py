@@ -20,7 +20,7 @@ from busi.evaluation.segmentation import per_image, summarise, tune_threshold
 from busi.models.losses import segmentation_loss, segmentation_metrics
 from busi.models.masks import MaskRule, as_stored, predict_probs, save_masks
 from busi.models.saving import load_model
-from busi.models.unet import build_mobilenet_unet, build_unet
+from busi.models.unet import unet_from_config
 from busi.reporting import plots
 from busi.reporting.report import report_after_run
 from busi.runs import SEG_DIR, SPLIT, atomic_write, read_split, saved_state, write_json, write_split
@@ -37,13 +37,7 @@ from busi.training.loop import (
 
 
 def _unet(cfg: Config):
-    u = cfg.model.unet
-    h, w = cfg.data.image_size
-    if u.encoder == "mobilenet":
-        return build_mobilenet_unet((h, w, 1), u.base_filters, u.decoder_dropout,
-                                    weights=u.encoder_weights, input_norm=u.input_norm)
-    return build_unet((h, w, 1), u.base_filters, u.depth, u.encoder_dropout, u.decoder_dropout,
-                      input_norm=u.input_norm)
+    return unet_from_config(cfg.model.unet, cfg.data.image_size)
 
 
 def _seg_batches(cfg: Config, ds: Dataset, idx: np.ndarray, *, training: bool, seed: int):
@@ -148,11 +142,12 @@ def train_segmentation(cfg: Config, *, resume: str | None = None,
                         fix="set split.val_size > 0 (e.g. 0.1)")
     if not resume:
         cfg, run_dir, state = start_run(cfg, SEG_DIR, resume, config_source)
-    runtime.setup(cfg.runtime.seed, cfg.runtime.precision, cfg.runtime.deterministic)
+    precision = runtime.setup(cfg.runtime.seed, cfg.runtime.precision, cfg.runtime.deterministic)
     write_split(run_dir, {"manifest": str(manifest.path), "fold": fold,
                           **{k: len(v) for k, v in idx.items()}, **data_record(ds, cfg)})
     print(f"busi train-seg: run {run_dir}\n  data {ds.location}: train {len(idx['train'])}, "
-          f"val {len(idx['val'])}, test {len(idx['test'])} (manifest {manifest.path})")
+          f"val {len(idx['val'])}, test {len(idx['test'])} (manifest {manifest.path}); "
+          f"precision {precision}")
 
     t = cfg.training.seg
     hint = f"busi train-seg --resume {run_dir}"
@@ -199,7 +194,7 @@ def train_segmentation(cfg: Config, *, resume: str | None = None,
                         title="U-Net: training and validation loss")
     plots.save_overlays(run_dir / "overlays", ds, idx["test"], rule.apply(probs), 0.5)
     finish_state(run_dir, final, environment=runtime.environment(),
-                  precision=cfg.runtime.precision)
+                  precision=precision)
     print(plots.segmentation_text(summary))
     report_after_run(run_dir)
     print(f"outputs: {run_dir}")
