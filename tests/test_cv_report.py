@@ -194,3 +194,33 @@ def test_pooled_report_follows_a_changed_fold_and_its_interval_resamples_folds(
     assert "two-level" in result["pooled"]["ci95_method"]
     assert "duplicate groups" in result["pooled"]["ci95_method"]
     assert "Pooled 95% intervals: cnn: two-level" in (cv / "cv_results.md").read_text()
+
+
+def test_an_arm_added_to_a_cv_trains_on_its_folds_and_unets(cv_run: Path, tmp_path: Path,
+                                                             capsys) -> None:
+    """`busi cv --resume CV --models mobilenet`: the new arm gets the CV's own U-Nets."""
+    import shutil
+
+    from busi.training import classification as train
+
+    cv = tmp_path / cv_run.name
+    shutil.copytree(cv_run, cv)
+    unets = {p: p.stat().st_mtime_ns for p in cv.glob("fold*/seg/*/best.keras")}
+    calls = []
+
+    def first_call_interrupts(cfg, seg_run=None, resume=None, **kwargs):
+        calls.append((cfg.model.classifier.name, seg_run))
+        raise KeyboardInterrupt
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(train, "train_classifier", first_call_interrupts)
+    try:
+        assert main(["cv", "--resume", str(cv), "--models", "mobilenet"]) == 130
+    finally:
+        mp.undo()
+    assert "adding mobilenet" in capsys.readouterr().out
+    assert json.loads((cv / "cv.json").read_text())["models"] == ["cnn", "mobilenet"]
+    (seg0,) = list((cv / "fold0" / "seg").iterdir())
+    assert calls == [("mobilenet", str(seg0))]
+    assert {p: p.stat().st_mtime_ns for p in unets} == unets  # no U-Net trained again
+    assert main(["cv", "--resume", str(cv), "--models", "resnet"]) == 2

@@ -147,7 +147,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_cv(args: argparse.Namespace) -> int:
     from busi.workflows import run_cv
 
-    models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    models = tuple(m.strip() for m in (args.models or "").split(",") if m.strip())
+    if args.models is None and not args.resume:
+        models = ("cnn",)
     if not models and not args.resume:
         raise BusiError("no classifier named", where="--models",
                         fix="name one or more, e.g. --models cnn,vgg19,mobilenet, or "
@@ -277,13 +279,15 @@ def build_parser() -> argparse.ArgumentParser:
             busi cv --config configs/cpu.yaml --folds 5 --data data/Dataset_BUSI_with_GT
             busi cv --config cpu --folds 5 --models cnn,vgg19,mobilenet
             busi cv --config cpu --folds 5 --models none     # the U-Nets only
+            busi cv --resume outputs/cv/20261125-101500 --models mobilenet  # add an arm
             busi cv --resume outputs/cv/20261125-101500      # continue a killed CV
         """))
     _add_config_args(p)
     p.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
-    p.add_argument("--models", default="cnn",
+    p.add_argument("--models", default=None,
                    help="comma-separated classifiers to train per fold (default: cnn; "
-                        "none: segmentation only)")
+                        "none: segmentation only); with --resume, classifiers to add to the "
+                        "CV, trained on its folds and U-Nets")
     p.add_argument("--resume", metavar="CV_DIR", help="continue an interrupted CV run")
     p.set_defaults(func=cmd_cv)
 

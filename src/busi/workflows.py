@@ -81,7 +81,17 @@ def run_cv(cfg: Config, *, folds: int = 5, models: tuple[str, ...] = ("cnn",),
             raise BusiError("not a CV run folder (no config.yaml / cv.json)", where=str(cv_dir),
                             fix="pass a folder under outputs/cv/")
         meta = json.loads((cv_dir / "cv.json").read_text())
-        cfg, folds, models = read_config(cv_dir), meta["folds"], tuple(meta["models"])
+        cfg, folds = read_config(cv_dir), meta["folds"]
+        added = [m for m in models if m not in meta["models"]]
+        unknown = [m for m in added if m not in MODELS]
+        if unknown:
+            raise BusiError(f"unknown model(s) {', '.join(unknown)}", where="--models",
+                            fix=f"choose from {', '.join(MODELS)}")
+        models = tuple(meta["models"]) + tuple(added)
+        if added:
+            # New arms on the same folds and the same U-Nets: a fair comparison for free.
+            print(f"busi cv: adding {', '.join(added)} to {cv_dir} (same folds, same U-Nets)")
+            write_json(cv_dir / "cv.json", {**meta, "models": list(models)})
     else:
         unknown = [m for m in models if m not in MODELS]
         if unknown:
