@@ -129,3 +129,54 @@ def test_per_image_norm_makes_the_unet_blind_to_a_scanners_gain_and_offset(
     same = np.allclose(model.predict(x, verbose=0), model.predict(1.7 * x + 0.1, verbose=0),
                        atol=1e-4)
     assert same == blind
+
+
+def _misfit_files(tmp_path: Path) -> dict[str, Path]:
+    """Weights files that are not a MobileNet v1 alpha 1.0 base without its top."""
+    files = {}
+    base = keras.applications.MobileNet(include_top=False, weights=None, input_shape=(32, 32, 3),
+                                        alpha=0.5)
+    files["another width"] = tmp_path / "alpha05.weights.h5"
+    base.save_weights(files["another width"])
+    full = keras.applications.MobileNet(include_top=False, weights=None, input_shape=(32, 32, 3))
+    part = keras.Model(full.input, full.get_layer("conv_pw_5_relu").output)
+    files["missing layers"] = tmp_path / "part.weights.h5"
+    part.save_weights(files["missing layers"])
+    other = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    files["another network"] = tmp_path / "dense.weights.h5"
+    other.save_weights(files["another network"])
+    return files
+
+
+def test_a_classifier_weights_file_that_does_not_fit_is_one_clear_error(
+        tmp_path: Path) -> None:
+    for why, path in _misfit_files(tmp_path).items():
+        with pytest.raises(BusiError) as err:
+            build_classifier("mobilenet", (32, 32), 3, weights=str(path))
+        text = str(err.value)
+        assert "does not fit the MobileNet base (include_top=False, alpha=1.0)" in text, why
+        assert str(path) in text and "model.classifier.weights" in text, why
+        assert "\n" not in text, why
+    with pytest.raises(BusiError, match="does not fit the VGG19 base") as err:
+        build_classifier("vgg19", (32, 32), 3, weights=str(path))
+    assert str(path) in str(err.value)
+
+
+def test_a_weights_file_keras_only_warns_about_is_refused(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keras 3 only warns ("Skipping ...") for some missing layer groups, which would leave
+    them at random weights: that is refused like any other misfit."""
+    import warnings
+
+    base = keras.applications.MobileNet(include_top=False, weights=None, input_shape=(32, 32, 3))
+    path = tmp_path / "mobilenet.weights.h5"
+    base.save_weights(path)
+
+    def load_and_warn(self, filepath, *args, **kwargs):
+        warnings.warn("Skipping nested container at 'layers/conv_dw_13': no matching group "
+                      "found in the saved file.", stacklevel=2)
+
+    monkeypatch.setattr(keras.Model, "load_weights", load_and_warn)
+    with pytest.raises(BusiError, match="does not fit the MobileNet base") as err:
+        build_classifier("mobilenet", (32, 32), 3, weights=str(path))
+    assert "Skipping nested container" in str(err.value) and str(path) in str(err.value)

@@ -19,6 +19,7 @@ from keras import layers  # noqa: E402
 
 from busi.errors import BusiError  # noqa: E402
 from busi.models.layers import ImagenetPreprocess  # noqa: E402
+from busi.models.weights import load_weights_file  # noqa: E402
 
 FAMILIES = ("cnn", "vgg19", "mobilenet")
 
@@ -44,13 +45,20 @@ def _base(family: str, input_shape: tuple[int, int, int], weights: str | None):
     kwargs = {"include_top": False, "input_shape": input_shape}
     if family == "mobilenet":
         kwargs["alpha"] = 1.0
+    if weights not in (None, "imagenet"):
+        # A file: built without weights, then loaded by the helper that refuses a file of
+        # another network or width, or one that lacks layers (Keras only warns for some).
+        base = app(weights=None, **kwargs)
+        args = "include_top=False" + (", alpha=1.0" if family == "mobilenet" else "")
+        load_weights_file(base, weights, f"{app.__name__} base ({args})",
+                          "model.classifier.weights",
+                          fix=f"pass a weights file saved from keras.applications."
+                              f"{app.__name__}({args}), 'imagenet' to download Keras' own, "
+                              "or 'none' to train from scratch")
+        return base
     try:
         return app(weights=weights, **kwargs)
-    except Exception as exc:  # network refused, truncated download, wrong file
-        if weights != "imagenet":
-            raise BusiError(f"cannot load weights file: {exc}", where=str(weights),
-                            fix="pass a weights file made for this model without its top "
-                                "(include_top=False)") from None
+    except Exception as exc:  # network refused, truncated download
         raise BusiError(
             f"ImageNet weights for {family} could not be downloaded ({type(exc).__name__})",
             where="model.classifier.weights",
