@@ -6,6 +6,10 @@ the Keras application without its top at 128x128x3 (the gray image copied to
 three channels), flatten, dense 256 ReLU, dense softmax. Each family's own
 ``preprocess_input`` is part of the model, so a saved model takes raw 0..255
 gray images and nothing can be forgotten at prediction time.
+
+With ``channels=2`` (``mask_mode: channel``) the input is (scan, mask): the CNN's first
+conv takes both; an ImageNet base gets (scan, scan x mask, mask) as its three channels
+(:class:`~busi.models.layers.ScanMaskToRGB`).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ keras = import_keras()  # first import of the backend: quiet (see runtime)
 from keras import layers  # noqa: E402
 
 from busi.errors import BusiError  # noqa: E402
-from busi.models.layers import ImagenetPreprocess  # noqa: E402
+from busi.models.layers import ImagenetPreprocess, ScanMaskToRGB  # noqa: E402
 from busi.models.weights import load_weights_file  # noqa: E402
 
 FAMILIES = ("cnn", "vgg19", "mobilenet")
@@ -70,11 +74,17 @@ def _base(family: str, input_shape: tuple[int, int, int], weights: str | None):
 
 
 def build_classifier(family: str, input_size: tuple[int, int] = (128, 128), n_classes: int = 3,
-                     weights: str = "imagenet") -> keras.Model:
-    """Build one of the paper's classifiers; inputs are (H, W, 1) gray images in 0..255."""
+                     weights: str = "imagenet", channels: int = 1) -> keras.Model:
+    """Build one of the paper's classifiers; inputs are (H, W, channels) in 0..255.
+
+    ``channels``: 1, the gray (masked) image; 2, the scan and its lesion mask (0/255), as
+    :func:`busi.models.inputs.classifier_inputs` lays them out for ``mask_mode: channel``.
+    """
     if family not in FAMILIES:
         raise BusiError(f"unknown classifier {family!r}", fix=f"use one of {', '.join(FAMILIES)}")
-    inputs = keras.Input((*input_size, 1), name="image")
+    if channels not in (1, 2):
+        raise BusiError(f"a classifier takes 1 or 2 input channels, not {channels}")
+    inputs = keras.Input((*input_size, channels), name="image")
     if family == "cnn":
         x = _cnn_body(inputs)
     else:
@@ -82,7 +92,8 @@ def build_classifier(family: str, input_size: tuple[int, int] = (128, 128), n_cl
         if w not in (None, "imagenet") and not Path(w).is_file():
             raise BusiError("weights file not found", where=str(w),
                             fix="pass an existing .h5/.weights.h5 file, 'imagenet' or 'none'")
-        rgb = layers.Concatenate(name="gray_to_rgb")([inputs, inputs, inputs])
+        rgb = (layers.Concatenate(name="gray_to_rgb")([inputs, inputs, inputs]) if channels == 1
+               else ScanMaskToRGB(name="scan_mask_to_rgb")(inputs))
         x = ImagenetPreprocess(family, name="preprocess")(rgb)
         base = _base(family, (*input_size, 3), w)
         if w is None:  # from scratch on a few hundred images: let BN statistics settle
