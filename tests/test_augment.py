@@ -227,3 +227,29 @@ def test_gain_multiplies_and_site_changes_are_off_by_default() -> None:
     b_img, b_mask = both(images, masks, 7)
     np.testing.assert_array_equal(b_mask, g_mask)
     np.testing.assert_allclose(b_img, 0.5 * np.clip(g_img, 0, 1), atol=1e-6)
+
+
+@pytest.mark.parametrize("channels", [1, 2])
+def test_classifier_inputs_keep_their_intensities_and_their_mask_channel(channels: int) -> None:
+    """Classifier inputs are 0..255 (the model rescales itself): the site changes must not
+    clip them to [0, 1], and a mask channel (mask_mode channel) must move with the scan
+    and stay a 0/255 mask, never brightened, blurred or speckled like the scan."""
+    from busi.training.classification import classifier_augment
+
+    cfg = AugmentationConfig(engine="layers", fill_mode="constant", gain_range=[0.8, 1.2],
+                             gamma_range=[0.8, 1.25], blur_sigma=1.0, speckle=0.05)
+    x, m = lesion_batch()
+    scan = 200 * x  # a bright lesion on black, as gain, gamma and speckle keep black
+    inputs = np.concatenate([scan, 255 * m], axis=-1) if channels == 2 else scan
+    out, labels = classifier_augment(build_augment(cfg, (128, 128)))(inputs, None, 3)
+    assert out.shape == inputs.shape and labels is None
+    assert out[..., 0].max() > 150 and out[..., 0].min() >= 0, "scan clipped to [0, 1]"
+    if channels == 2:
+        mask = out[..., 1]
+        assert set(np.unique(mask)) <= {0.0, 255.0}, "the mask channel must stay a mask"
+        moved = 0
+        for k in range(len(x)):
+            bright = out[k, ..., 0] > out[k, ..., 0].max() / 3
+            assert dice(bright, mask[k] > 0) >= 0.95, "mask channel off the moved lesion"
+            moved += dice(mask[k] > 0, m[k, ..., 0] > 0.5) < 0.99
+        assert moved >= len(x) // 2

@@ -125,11 +125,11 @@ def test_gradcam_highlights_part_of_the_image(cv_run: Path) -> None:
     keras = runtime.import_keras()
     (run,) = list((cv_run / "fold0" / "cls" / "cnn").iterdir())
     model = keras.models.load_model(run / "best.keras")
-    x = np.random.default_rng(0).integers(0, 255, (3, 32, 32), dtype=np.uint8)
+    x = np.random.default_rng(0).integers(0, 255, (3, 32, 32, 1), dtype=np.uint8)
     heat, probs = gradcam(model, x)
     assert heat.shape == (3, 32, 32) and probs.shape == (3, 3)
     assert heat.min() >= 0 and heat.max() <= 1
-    assert np.allclose(probs, model.predict(x[..., None].astype("float32"), verbose=0),
+    assert np.allclose(probs, model.predict(x.astype("float32"), verbose=0),
                        atol=1e-4)
 
 

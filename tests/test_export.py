@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +15,14 @@ from busi.cli import main
 
 @pytest.fixture(scope="module")
 def mobilenet_run(tmp_path_factory: pytest.TempPathFactory, synth_root: Path) -> Path:
+    """A MobileNet classifier of the scan and its U-Net mask (mask_mode channel): two input
+    channels and busi's own layer before the base, the harder case for every format (the
+    one-channel models differ only in a plain Concatenate there)."""
     work = tmp_path_factory.mktemp("export")
     (work / "tiny.yaml").write_text(TINY.format(data=synth_root, work=work))
     assert main(["train-seg", "--config", str(work / "tiny.yaml")]) == 0
-    assert main(["train-cls", "--model", "mobilenet", "--config", str(work / "tiny.yaml")]) == 0
+    assert main(["train-cls", "--model", "mobilenet", "--config", str(work / "tiny.yaml"),
+                 "--set", "model.classifier.mask_mode=channel"]) == 0
     (run,) = list((work / "outputs" / "cls" / "mobilenet").iterdir())
     return run
 
@@ -140,3 +145,47 @@ def test_export_options_that_do_not_fit_are_clear_errors(
     assert main(["export", str(mobilenet_run), "--format", "keras", "--out", str(full)]) == 2
     assert "--out exists and is not an empty folder" in capsys.readouterr().err
     assert (full / "model.keras").read_text() == "the user's own file"
+
+
+def test_scan_and_mask_inputs_are_the_same_in_train_cls_evaluate_and_predict(
+        mobilenet_run: Path, synth_root: Path, tmp_path: Path) -> None:
+    """mask_mode channel: evaluate and predict (with Grad-CAM) build the two-channel input as
+    train-cls did -- the same probabilities for the run's test images -- and the scan channel
+    is the whole scan whatever the U-Net found."""
+    import csv
+
+    from busi.data.loading import load_dataset
+    from busi.inference.predict import Predictor
+    from busi.models.saving import load_model
+
+    assert load_model(mobilenet_run / "best.keras").input_shape == (None, 32, 32, 2)
+    assert list((mobilenet_run / "gradcam").glob("*_gradcam.png"))
+
+    def probs(path: Path) -> dict[str, np.ndarray]:
+        with open(path) as fh:
+            return {r["file"]: np.array([float(v) for k, v in r.items() if k.startswith("p_")])
+                    for r in csv.DictReader(fh)}
+
+    trained = probs(mobilenet_run / "predictions.csv")
+    assert main(["evaluate", "--data", str(synth_root), "--cls-run", str(mobilenet_run),
+                 "--outputs", str(tmp_path / "o")]) == 0
+    (ev,) = (tmp_path / "o" / "eval").iterdir()
+    evaluated = probs(ev / "predictions.csv")
+    for f, p in trained.items():
+        np.testing.assert_allclose(evaluated[f], p, atol=2e-6, err_msg=f)
+    work = mobilenet_run.parents[2]
+    ds = load_dataset(synth_root, size=(32, 32), cache_dir=work / "cache")
+    predictor = Predictor(cls_run=str(mobilenet_run))
+    for f in sorted(trained)[:4]:
+        image = ds.images[ds.index([f])[0]]
+        mask, x, p = predictor(image)
+        assert x.shape == (1, 32, 32, 2)
+        np.testing.assert_array_equal(x[0, ..., 0], image)
+        np.testing.assert_array_equal(x[0, ..., 1], 255 * (mask > 0))
+        np.testing.assert_allclose(p, trained[f], atol=2e-6, err_msg=f)
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    shutil.copy(synth_root / "malignant" / "malignant (1).png", scans)
+    assert main(["predict", str(scans), "--cls-run", str(mobilenet_run),
+                 "--out", str(tmp_path / "p"), "--explain"]) == 0
+    assert (tmp_path / "p" / "malignant_(1)_gradcam.png").is_file()

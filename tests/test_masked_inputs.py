@@ -53,3 +53,29 @@ def test_dilation_keeps_a_ring_of_that_width_around_the_lesion_and_nothing_else(
     assert (out[kept] == image[kept]).all()  # kept pixels are the image's own
     empty = np.zeros_like(image)
     assert masked_inputs(image, empty, "multiply", dilation=5).max() == 0  # nothing to grow
+
+
+def test_channel_mode_gives_the_whole_scan_and_the_mask_as_a_second_channel() -> None:
+    """mask_mode channel: a missed lesion (empty mask) leaves the scan as it is, not a
+    black image; a found one adds its (grown) mask beside the untouched scan."""
+    from busi.config import ClassifierConfig
+    from busi.models.inputs import classifier_inputs, input_channels
+
+    image, mask = _case()
+    c = ClassifierConfig(mask_mode="channel")
+    assert input_channels(c) == 2 and input_channels(ClassifierConfig()) == 1
+    both = np.concatenate([image, image])
+    x = classifier_inputs(both, np.concatenate([mask, np.zeros_like(mask)]), c)
+    assert x.shape == (2, 64, 64, 2) and x.dtype == np.uint8
+    np.testing.assert_array_equal(x[..., 0], both)  # the scan, everywhere, in both
+    np.testing.assert_array_equal(x[0, ..., 1], 255 * mask[0])
+    assert x[1, ..., 1].max() == 0
+    grown = classifier_inputs(image, mask, ClassifierConfig(mask_mode="channel",
+                                                            mask_dilation=3))
+    np.testing.assert_array_equal(grown[..., 1] > 0,
+                                  masked_inputs(image, mask, "multiply", dilation=3) > 0)
+    np.testing.assert_array_equal(grown[..., 0], image)
+    none = classifier_inputs(image, None, c)  # masks: none keeps the input's shape
+    assert none.shape == (1, 64, 64, 2) and none[..., 1].max() == 0
+    gray = classifier_inputs(image, mask, ClassifierConfig(mask_mode="multiply"))
+    np.testing.assert_array_equal(gray, masked_inputs(image, mask, "multiply")[..., None])

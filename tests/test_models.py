@@ -129,3 +129,93 @@ def test_per_image_norm_makes_the_unet_blind_to_a_scanners_gain_and_offset(
     same = np.allclose(model.predict(x, verbose=0), model.predict(1.7 * x + 0.1, verbose=0),
                        atol=1e-4)
     assert same == blind
+
+
+@pytest.mark.parametrize("family", ["cnn", "vgg19", "mobilenet"])
+def test_classifiers_take_the_scan_and_its_mask_and_reload_the_same(family: str,
+                                                                   tmp_path: Path) -> None:
+    """mask_mode channel: (scan, mask) in; an ImageNet base gets (scan, scan x mask, mask);
+    the saved model loads in safe mode and predicts the same."""
+    from busi.models.saving import load_model
+
+    model = build_classifier(family, (32, 32), 3, weights="none", channels=2)
+    assert model.input_shape == (None, 32, 32, 2)
+    rng = np.random.default_rng(0)
+    scan = rng.uniform(0, 255, (2, 32, 32, 1)).astype("float32")
+    mask = np.zeros_like(scan)
+    mask[0, 8:20, 10:24] = 255
+    x = np.concatenate([scan, mask], axis=-1)
+    p = model.predict(x, verbose=0)
+    assert p.shape == (2, 3) and np.allclose(p.sum(1), 1, atol=1e-5)
+    if family != "cnn":
+        rgb = keras.Model(model.input, model.get_layer("scan_mask_to_rgb").output)
+        np.testing.assert_allclose(rgb.predict(x, verbose=0),
+                                   np.concatenate([scan, scan * mask / 255, mask], -1),
+                                   atol=1e-3)
+    model.save(tmp_path / "m.keras")
+    np.testing.assert_allclose(load_model(tmp_path / "m.keras").predict(x, verbose=0), p,
+                               atol=1e-5)
+
+
+def _misfit_files(tmp_path: Path) -> dict[str, Path]:
+    """Weights files that are not a MobileNet v1 alpha 1.0 base without its top."""
+    files = {}
+    base = keras.applications.MobileNet(include_top=False, weights=None, input_shape=(32, 32, 3),
+                                        alpha=0.5)
+    files["another width"] = tmp_path / "alpha05.weights.h5"
+    base.save_weights(files["another width"])
+    full = keras.applications.MobileNet(include_top=False, weights=None, input_shape=(32, 32, 3))
+    part = keras.Model(full.input, full.get_layer("conv_pw_5_relu").output)
+    files["missing layers"] = tmp_path / "part.weights.h5"
+    part.save_weights(files["missing layers"])
+    other = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    files["another network"] = tmp_path / "dense.weights.h5"
+    other.save_weights(files["another network"])
+    return files
+
+
+def test_a_classifier_weights_file_that_does_not_fit_is_one_clear_error(
+        tmp_path: Path) -> None:
+    for why, path in _misfit_files(tmp_path).items():
+        with pytest.raises(BusiError) as err:
+            build_classifier("mobilenet", (32, 32), 3, weights=str(path))
+        text = str(err.value)
+        assert "does not fit the MobileNet base (include_top=False, alpha=1.0)" in text, why
+        assert str(path) in text and "model.classifier.weights" in text, why
+        assert "\n" not in text, why
+    with pytest.raises(BusiError, match="does not fit the VGG19 base") as err:
+        build_classifier("vgg19", (32, 32), 3, weights=str(path))
+    assert str(path) in str(err.value)
+
+
+def test_a_weights_file_keras_only_warns_about_is_refused(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keras 3 only warns ("Skipping ...") for some missing layer groups, which would leave
+    them at random weights: that is refused like any other misfit."""
+    import warnings
+
+    base = keras.applications.MobileNet(include_top=False, weights=None, input_shape=(32, 32, 3))
+    path = tmp_path / "mobilenet.weights.h5"
+    base.save_weights(path)
+
+    def load_and_warn(self, filepath, *args, **kwargs):
+        warnings.warn("Skipping nested container at 'layers/conv_dw_13': no matching group "
+                      "found in the saved file.", stacklevel=2)
+
+    monkeypatch.setattr(keras.Model, "load_weights", load_and_warn)
+    with pytest.raises(BusiError, match="does not fit the MobileNet base") as err:
+        build_classifier("mobilenet", (32, 32), 3, weights=str(path))
+    assert "Skipping nested container" in str(err.value) and str(path) in str(err.value)
+
+
+def test_the_imagenet_mobilenet_file_loads_into_the_classifiers_base(
+        mobilenet_weights: Path) -> None:
+    model = build_classifier("mobilenet", (64, 64), 3, weights=str(mobilenet_weights),
+                             channels=2)
+    ref = keras.applications.MobileNet(include_top=False, weights=None, input_shape=(64, 64, 3))
+    ref.load_weights(mobilenet_weights)
+    base = next(layer for layer in model.layers if isinstance(layer, keras.Model))
+    for name in ("conv1", "conv_pw_13_bn"):
+        for got, want in zip(base.get_layer(name).get_weights(), ref.get_layer(name).get_weights(),
+                             strict=True):
+            np.testing.assert_array_equal(got, want)

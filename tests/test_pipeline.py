@@ -725,7 +725,8 @@ def test_an_old_unet_run_is_not_refused_and_a_bad_weights_file_leaves_no_run_fol
                "--set", f"outputs.root={out_root}") == 2
     err = capsys.readouterr().err
     assert f"busi: warning: {old} records no data fingerprint" in err
-    assert f"busi: error: {weights}: cannot load weights file" in err
+    assert (f"busi: error: model.classifier.weights: {weights}: the file does not fit the "
+            "MobileNet base") in err
     assert not list((out_root / "cls" / "mobilenet").iterdir()), "no half-made run folder"
 
 

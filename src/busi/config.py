@@ -115,7 +115,9 @@ class ClassifierConfig:
     name: Literal["cnn", "vgg19", "mobilenet"] = "cnn"
     weights: str = "imagenet"
     masks: Literal["predicted", "ground_truth", "none"] = "predicted"
-    mask_mode: Literal["multiply", "crop", "none"] = "multiply"
+    # channel: the whole scan plus the mask as a second input channel, so a missed lesion is
+    # not a blank image and the lesion's surroundings stay in view (models/inputs.py)
+    mask_mode: Literal["multiply", "crop", "channel", "none"] = "multiply"
     crop_margin: float = field(default=0.15, metadata=_range(0, 2))
     mask_dilation: int = field(default=0, metadata=_range(0, 64))  # px; 0 = the paper
     freeze_base: bool = False

@@ -251,7 +251,7 @@ def evaluate_on_data(data: str, cls_run: str | None = None, seg_run: str | None 
                                                              "## Segmentation"), ""]
     if cls is not None:
         x = classifier_inputs(ds.images, masks if uses_masks else None, c)
-        probs_cls = clf.predict(x[..., None].astype("float32"), batch_size=64, verbose=0)
+        probs_cls = clf.predict(x.astype("float32"), batch_size=64, verbose=0)
         write_predictions(out / PREDICTIONS, ds.files, labels, probs_cls, model_classes)
         r = compute(ds.files, names, [model_classes[int(i)] for i in probs_cls.argmax(1)],
                     probs_cls, list(model_classes), groups=groups, unit_name=unit_name)

@@ -22,8 +22,9 @@ from busi.data.augment import Augment  # noqa: E402
 class Batches(keras.utils.PyDataset):
     """(x, y) batches from in-memory arrays, shuffled per epoch, optionally augmented.
 
-    ``x``: uint8 images (N, H, W), scaled by ``x_scale`` (1/255 for the U-Net, 1
-    for classifiers, whose models rescale themselves). ``y``: masks (N, H, W),
+    ``x``: uint8 images (N, H, W), or model inputs with their channels (N, H, W, C),
+    scaled by ``x_scale`` (1/255 for the U-Net, 1 for classifiers, whose models rescale
+    themselves). ``y``: masks (N, H, W),
     transformed with the images, or one-hot labels (N, C), left alone.
     """
 
@@ -71,7 +72,9 @@ class Batches(keras.utils.PyDataset):
         idx = idx[:len(idx) - len(idx) % self.multiple]
         if self.shard[1] > 1:
             idx = idx[self.shard[0]::self.shard[1]]
-        x = self.x[idx][..., None].astype("float32") * self.x_scale
+        x = self.x[idx].astype("float32") * self.x_scale
+        if x.ndim == 3:  # gray images: add the channel axis
+            x = x[..., None]
         y = self.y[idx][..., None].astype("float32") if self.y_is_mask else self.y[idx]
         if self.augment is not None:
             seed = int(np.random.default_rng([self.seed, self.epoch, i]).integers(2**31 - 1))

@@ -62,7 +62,7 @@ def run_inputs(run: Path, part: str = "test") -> tuple[np.ndarray, np.ndarray, s
            if split.get("seg_run") else None)
     masks = classifier_masks(cfg, ds, seg)
     x = classifier_inputs(ds.images, masks, c)[idx]
-    return x[..., None].astype("float32"), ds.labels[idx], "cls"
+    return x.astype("float32"), ds.labels[idx], "cls"
 
 
 def _as_float32(obj):

@@ -97,7 +97,9 @@ class Predictor:
                             fix="use runs trained at the same image size")
 
     def __call__(self, gray: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(mask at model size, classifier input, class probabilities) for a gray image."""
+        """(mask at model size, classifier input (1, H, W, C), class probabilities) for a
+        gray image. With ``mask_mode: channel`` the input is the scan and this mask, which is
+        empty (the scan still there) where the U-Net found no lesion."""
         from busi.models.inputs import classifier_inputs
         from busi.models.masks import as_stored, predict_probs
 
@@ -106,7 +108,7 @@ class Predictor:
         mask = self.rule.apply(prob)[0]
         use_mask = None if self.c.masks == "none" else mask[None]
         x = classifier_inputs(small[None], use_mask, self.c)
-        p = np.asarray(self.clf.predict_on_batch(x[..., None].astype("float32")))[0]
+        p = np.asarray(self.clf.predict_on_batch(x.astype("float32")))[0]
         return mask, x, p
 
 

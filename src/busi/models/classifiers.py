@@ -6,6 +6,10 @@ the Keras application without its top at 128x128x3 (the gray image copied to
 three channels), flatten, dense 256 ReLU, dense softmax. Each family's own
 ``preprocess_input`` is part of the model, so a saved model takes raw 0..255
 gray images and nothing can be forgotten at prediction time.
+
+With ``channels=2`` (``mask_mode: channel``) the input is (scan, mask): the CNN's first
+conv takes both; an ImageNet base gets (scan, scan x mask, mask) as its three channels
+(:class:`~busi.models.layers.ScanMaskToRGB`).
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ keras = import_keras()  # first import of the backend: quiet (see runtime)
 from keras import layers  # noqa: E402
 
 from busi.errors import BusiError  # noqa: E402
-from busi.models.layers import ImagenetPreprocess  # noqa: E402
+from busi.models.layers import ImagenetPreprocess, ScanMaskToRGB  # noqa: E402
+from busi.models.weights import load_weights_file  # noqa: E402
 
 FAMILIES = ("cnn", "vgg19", "mobilenet")
 
@@ -44,13 +49,20 @@ def _base(family: str, input_shape: tuple[int, int, int], weights: str | None):
     kwargs = {"include_top": False, "input_shape": input_shape}
     if family == "mobilenet":
         kwargs["alpha"] = 1.0
+    if weights not in (None, "imagenet"):
+        # A file: built without weights, then loaded by the helper that refuses a file of
+        # another network or width, or one that lacks layers (Keras only warns for some).
+        base = app(weights=None, **kwargs)
+        args = "include_top=False" + (", alpha=1.0" if family == "mobilenet" else "")
+        load_weights_file(base, weights, f"{app.__name__} base ({args})",
+                          "model.classifier.weights",
+                          fix=f"pass a weights file saved from keras.applications."
+                              f"{app.__name__}({args}), 'imagenet' to download Keras' own, "
+                              "or 'none' to train from scratch")
+        return base
     try:
         return app(weights=weights, **kwargs)
-    except Exception as exc:  # network refused, truncated download, wrong file
-        if weights != "imagenet":
-            raise BusiError(f"cannot load weights file: {exc}", where=str(weights),
-                            fix="pass a weights file made for this model without its top "
-                                "(include_top=False)") from None
+    except Exception as exc:  # network refused, truncated download
         raise BusiError(
             f"ImageNet weights for {family} could not be downloaded ({type(exc).__name__})",
             where="model.classifier.weights",
@@ -62,11 +74,17 @@ def _base(family: str, input_shape: tuple[int, int, int], weights: str | None):
 
 
 def build_classifier(family: str, input_size: tuple[int, int] = (128, 128), n_classes: int = 3,
-                     weights: str = "imagenet") -> keras.Model:
-    """Build one of the paper's classifiers; inputs are (H, W, 1) gray images in 0..255."""
+                     weights: str = "imagenet", channels: int = 1) -> keras.Model:
+    """Build one of the paper's classifiers; inputs are (H, W, channels) in 0..255.
+
+    ``channels``: 1, the gray (masked) image; 2, the scan and its lesion mask (0/255), as
+    :func:`busi.models.inputs.classifier_inputs` lays them out for ``mask_mode: channel``.
+    """
     if family not in FAMILIES:
         raise BusiError(f"unknown classifier {family!r}", fix=f"use one of {', '.join(FAMILIES)}")
-    inputs = keras.Input((*input_size, 1), name="image")
+    if channels not in (1, 2):
+        raise BusiError(f"a classifier takes 1 or 2 input channels, not {channels}")
+    inputs = keras.Input((*input_size, channels), name="image")
     if family == "cnn":
         x = _cnn_body(inputs)
     else:
@@ -74,7 +92,8 @@ def build_classifier(family: str, input_size: tuple[int, int] = (128, 128), n_cl
         if w not in (None, "imagenet") and not Path(w).is_file():
             raise BusiError("weights file not found", where=str(w),
                             fix="pass an existing .h5/.weights.h5 file, 'imagenet' or 'none'")
-        rgb = layers.Concatenate(name="gray_to_rgb")([inputs, inputs, inputs])
+        rgb = (layers.Concatenate(name="gray_to_rgb")([inputs, inputs, inputs]) if channels == 1
+               else ScanMaskToRGB(name="scan_mask_to_rgb")(inputs))
         x = ImagenetPreprocess(family, name="preprocess")(rgb)
         base = _base(family, (*input_size, 3), w)
         if w is None:  # from scratch on a few hundred images: let BN statistics settle

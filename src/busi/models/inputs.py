@@ -2,6 +2,7 @@
 
 In ``models`` beside the networks, before training, because the classifier trainer (its
 training inputs), evaluation on new data, ``busi predict`` and export all apply it the same way.
+:func:`classifier_inputs` is the one place that knows the input's channel layout.
 """
 
 from __future__ import annotations
@@ -17,6 +18,16 @@ from busi.models.masks import load_masks
 if TYPE_CHECKING:
     from busi.config import Config
     from busi.data.loading import Dataset
+
+
+def grown(masks: np.ndarray, dilation: int) -> np.ndarray:
+    """Each mask grown by a disc of radius ``dilation`` px (unchanged for 0)."""
+    if dilation <= 0:
+        return masks
+    import cv2
+
+    disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * dilation + 1,) * 2)
+    return np.stack([cv2.dilate((m > 0).astype(np.uint8), disc) for m in masks])
 
 
 def masked_inputs(images: np.ndarray, masks: np.ndarray | None, mode: str,
@@ -35,9 +46,7 @@ def masked_inputs(images: np.ndarray, masks: np.ndarray | None, mode: str,
         return images
     import cv2
 
-    if dilation > 0:
-        disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * dilation + 1,) * 2)
-        masks = np.stack([cv2.dilate((m > 0).astype(np.uint8), disc) for m in masks])
+    masks = grown(masks, dilation)
     if mode == "multiply":
         return (images * (masks > 0)).astype(np.uint8)
 
@@ -55,10 +64,28 @@ def masked_inputs(images: np.ndarray, masks: np.ndarray | None, mode: str,
     return out
 
 
+def input_channels(c) -> int:
+    """Channels of the classifier's input for a classifier config: 2 (scan, mask) for
+    ``mask_mode: channel``, else 1 (the gray, possibly masked or cropped, image)."""
+    return 2 if c.mask_mode == "channel" else 1
+
+
 def classifier_inputs(images: np.ndarray, masks: np.ndarray | None, c) -> np.ndarray:
-    """:func:`masked_inputs` as a classifier config (``model.classifier``) says: the one
-    call train-cls, evaluate, predict and export share, so they cannot drift apart."""
-    return masked_inputs(images, masks, c.mask_mode, c.crop_margin, c.mask_dilation)
+    """The classifier's whole input (N, H, W, C) uint8 as a classifier config
+    (``model.classifier``) says: the one call train-cls, evaluate, predict, export and
+    Grad-CAM share, so they cannot drift apart.
+
+    One channel: :func:`masked_inputs`. ``mask_mode: channel``: channel 0 is the whole
+    scan, untouched, and channel 1 the (grown) mask as 0/255. A lesion the U-Net missed
+    is then an empty mask beside the scan, not a black image the classifier would learn
+    to call normal, and where it drew something the lesion's surroundings stay in view.
+    No masks (``masks: none``) give an empty mask channel, so the input keeps its shape.
+    """
+    if input_channels(c) == 1:
+        return masked_inputs(images, masks, c.mask_mode, c.crop_margin, c.mask_dilation)[..., None]
+    mask = (np.zeros_like(images) if masks is None
+            else np.where(grown(masks, c.mask_dilation) > 0, 255, 0).astype(np.uint8))
+    return np.stack([images, mask], axis=-1)
 
 
 def classifier_masks(cfg: Config, ds: Dataset, seg_run: Path | None) -> np.ndarray | None:

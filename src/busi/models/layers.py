@@ -58,3 +58,22 @@ class InputNorm(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "mode": self.mode, "scale": self.scale,
                 "offset": self.offset}
+
+
+@keras.saving.register_keras_serializable(package="busi")
+class ScanMaskToRGB(keras.layers.Layer):
+    """(scan, mask) channels in 0..255 -> three channels for an ImageNet base, in the model.
+
+    The three are the whole scan, the lesion alone (scan x mask / 255) and where the lesion
+    is (the mask): an ImageNet network expects three channels, and this way it still sees
+    the whole scan where the U-Net drew nothing. Stores no settings; ``keras.ops`` only, so a
+    saved model loads in safe mode on any backend.
+    """
+
+    def call(self, x):
+        ops = keras.ops
+        scan, mask = x[..., :1], x[..., 1:2]
+        return ops.concatenate([scan, scan * mask / 255.0, mask], axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], 3)

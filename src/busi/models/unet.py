@@ -20,8 +20,8 @@ from busi.runtime import import_keras
 keras = import_keras()  # first import of the backend: quiet (see runtime)
 from keras import layers  # noqa: E402
 
-from busi.errors import BusiError  # noqa: E402
 from busi.models.layers import InputNorm  # noqa: E402
+from busi.models.weights import load_weights_file  # noqa: E402
 
 # MobileNet v1 layers whose outputs are the encoder's scales (strides 2, 4, 8, 16, 32).
 MOBILENET_SKIPS = ("conv_pw_1_relu", "conv_pw_3_relu", "conv_pw_5_relu", "conv_pw_11_relu",
@@ -63,36 +63,6 @@ def build_unet(input_shape: tuple[int, int, int] = (128, 128, 1), base_filters: 
     # float32 output under mixed precision: sigmoid/loss in bfloat16 lose small probabilities.
     outputs = layers.Conv2D(1, 1, activation="sigmoid", dtype="float32", name="mask")(x)
     return keras.Model(inputs, outputs, name=name)
-
-
-def load_weights_file(model: keras.Model, path: str, what: str, where: str) -> None:
-    """Load a Keras weights file into ``model``, or say clearly why it does not fit."""
-    from pathlib import Path
-
-    if not Path(path).is_file():
-        raise BusiError(f"{what} weights file not found", where=f"{where}: {path}",
-                        fix="give the path of a .weights.h5 file (e.g. "
-                            "../shared/weights/mobilenet_v1_imagenet/"
-                            "mobilenet_1_0_notop.weights.h5), or '' to start from random "
-                            "weights")
-    import warnings
-
-    try:
-        # Keras only warns when a file lacks some of the layers ("Skipping ..."), which
-        # would leave them at random weights: that is a misfit too.
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            model.load_weights(path)
-        skipped = [str(w.message) for w in caught if "skipping" in str(w.message).lower()
-                   or "could not be loaded" in str(w.message).lower()]
-        if skipped:
-            raise ValueError(skipped[0])
-    except Exception as exc:  # Keras raises ValueError/KeyError/OSError for a misfit file
-        detail = " ".join(str(exc).split())[:240]
-        raise BusiError(f"the file does not fit the {what} ({type(exc).__name__}: {detail})",
-                        where=f"{where}: {path}",
-                        fix=f"use a weights file saved from the same {what} architecture "
-                            "(include_top=False, alpha 1.0)") from None
 
 
 def _conv_bn(x, filters: int, name: str):

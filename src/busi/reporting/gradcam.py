@@ -72,11 +72,12 @@ def gradcam(model, x: np.ndarray, class_idx: np.ndarray | None = None,
             parts: tuple | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Heatmaps in [0, 1] at the input size, and the probabilities.
 
-    ``x`` are the classifier's inputs (N, H, W) uint8 (masked as in training);
-    ``class_idx`` defaults to the predicted class of each image.
+    ``x`` are the classifier's inputs (N, H, W, C) in 0..255, as
+    :func:`busi.models.inputs.classifier_inputs` makes them; ``class_idx`` defaults to
+    the predicted class of each image.
     """
     features, head = parts or split_model(model)
-    xb = x[..., None].astype("float32")
+    xb = np.asarray(x).astype("float32")
     feats = keras.ops.convert_to_numpy(features(xb, training=False)).astype("float32")
     probs = keras.ops.convert_to_numpy(head(feats, training=False))
     if class_idx is None:
@@ -94,9 +95,10 @@ def gradcam(model, x: np.ndarray, class_idx: np.ndarray | None = None,
 
 
 def overlay(gray: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """BGR image: the gray image with the heatmap (jet colour map) blended over it."""
+    """BGR image: the gray (or already BGR) image with the heatmap (jet colour map) blended
+    over it."""
     colour = cv2.applyColorMap((heat * 255).astype(np.uint8), cv2.COLORMAP_JET)
-    base = cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR)
+    base = gray if gray.ndim == 3 else cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR)
     return cv2.addWeighted(colour, alpha, base, 1 - alpha, 0)
 
 
@@ -109,10 +111,25 @@ def sample(y_true: np.ndarray, y_pred: np.ndarray, n_right: int = 4, n_wrong: in
     return sorted(int(i) for i in np.concatenate(pick))
 
 
+def input_view(x: np.ndarray) -> np.ndarray:
+    """A classifier input (H, W, C) as a BGR picture: its gray image, and for a
+    (scan, mask) input the mask's outline in green over the scan."""
+    view = cv2.cvtColor(np.ascontiguousarray(x[..., 0]).astype(np.uint8), cv2.COLOR_GRAY2BGR)
+    if x.shape[-1] > 1:
+        contours, _ = cv2.findContours((x[..., 1] > 0).astype(np.uint8), cv2.RETR_EXTERNAL,
+                                       cv2.CHAIN_APPROX_NONE)
+        cv2.drawContours(view, contours, -1, (0, 255, 0), 1)
+    return view
+
+
 def save_panels(out_dir: Path, files: list[str], images: np.ndarray, inputs: np.ndarray,
                 heat: np.ndarray, y_true: list[str] | None, y_pred: list[str],
                 conf: np.ndarray, scale: int = 2) -> list[Path]:
-    """One PNG per image: [image | classifier input + heatmap], captioned true/pred."""
+    """One PNG per image: [image | classifier input + heatmap], captioned true/pred.
+
+    ``inputs`` are the classifier's inputs (N, H, W, C); a mask channel is drawn as the
+    mask's outline, so the panel shows where the U-Net's mask was beside where the
+    classifier looked."""
     from busi.reporting.plots import caption
     from busi.runs import atomic_write
 
@@ -120,7 +137,7 @@ def save_panels(out_dir: Path, files: list[str], images: np.ndarray, inputs: np.
     for i, f in enumerate(files):
         h, w = images[i].shape
         left = cv2.cvtColor(images[i], cv2.COLOR_GRAY2BGR)
-        right = overlay(inputs[i], heat[i])
+        right = overlay(input_view(inputs[i]), heat[i])
         panel = np.concatenate([left, right], axis=1)
         panel = cv2.resize(panel, (2 * w * scale, h * scale), interpolation=cv2.INTER_NEAREST)
         truth = f"true {y_true[i]}, " if y_true is not None else ""

@@ -15,14 +15,14 @@ import numpy as np
 
 from busi import runtime
 from busi.config import Config
-from busi.data.augment import build_augment
+from busi.data.augment import Augment, build_augment
 from busi.data.batches import Batches
 from busi.data.loading import dataset_from_config
 from busi.data.split import get_manifest, read_manifest
 from busi.errors import BusiError
 from busi.evaluation.classification import evaluate_run
 from busi.models.classifiers import build_classifier
-from busi.models.inputs import classifier_inputs, classifier_masks
+from busi.models.inputs import classifier_inputs, classifier_masks, input_channels
 from busi.models.saving import load_model
 from busi.reporting import plots
 from busi.reporting.gradcam import save_gradcam
@@ -70,6 +70,28 @@ def _set_trainable_top_blocks(model, n_blocks: int) -> None:
     base.trainable = True
     for layer in base.layers:
         layer.trainable = _block_of(layer.name) in top
+
+
+def classifier_augment(augment: Augment | None) -> Augment | None:
+    """``augment`` for classifier inputs: (B, H, W, C) in 0..255, channel 1 a mask if any.
+
+    The engines take images in [0, 1] (the site changes clip to it) and a separate mask,
+    which the geometric transforms move with the image and keep binary, and which gain,
+    contrast, gamma, blur and speckle never touch. So the scan is scaled to [0, 1] and
+    back, and a mask channel (``mask_mode: channel``) goes through as that mask: it stays
+    0/255 and on the lesion the scan's transform moved.
+    """
+    if augment is None:
+        return None
+
+    def apply(x: np.ndarray, _labels: None, seed: int) -> tuple[np.ndarray, None]:
+        scan = x[..., :1] / 255.0
+        mask = (x[..., 1:] > 127).astype("float32") if x.shape[-1] > 1 else None
+        scan, mask = augment(scan, mask, seed)
+        parts = [scan * 255.0] + ([] if mask is None else [(mask > 0.5) * 255.0])
+        return np.concatenate(parts, axis=-1).astype("float32"), None
+
+    return apply
 
 
 def train_classifier(cfg: Config, *, seg_run: str | None = None, resume: str | None = None,
@@ -131,7 +153,7 @@ def train_classifier(cfg: Config, *, seg_run: str | None = None, resume: str | N
         else:
             try:
                 model = build_classifier(c.name, tuple(cfg.data.image_size), len(ds.classes),
-                                         c.weights)
+                                         c.weights, channels=input_channels(c))
             except BusiError:  # e.g. a bad model.classifier.weights file: nothing trained yet
                 if not resume:
                     shutil.rmtree(run_dir, ignore_errors=True)
@@ -140,7 +162,7 @@ def train_classifier(cfg: Config, *, seg_run: str | None = None, resume: str | N
                 _set_trainable_top_blocks(model, 0)
             model.compile(optimizer=optimizer(t.optimizer, t.learning_rate), loss=t.loss,
                           metrics=["accuracy"])
-    augment = build_augment(cfg.augmentation, tuple(cfg.data.image_size))
+    augment = classifier_augment(build_augment(cfg.augmentation, tuple(cfg.data.image_size)))
     train = Batches(x[idx["train"]], y[idx["train"]], t.batch_size, augment=augment,
                     shuffle=True, seed=cfg.runtime.seed, x_scale=1.0, steps=t.steps_per_epoch,
                     workers=2 if augment is not None else 1, shard=runtime.process(),
@@ -171,7 +193,7 @@ def train_classifier(cfg: Config, *, seg_run: str | None = None, resume: str | N
         wall += wall2
     runtime.end_distribution()
     best = load_model(run_dir / "best.keras")
-    probs = best.predict(x[idx["test"]][..., None].astype("float32"), batch_size=64, verbose=0)
+    probs = best.predict(x[idx["test"]].astype("float32"), batch_size=64, verbose=0)
     write_predictions(run_dir / PREDICTIONS, parts["test"], ds.labels[idx["test"]],
                       probs, ds.classes)
     plots.plot_history(run_dir / "history.csv", run_dir / "loss_curve.png",
