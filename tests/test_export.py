@@ -20,9 +20,14 @@ def mobilenet_run(tmp_path_factory: pytest.TempPathFactory, synth_root: Path) ->
     one-channel models differ only in a plain Concatenate there)."""
     work = tmp_path_factory.mktemp("export")
     (work / "tiny.yaml").write_text(TINY.format(data=synth_root, work=work))
-    assert main(["train-seg", "--config", str(work / "tiny.yaml")]) == 0
+    # The U-Net on a MobileNet encoder (random weights: no file needed), whose encoder
+    # starts the classifier (weights: unet): cpu.yaml's U-Net and issue 14's transfer path.
+    assert main(["train-seg", "--config", str(work / "tiny.yaml"),
+                 "--set", "model.unet.encoder=mobilenet",
+                 "--set", "model.unet.input_norm=per_image"]) == 0
     assert main(["train-cls", "--model", "mobilenet", "--config", str(work / "tiny.yaml"),
-                 "--set", "model.classifier.mask_mode=channel"]) == 0
+                 "--set", "model.classifier.mask_mode=channel",
+                 "--set", "model.classifier.weights=unet"]) == 0
     (run,) = list((work / "outputs" / "cls" / "mobilenet").iterdir())
     return run
 

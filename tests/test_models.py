@@ -219,3 +219,20 @@ def test_the_imagenet_mobilenet_file_loads_into_the_classifiers_base(
         for got, want in zip(base.get_layer(name).get_weights(), ref.get_layer(name).get_weights(),
                              strict=True):
             np.testing.assert_array_equal(got, want)
+
+
+def test_the_unets_mobilenet_encoder_starts_the_mobilenet_classifier() -> None:
+    from busi.models.unet import build_mobilenet_unet
+    from busi.models.weights import copy_encoder_weights, unet_encoder
+
+    unet = build_mobilenet_unet((64, 64, 1), base_filters=4)
+    clf = build_classifier("mobilenet", (64, 64), 3, weights="none", channels=2)
+    assert copy_encoder_weights(unet_encoder(unet, "run"), clf) == 54  # 27 convs + 27 BNs
+    base = next(layer for layer in clf.layers if isinstance(layer, keras.Model))
+    for name in ("conv1", "conv_dw_7", "conv_pw_13_bn"):
+        for a, b in zip(base.get_layer(name).get_weights(),
+                        unet.get_layer("mobilenet_encoder").get_layer(name).get_weights(),
+                        strict=True):
+            np.testing.assert_array_equal(a, b)
+    with pytest.raises(BusiError, match="plain encoder"):
+        unet_encoder(build_unet((32, 32, 1), base_filters=4, depth=2), "outputs/seg/x")

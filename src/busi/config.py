@@ -113,6 +113,8 @@ class ClassifierConfig:
     """Which classifier, its weights, and how the segmentation masks feed it."""
 
     name: Literal["cnn", "vgg19", "mobilenet"] = "cnn"
+    # vgg19/mobilenet base: "imagenet" (Keras download), a weights file, "none" (random), or
+    # "unet" (mobilenet only): the encoder of its own U-Net run (model.unet.encoder: mobilenet).
     weights: str = "imagenet"
     masks: Literal["predicted", "ground_truth", "none"] = "predicted"
     # channel: the whole scan plus the mask as a second input channel, so a missed lesion is

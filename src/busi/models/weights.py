@@ -47,3 +47,36 @@ def load_weights_file(model: keras.Model, path: str, what: str, where: str,
                         where=f"{where}: {path}",
                         fix=fix or f"use a weights file saved from the same {what} "
                                    "architecture (include_top=False, alpha 1.0)") from None
+
+
+def unet_encoder(unet: keras.Model, where: str) -> keras.Model:
+    """The pretrained-encoder U-Net's encoder (``model.unet.encoder: mobilenet``).
+
+    ``model.classifier.weights: unet`` starts the MobileNet classifier from it: an
+    encoder trained on the same scans with dense labels (where the lesion is, pixel by
+    pixel), which knows ultrasound better than ImageNet does.
+    """
+    try:
+        return unet.get_layer("mobilenet_encoder")
+    except ValueError:
+        raise BusiError("'model.classifier.weights: unet' needs a U-Net with a MobileNet "
+                        "encoder, and this run's U-Net has the paper's plain encoder",
+                        where=where, fix="use a U-Net trained with model.unet.encoder: "
+                                         "mobilenet (configs/cpu.yaml), or weights: imagenet "
+                                         "/ a weights file / none") from None
+
+
+def copy_encoder_weights(encoder: keras.Model, classifier: keras.Model) -> int:
+    """Copy ``encoder``'s layer weights into the classifier's base, matched by layer name.
+
+    Returns how many layers were copied; every weight-bearing layer of the base must
+    find its twin (the same Keras MobileNet v1), or nothing would be pretrained.
+    """
+    base = next(layer for layer in classifier.layers if isinstance(layer, keras.Model))
+    copied = 0
+    for layer in base.layers:
+        if not layer.weights:
+            continue
+        layer.set_weights(encoder.get_layer(layer.name).get_weights())
+        copied += 1
+    return copied

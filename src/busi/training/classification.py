@@ -24,6 +24,7 @@ from busi.evaluation.classification import evaluate_run
 from busi.models.classifiers import build_classifier
 from busi.models.inputs import classifier_inputs, classifier_masks, input_channels
 from busi.models.saving import load_model
+from busi.models.weights import copy_encoder_weights, unet_encoder
 from busi.reporting import plots
 from busi.reporting.gradcam import save_gradcam
 from busi.reporting.report import report_after_run
@@ -115,8 +116,17 @@ def train_classifier(cfg: Config, *, seg_run: str | None = None, resume: str | N
             seg_run = saved
     c = cfg.model.classifier
     seg_path = None
-    if c.masks == "predicted" and c.mask_mode != "none" or seg_run:
+    from_unet = c.weights == "unet"
+    if c.masks == "predicted" and c.mask_mode != "none" or seg_run or from_unet:
         seg_path = resolve_seg_run(seg_run, cfg.outputs.root)
+    encoder = None
+    if from_unet:
+        if c.name != "mobilenet":
+            raise BusiError(f"'model.classifier.weights: unet' is for the mobilenet classifier "
+                            f"(the U-Net's encoder is a MobileNet), not {c.name}",
+                            where="model.classifier.weights",
+                            fix="train-cls --model mobilenet, or another weights value")
+        encoder = unet_encoder(load_model(seg_path / "best.keras"), str(seg_path))
     ds = dataset_from_config(cfg)
     if own:
         check_same_data(own, ds, cfg.data.image_size, where=str(resume_dir))
@@ -153,7 +163,11 @@ def train_classifier(cfg: Config, *, seg_run: str | None = None, resume: str | N
         else:
             try:
                 model = build_classifier(c.name, tuple(cfg.data.image_size), len(ds.classes),
-                                         c.weights, channels=input_channels(c))
+                                         "none" if encoder is not None else c.weights,
+                                         channels=input_channels(c))
+                if encoder is not None:
+                    n = copy_encoder_weights(encoder, model)
+                    print(f"  base: {n} layers from the U-Net's encoder ({seg_path})")
             except BusiError:  # e.g. a bad model.classifier.weights file: nothing trained yet
                 if not resume:
                     shutil.rmtree(run_dir, ignore_errors=True)
