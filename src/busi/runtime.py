@@ -78,21 +78,9 @@ def resolve_precision(precision: str) -> str:
     if precision != "auto":
         return precision
     keras = import_keras()
-    gpu = keras.backend.backend() == "tensorflow" and bool(_tf_gpus()) or (
-        keras.backend.backend() == "jax" and _jax_has_gpu())
+    # The backend's default devices: GPUs where there are any (on every backend), else CPU.
+    gpu = any(d.lower().startswith("gpu") for d in keras.distribution.list_devices())
     return "mixed_bfloat16" if gpu or cpu_has_bf16() else "float32"
-
-
-def _tf_gpus() -> list:
-    import tensorflow as tf
-
-    return tf.config.list_physical_devices("GPU")
-
-
-def _jax_has_gpu() -> bool:
-    import jax
-
-    return any(d.platform == "gpu" for d in jax.devices())
 
 
 def setup(seed: int, precision: str = "float32", deterministic: bool = False) -> str:

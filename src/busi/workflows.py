@@ -282,28 +282,19 @@ def resampling_groups(data: str, ds, near_distance: int) -> tuple[np.ndarray, st
     views, so those intervals can still be too narrow -- the report says so. A blank
     patient cell is an error, not a guess: the interval would claim more than it knows.
     """
-    import csv
-
     path = Path(data)
-    if path.suffix.lower() == ".csv" and path.is_file():
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()}
-                    for row in reader]
-            columns = [(c or "").strip() for c in reader.fieldnames or []]
-        if "patient" in columns:
-            patient = {}
-            for line, row in enumerate(rows, start=2):
-                if not row["patient"]:
-                    raise BusiError("empty patient cell", where=f"{path}, line {line}",
-                                    fix="write whose scan the image is (any id), or drop the "
-                                        "patient column to resample near-duplicate groups")
-                patient[row["image"]] = row["patient"]
-            return (np.array([patient[f] for f in ds.files]), "patients",
-                    f"the patient column of {path.name}")
-        why = f"{path.name} has no patient column"
-    else:
-        why = "a BUSI-layout folder names no patients"
+    # The loader read the CSV's patient column (Case.patient, Dataset.patients); the
+    # layout's cases are the CSV's rows in order, so row k is line k + 2.
+    known = [c.patient for c in ds.layout.cases] if ds.layout is not None else []
+    if any(known):
+        blank = next((k for k, p in enumerate(known) if not p), None)
+        if blank is not None:
+            raise BusiError("empty patient cell", where=f"{path}, line {blank + 2}",
+                            fix="write whose scan the image is (any id), or drop the "
+                                "patient column to resample near-duplicate groups")
+        return np.array(ds.patients), "patients", f"the patient column of {path.name}"
+    why = (f"{path.name} has no patient column" if path.suffix.lower() == ".csv"
+           else "a BUSI-layout folder names no patients")
     from busi.data.split import duplicate_groups
 
     return (duplicate_groups(ds, near_distance), "duplicate groups",

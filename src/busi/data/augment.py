@@ -212,8 +212,9 @@ def site_changes(cfg: AugmentationConfig) -> Augment:
 
 def build_augment(cfg: AugmentationConfig, image_size: tuple[int, int]) -> Augment | None:
     """The geometric engine, then (if any is set) the site changes on the image."""
-    geometric = (None if cfg.engine == "none" else image_data_generator(cfg)
-                 if cfg.engine == "image_data_generator" else keras_layers(cfg, image_size))
+    engines = {"none": lambda: None, "image_data_generator": lambda: image_data_generator(cfg),
+               "layers": lambda: keras_layers(cfg, image_size)}
+    geometric = engines[cfg.engine]()
     if not has_site_changes(cfg):
         return geometric
     site = site_changes(cfg)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from busi.evaluation.classification import N_BOOTSTRAP
 from busi.models.masks import MaskRule
 
 
@@ -112,7 +113,7 @@ def summarise(scores: dict[str, np.ndarray], labels: np.ndarray,
 
 
 def group_mean_ci(values: np.ndarray, groups: np.ndarray, seed: int = 0,
-                  n: int | None = None) -> list[float] | None:
+                  n: int = N_BOOTSTRAP) -> list[float] | None:
     """95% percentile interval of the mean over images, resampling ``groups`` (patients).
 
     A resample draws the groups with replacement and pools their images, so a patient
@@ -121,8 +122,6 @@ def group_mean_ci(values: np.ndarray, groups: np.ndarray, seed: int = 0,
     out of a resample's mean, as :func:`summarise` leaves them out; a resample with
     none left has no mean and is skipped. None when no value is finite.
     """
-    from busi.evaluation.classification import N_BOOTSTRAP
-
     values, groups = np.asarray(values, np.float64), np.asarray(groups)
     finite = np.isfinite(values)
     if not finite.any():
@@ -133,7 +132,7 @@ def group_mean_ci(values: np.ndarray, groups: np.ndarray, seed: int = 0,
     counts = np.bincount(unit, weights=finite.astype(np.float64), minlength=len(units))
     rng = np.random.default_rng(seed)
     draws = rng.multinomial(len(units), np.full(len(units), 1 / len(units)),
-                            size=n or N_BOOTSTRAP)
+                            size=n)
     total = draws @ counts
     means = (draws @ sums)[total > 0] / total[total > 0]
     return np.percentile(means, [2.5, 97.5]).round(4).tolist()
@@ -148,8 +147,6 @@ def patient_intervals(scores: dict[str, np.ndarray], groups: np.ndarray,
     lesion images for Dice; those with normal scans for the empty fraction), and the
     result says how many there were, so a table can state what varied.
     """
-    from busi.evaluation.classification import N_BOOTSTRAP
-
     groups = np.asarray(groups)
     lesion = ~scores["true_empty"]
     ci: dict = {m: group_mean_ci(scores[m][lesion], groups[lesion], seed)
