@@ -72,6 +72,11 @@ def test_cv_tests_every_image_once_and_pools_the_predictions(cv_run: Path,
     assert (cv_run / "pooled" / "cnn" / "confusion_matrix.png").is_file()
     md = (cv_run / "cv_results.md").read_text()
     assert "mean ± std" in md and "pooled" in md
+    # every class's pooled recall beside the headline, equal to the pooled predictions'
+    row = next(line for line in md.splitlines() if line.startswith("| cnn |"))
+    recall_malignant = np.mean([pr == "malignant" for tr, pr in zip(t, p) if tr == "malignant"])
+    assert "recall malignant" in md and row.split("|")[-3].strip() == f"{recall_malignant:.2f}"
+    assert result["arms"] == {"cnn": ["model.classifier.name=cnn"]}
 
 
 def test_cv_folds_are_disjoint_and_stratified(cv_run: Path) -> None:
@@ -224,3 +229,45 @@ def test_an_arm_added_to_a_cv_trains_on_its_folds_and_unets(cv_run: Path, tmp_pa
     assert calls == [("mobilenet", str(seg0))]
     assert {p: p.stat().st_mtime_ns for p in unets} == unets  # no U-Net trained again
     assert main(["cv", "--resume", str(cv), "--models", "resnet"]) == 2
+
+
+def test_a_named_arm_trains_its_overrides_in_its_own_folder(cv_run: Path, tmp_path: Path,
+                                                            capsys) -> None:
+    """`--arm 'NAME: KEY=VALUE ...'`: the classifier gets the overrides, its runs go under
+    cls/NAME, cv.json keeps them for --resume; a wrong arm is refused before any training."""
+    import shutil
+
+    from busi.training import classification as train
+
+    cv = tmp_path / cv_run.name
+    shutil.copytree(cv_run, cv)
+    calls = []
+
+    def first_call_interrupts(cfg, seg_run=None, resume=None, name=None, **kwargs):
+        c = cfg.model.classifier
+        calls.append((name, c.name, c.mask_mode, cfg.training.cls.learning_rate))
+        raise KeyboardInterrupt
+
+    arm = ("mnet_ch: model.classifier.name=mobilenet model.classifier.mask_mode=channel "
+           "training.cls.learning_rate=1e-4")
+    mp = pytest.MonkeyPatch()
+    mp.setattr(train, "train_classifier", first_call_interrupts)
+    try:
+        assert main(["cv", "--resume", str(cv), "--arm", arm]) == 130
+        meta = json.loads((cv / "cv.json").read_text())
+        assert meta["models"] == ["cnn", "mnet_ch"]
+        assert meta["arms"]["mnet_ch"][1] == "model.classifier.mask_mode=channel"
+        assert calls == [("mnet_ch", "mobilenet", "channel", 1e-4)]
+        # resumed without --arm: the same arm, from cv.json
+        assert main(["cv", "--resume", str(cv)]) == 130
+        assert calls[-1] == calls[0]
+        capsys.readouterr()
+        for bad, says in [("mnet_ch: model.classifier.name=vgg19", "other settings"),
+                          ("x: data.image_size=[64,64]", "can only set the classifier"),
+                          ("x: model.classifier.mask_mode=sideways", "arm 'x'"),
+                          ("x y: model.classifier.name=cnn", "not a plain name")]:
+            assert main(["cv", "--resume", str(cv), "--arm", bad]) == 2
+            assert says in capsys.readouterr().err
+        assert len(calls) == 2  # nothing trained for a refused arm
+    finally:
+        mp.undo()

@@ -58,6 +58,42 @@ def test_weights_from_a_file_path(tmp_path: Path) -> None:
     assert np.allclose(keras.ops.convert_to_numpy(loaded), 0.01)
 
 
+def test_a_pretrained_base_fine_tunes_with_its_batch_norm_statistics_kept(
+        tmp_path: Path, mobilenet_weights: Path) -> None:
+    """Fine-tuning on a few masked scans must not overwrite ImageNet's BN statistics (the
+    cause of issue 14's 0.89 train / 0.5 validation), also after a save and reload (resume);
+    the convolutions still learn. A from-scratch base keeps training-mode batch norm."""
+    from busi.models.saving import load_model
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (8, 32, 32, 2)).astype("float32")
+    y = keras.utils.to_categorical(rng.integers(0, 3, 8), 3)
+
+    def bn_and_conv(m):
+        base = next(layer for layer in m.layers if isinstance(layer, keras.Model))
+        bn = next(la for la in base.layers if isinstance(la, keras.layers.BatchNormalization))
+        conv = next(la for la in base.layers if isinstance(la, keras.layers.Conv2D))
+        return [keras.ops.convert_to_numpy(v).copy() for v in (bn.moving_mean, conv.kernel)]
+
+    model = build_classifier("mobilenet", (32, 32), 3, weights=str(mobilenet_weights),
+                             channels=2)
+    for m in (model, None):
+        if m is None:
+            model.save(tmp_path / "m.keras")
+            m = load_model(tmp_path / "m.keras")
+        m.compile(keras.optimizers.Adam(1e-3), "categorical_crossentropy")
+        mean0, kernel0 = bn_and_conv(m)
+        m.fit(x, y, epochs=2, batch_size=4, verbose=0)
+        mean1, kernel1 = bn_and_conv(m)
+        np.testing.assert_array_equal(mean1, mean0)
+        assert not np.allclose(kernel1, kernel0)
+    scratch = build_classifier("mobilenet", (32, 32), 3, weights="none", channels=2)
+    scratch.compile(keras.optimizers.Adam(1e-3), "categorical_crossentropy")
+    mean0, _ = bn_and_conv(scratch)
+    scratch.fit(x, y, epochs=1, batch_size=4, verbose=0)
+    assert not np.allclose(bn_and_conv(scratch)[0], mean0)
+
+
 def test_missing_weights_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(BusiError, match="weights file not found"):
         build_classifier("vgg19", (64, 64), 3, weights=str(tmp_path / "nope.h5"))

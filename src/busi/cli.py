@@ -145,18 +145,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_cv(args: argparse.Namespace) -> int:
-    from busi.workflows import run_cv
+    from busi.workflows import parse_arm, run_cv
 
     models = tuple(m.strip() for m in (args.models or "").split(",") if m.strip())
-    if args.models is None and not args.resume:
+    arms = dict(parse_arm(a) for a in args.arm or [])
+    if args.models is None and not args.resume and not arms:
         models = ("cnn",)
-    if not models and not args.resume:
+    if not models and not arms and not args.resume:
         raise BusiError("no classifier named", where="--models",
                         fix="name one or more, e.g. --models cnn,vgg19,mobilenet, or "
                             "--models none for the U-Nets only")
     models = () if models == ("none",) else models
     cfg = None if args.resume else load_cli_config(args)
-    run_cv(cfg, folds=args.folds, models=models, resume=args.resume)
+    run_cv(cfg, folds=args.folds, models=models, resume=args.resume, arms=arms)
     return 0
 
 
@@ -280,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
             busi cv --config cpu --folds 5 --models cnn,vgg19,mobilenet
             busi cv --config cpu --folds 5 --models none     # the U-Nets only
             busi cv --resume outputs/cv/20261125-101500 --models mobilenet  # add an arm
+            busi cv --resume outputs/cv/20261125-101500 \\
+                --arm 'mnet_channel: model.classifier.name=mobilenet model.classifier.mask_mode=channel'
             busi cv --resume outputs/cv/20261125-101500      # continue a killed CV
         """))
     _add_config_args(p)
@@ -288,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated classifiers to train per fold (default: cnn; "
                         "none: segmentation only); with --resume, classifiers to add to the "
                         "CV, trained on its folds and U-Nets")
+    p.add_argument("--arm", action="append", metavar="'NAME: KEY=VALUE ...'",
+                   help="a named classifier arm: --set-style overrides of model.classifier.*, "
+                        "training.cls.* or augmentation.* (repeatable; trained after --models "
+                        "on the same folds and U-Nets)")
     p.add_argument("--resume", metavar="CV_DIR", help="continue an interrupted CV run")
     p.set_defaults(func=cmd_cv)
 

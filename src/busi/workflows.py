@@ -8,8 +8,14 @@ Layout of a CV run (``run_cv``)::
 
     outputs/cv/<run>/config.yaml, command.txt      what ran, and how to rerun it
     outputs/cv/<run>/fold<k>/seg/<run>/             that fold's U-Net run
-    outputs/cv/<run>/fold<k>/cls/<model>/<run>/     that fold's classifier runs
-    outputs/cv/<run>/pooled/<model>/                pooled out-of-fold report per model
+    outputs/cv/<run>/fold<k>/cls/<arm>/<run>/       that fold's classifier runs
+    outputs/cv/<run>/pooled/<arm>/                  pooled out-of-fold report per arm
+
+An *arm* is one classifier setting compared on the folds: a bare model name (``cnn``:
+the config's classifier with ``model.classifier.name=cnn``) or a named set of classifier
+overrides (``--arm 'mnet_channel: model.classifier.name=mobilenet
+model.classifier.mask_mode=channel'``). ``cv.json`` records the arms' names (``models``)
+and overrides (``arms``), so ``--resume`` and ``busi rerun`` train exactly the same arms.
     outputs/cv/<run>/cv_results.md, .json           per-fold and aggregated tables
 
 Each fold's runs are ordinary runs (checkpoints, resume, reports), so a killed
@@ -54,11 +60,57 @@ from busi.runs import (
 MODELS = ("cnn", "vgg19", "mobilenet")
 
 
-def _fold_config(cfg: Config, fold_dir: Path, model: str | None = None) -> Config:
-    overrides = [f"outputs.root={fold_dir}", "outputs.run_name="]
-    if model:
-        overrides.append(f"model.classifier.name={model}")
-    return with_overrides(cfg, overrides)
+# What an arm may change: the classifier and its training. The folds, the data and the
+# U-Nets are shared by every arm (a fair comparison), so their keys are refused.
+ARM_KEYS = ("model.classifier.", "training.cls.", "augmentation.")
+
+
+def _fold_config(cfg: Config, fold_dir: Path, arm: list[str] | None = None) -> Config:
+    return with_overrides(cfg, [f"outputs.root={fold_dir}", "outputs.run_name=", *(arm or [])])
+
+
+def parse_arm(text: str) -> tuple[str, list[str]]:
+    """``'NAME: KEY=VALUE KEY=VALUE'`` (``--arm``) as (name, overrides); a bare model name
+    (``cnn``) is the arm that only sets ``model.classifier.name``."""
+    import re
+    import shlex
+
+    name, sep, rest = text.partition(":")
+    name = name.strip()
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise BusiError(f"arm name {name!r} is not a plain name", where=f"--arm {text}",
+                        fix="write --arm 'NAME: KEY=VALUE ...' with NAME made of letters, "
+                            "digits, '_', '-' or '.' (it names the arm's folders)")
+    if not sep:
+        if name not in MODELS:
+            raise BusiError(f"unknown model {name!r}", where="--models",
+                            fix=f"choose from {', '.join(MODELS)}, or name an arm with its "
+                                "overrides: --arm 'NAME: model.classifier.name=... ...'")
+        return name, [f"model.classifier.name={name}"]
+    overrides = shlex.split(rest)
+    if not overrides:
+        raise BusiError(f"arm {name!r} sets nothing", where=f"--arm {text}",
+                        fix="give KEY=VALUE overrides after the colon, e.g. "
+                            "--arm 'mnet: model.classifier.name=mobilenet'")
+    for o in overrides:
+        key = o.partition("=")[0].strip()
+        if "=" not in o or not key.startswith(ARM_KEYS):
+            raise BusiError(f"an arm can only set the classifier: {o!r}", where=f"--arm {text}",
+                            fix="use KEY=VALUE with KEY under " + ", ".join(
+                                k.rstrip(".") for k in ARM_KEYS)
+                                + " (folds, data and U-Nets are shared by every arm)")
+    return name, overrides
+
+
+def _check_arms(cfg: Config, arms: dict[str, list[str]]) -> None:
+    """Every arm's overrides applied to the CV's config, before any training starts, so a
+    wrong key or value is refused (exit 2) rather than found hours later at that arm."""
+    for name, overrides in arms.items():
+        try:
+            with_overrides(cfg, overrides)
+        except BusiError as exc:
+            raise BusiError(f"arm {name!r}: {exc.problem}", where=exc.where,
+                            fix=exc.fix) from None
 
 
 def cv_config(cfg: Config, folds: int) -> Config:
@@ -68,13 +120,24 @@ def cv_config(cfg: Config, folds: int) -> Config:
 
 
 def run_cv(cfg: Config, *, folds: int = 5, models: tuple[str, ...] = ("cnn",),
-           resume: str | None = None, config_source: str | None = None) -> Path:
-    """Train and evaluate U-Net + classifiers on every fold; write the aggregated tables."""
+           resume: str | None = None, config_source: str | None = None,
+           arms: dict[str, list[str]] | None = None) -> Path:
+    """Train and evaluate U-Net + classifier arms on every fold; write the aggregated tables.
+
+    ``models``: bare model names (arms that only set the classifier's name); ``arms``:
+    named arms with their overrides (:func:`parse_arm`); trained in that order.
+    """
     from busi.evaluation.crossval import aggregate
     from busi.reporting.report import report_after_run
     from busi.training.classification import train_classifier
     from busi.training.segmentation import train_segmentation
 
+    wanted = dict(parse_arm(m) for m in models)
+    for name, overrides in (arms or {}).items():
+        if name in wanted and wanted[name] != overrides:
+            raise BusiError(f"arm {name!r} is named twice", where="--arm",
+                            fix="give each arm its own name")
+        wanted[name] = list(overrides)
     if resume:
         cv_dir = Path(resume)
         if not (cv_dir / CONFIG).is_file() or not (cv_dir / "cv.json").is_file():
@@ -82,25 +145,27 @@ def run_cv(cfg: Config, *, folds: int = 5, models: tuple[str, ...] = ("cnn",),
                             fix="pass a folder under outputs/cv/")
         meta = json.loads((cv_dir / "cv.json").read_text())
         cfg, folds = read_config(cv_dir), meta["folds"]
-        added = [m for m in models if m not in meta["models"]]
-        unknown = [m for m in added if m not in MODELS]
-        if unknown:
-            raise BusiError(f"unknown model(s) {', '.join(unknown)}", where="--models",
-                            fix=f"choose from {', '.join(MODELS)}")
-        models = tuple(meta["models"]) + tuple(added)
+        known = {m: meta.get("arms", {}).get(m, [f"model.classifier.name={m}"])
+                 for m in meta["models"]}
+        for name, overrides in wanted.items():
+            if name in known and known[name] != overrides:
+                raise BusiError(f"this CV already has an arm {name!r} with other settings "
+                                f"({' '.join(known[name])})", where=str(cv_dir / "cv.json"),
+                                fix="give the new arm another name")
+        added = {n: o for n, o in wanted.items() if n not in known}
+        _check_arms(cfg, added)
+        arms = {**known, **added}
         if added:
             # New arms on the same folds and the same U-Nets: a fair comparison for free.
             print(f"busi cv: adding {', '.join(added)} to {cv_dir} (same folds, same U-Nets)")
-            write_json(cv_dir / "cv.json", {**meta, "models": list(models)})
+            write_json(cv_dir / "cv.json", {**meta, "models": list(arms), "arms": arms})
     else:
-        unknown = [m for m in models if m not in MODELS]
-        if unknown:
-            raise BusiError(f"unknown model(s) {', '.join(unknown)}", where="--models",
-                            fix=f"choose from {', '.join(MODELS)}")
         cfg = cv_config(cfg, folds)
+        arms = wanted
+        _check_arms(cfg, arms)
         cv_dir = new_run_dir(Path(cfg.outputs.root) / CV_DIR, cfg.outputs.run_name)
         write_config(cv_dir, cfg)
-        write_json(cv_dir / "cv.json", {"folds": folds, "models": list(models)})
+        write_json(cv_dir / "cv.json", {"folds": folds, "models": list(arms), "arms": arms})
         write_command(cv_dir, resume="cv")
     t0 = time.perf_counter()
     for k in range(folds):
@@ -111,13 +176,13 @@ def run_cv(cfg: Config, *, folds: int = 5, models: tuple[str, ...] = ("cnn",),
                   + (f" (continuing {seg})" if seg else ""))
             seg = train_segmentation(_fold_config(cfg, fold_dir), fold=k,
                                      resume=str(seg) if seg else None)
-        for m in models:
+        for m, overrides in arms.items():
             run, done = newest_run(fold_dir / "cls" / m)
             if done:
                 continue
             print(f"busi cv: fold {k + 1}/{folds}: {m}" + (f" (continuing {run})" if run else ""))
-            train_classifier(_fold_config(cfg, fold_dir, m), seg_run=str(seg),
-                             resume=str(run) if run else None)
+            train_classifier(_fold_config(cfg, fold_dir, overrides), seg_run=str(seg),
+                             resume=str(run) if run else None, name=m)
     result = aggregate(cv_dir)
     wall = time.perf_counter() - t0
     print(result["text"])
@@ -352,7 +417,9 @@ def rerun(run_dir: str | Path) -> Path:
                             fix="restore cv.json, or start a new cross-validation with busi cv")
         print(f"busi rerun: cross-validation {run_dir} ({meta['folds']} folds, "
               f"{', '.join(meta['models'])})")
-        return run_cv(cfg, folds=meta["folds"], models=tuple(meta["models"]))
+        arms = {m: meta.get("arms", {}).get(m, [f"model.classifier.name={m}"])
+                for m in meta["models"]}
+        return run_cv(cfg, folds=meta["folds"], models=(), arms=arms)
     from busi.training.loop import check_same_data
 
     split = read_split(run_dir)

@@ -103,9 +103,13 @@ def aggregate(cv_dir: str | Path) -> dict:
     lines += [f"| mean ± std | | {fmt_stat(sg['dice'])} | {fmt_stat(sg['iou'])} | "
               f"{px(sg['hd95_all'])} | {px(sg['hd95'])} | {px(sg['missed'])} | "
               f"{fmt_stat(sg['normal_empty'])} |", ""]
-    summary = ["| model | accuracy (mean ± std) | macro-F1 (mean ± std) | pooled accuracy "
-               "(95% CI) | pooled macro-F1 (95% CI) | pooled ROC AUC |",
-               "|---|---:|---:|---:|---:|---:|"]
+    # The pooled recall of every class beside the headline figures: a missed cancer is the
+    # expensive error, and accuracy alone hides which class pays for it.
+    classes_all = next((pooled[m][0][4] for m in models if pooled[m]), [])
+    summary = ["| arm | accuracy (mean ± std) | macro-F1 (mean ± std) | pooled accuracy "
+               "(95% CI) | pooled macro-F1 (95% CI) | pooled ROC AUC | "
+               + " | ".join(f"recall {c}" for c in classes_all) + " |",
+               "|---|---:|---:|---:|---:|---:|" + "---:|" * len(classes_all)]
     methods = []
     result["classification"] = {}
     detail = []
@@ -141,7 +145,9 @@ def aggregate(cv_dir: str | Path) -> dict:
         auc = "n/a" if r["roc_auc_macro"] is None else f"{r['roc_auc_macro']:.3f}"
         summary.append(f"| {m} | {fmt_stat(agg['accuracy'])} | {fmt_stat(agg['macro_f1'])} | "
                        f"{r['accuracy']:.3f} ({ca[0]:.3f}-{ca[1]:.3f}) | "
-                       f"{r['macro_f1']:.3f} ({ci[0]:.3f}-{ci[1]:.3f}) | {auc} |")
+                       f"{r['macro_f1']:.3f} ({ci[0]:.3f}-{ci[1]:.3f}) | {auc} | "
+                       + " | ".join(f"{r['report'][c]['recall']:.2f}" if c in r["report"]
+                                    else "n/a" for c in classes_all) + " |")
         labels = r["labels"]
         detail += [f"### {m}, per fold", "",
                    "| fold | n | accuracy | macro-F1 | " + " | ".join(f"recall {c}"
@@ -153,8 +159,13 @@ def aggregate(cv_dir: str | Path) -> dict:
                           + " | ".join(f"{row['recall'].get(c, float('nan')):.2f}"
                                        for c in labels) + " |")
         detail += ["", markdown_table(r, f"{m}: pooled out-of-fold report"), ""]
+    arms = meta.get("arms", {})
+    result["arms"] = {m: arms.get(m, [f"model.classifier.name={m}"]) for m in models}
+    legend = [f"- `{m}`: " + " ".join(f"`{o}`" for o in arms.get(
+        m, [f"model.classifier.name={m}"])) for m in models]
     if models:
-        lines += ["## Classification", "", *summary, "",
+        lines += ["## Classification", "", "Arms (overrides of the CV's config.yaml):", "",
+                  *legend, "", *summary, "",
                   "Pooled 95% intervals: " + "; ".join(methods) + ".", "", *detail]
     else:
         lines += ["No classifier in this CV (`--models none`): segmentation only."]

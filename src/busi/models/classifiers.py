@@ -44,6 +44,22 @@ def _cnn_body(x, dropout: float = 0.25):
     return layers.Dropout(0.5, name="fc_dropout")(x)
 
 
+def freeze_batch_norm(base: keras.Model) -> None:
+    """Keep a pretrained base's batch norms in inference mode while its convolutions train.
+
+    Keras' transfer-learning advice: BUSI gives ~20 steps an epoch of 32 masked scans whose
+    batch statistics are far from ImageNet's, so training-mode BN fitted the training
+    batches (accuracy 0.89) while the moving statistics that validation uses drifted
+    (accuracy 0.5, the first epoch's checkpoint kept; issue 14). A non-trainable Keras 3
+    BatchNormalization normalises with its stored statistics and updates nothing; calling
+    ``base(x, training=False)`` is not enough, because Keras 3.15's functional model
+    overrides that recorded argument with the outer ``fit``'s ``training=True``.
+    """
+    for layer in base.layers:
+        if isinstance(layer, layers.BatchNormalization):
+            layer.trainable = False
+
+
 def _base(family: str, input_shape: tuple[int, int, int], weights: str | None):
     app = {"vgg19": keras.applications.VGG19, "mobilenet": keras.applications.MobileNet}[family]
     kwargs = {"include_top": False, "input_shape": input_shape}
@@ -88,7 +104,8 @@ def build_classifier(family: str, input_size: tuple[int, int] = (128, 128), n_cl
     if family == "cnn":
         x = _cnn_body(inputs)
     else:
-        w = None if weights in ("none", "", None) else weights
+        # "unet": built bare here; the trainer copies its U-Net's encoder in afterwards.
+        w = None if weights in ("none", "", None, "unet") else weights
         if w not in (None, "imagenet") and not Path(w).is_file():
             raise BusiError("weights file not found", where=str(w),
                             fix="pass an existing .h5/.weights.h5 file, 'imagenet' or 'none'")
@@ -100,6 +117,8 @@ def build_classifier(family: str, input_size: tuple[int, int] = (128, 128), n_cl
             for layer in base.layers:
                 if isinstance(layer, layers.BatchNormalization):
                     layer.momentum = 0.9
+        if w is not None or weights == "unet":
+            freeze_batch_norm(base)
         x = base(x)
         x = layers.Flatten(name="flatten")(x)
         x = layers.Dense(256, activation="relu", name="fc")(x)

@@ -70,7 +70,9 @@ def _set_trainable_top_blocks(model, n_blocks: int) -> None:
     top = set(blocks[-n_blocks:]) if n_blocks else set()
     base.trainable = True
     for layer in base.layers:
-        layer.trainable = _block_of(layer.name) in top
+        # batch norms stay frozen (inference mode) in every stage: see freeze_batch_norm
+        layer.trainable = (_block_of(layer.name) in top
+                           and not isinstance(layer, keras.layers.BatchNormalization))
 
 
 def classifier_augment(augment: Augment | None) -> Augment | None:
@@ -96,11 +98,12 @@ def classifier_augment(augment: Augment | None) -> Augment | None:
 
 
 def train_classifier(cfg: Config, *, seg_run: str | None = None, resume: str | None = None,
-                     config_source: str | None = None) -> Path:
+                     config_source: str | None = None, name: str | None = None) -> Path:
     """Train one classifier on images masked by a segmentation run's predicted masks.
 
     The split manifest is the segmentation run's, so the classifier's test images
-    are exactly the U-Net's test images (and never its training images).
+    are exactly the U-Net's test images (and never its training images). The run goes to
+    ``<outputs.root>/cls/<name>/`` (``name``: a CV arm's; default the classifier's name).
     """
     # Everything that can be wrong with the input (the U-Net run, the data, the masks) is
     # checked before the run folder is made, so a refused run leaves nothing behind.
@@ -145,7 +148,8 @@ def train_classifier(cfg: Config, *, seg_run: str | None = None, resume: str | N
     idx = {k: ds.index(v) for k, v in parts.items()}
     masks = classifier_masks(cfg, ds, seg_path)
     x = classifier_inputs(ds.images, masks, c)
-    cfg, run_dir, state = start_run(cfg, f"{CLS_DIR}/{c.name}", resume, config_source)
+    cfg, run_dir, state = start_run(cfg, f"{CLS_DIR}/{name or c.name}", resume,
+                                      config_source)
     precision = runtime.setup(cfg.runtime.seed, cfg.runtime.precision, cfg.runtime.deterministic)
     write_split(run_dir, {"manifest": str(manifest.path), "fold": fold,
                           "seg_run": str(seg_path.resolve()) if seg_path else None,
@@ -163,7 +167,7 @@ def train_classifier(cfg: Config, *, seg_run: str | None = None, resume: str | N
         else:
             try:
                 model = build_classifier(c.name, tuple(cfg.data.image_size), len(ds.classes),
-                                         "none" if encoder is not None else c.weights,
+                                         c.weights,
                                          channels=input_channels(c))
                 if encoder is not None:
                     n = copy_encoder_weights(encoder, model)
