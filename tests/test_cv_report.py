@@ -74,7 +74,8 @@ def test_cv_tests_every_image_once_and_pools_the_predictions(cv_run: Path,
     assert "mean ± std" in md and "pooled" in md
     # every class's pooled recall beside the headline, equal to the pooled predictions'
     row = next(line for line in md.splitlines() if line.startswith("| cnn |"))
-    recall_malignant = np.mean([pr == "malignant" for tr, pr in zip(t, p) if tr == "malignant"])
+    recall_malignant = np.mean([pr == "malignant"
+                                for tr, pr in zip(t, p, strict=True) if tr == "malignant"])
     assert "recall malignant" in md and row.split("|")[-3].strip() == f"{recall_malignant:.2f}"
     assert result["arms"] == {"cnn": ["model.classifier.name=cnn"]}
 

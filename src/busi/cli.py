@@ -281,8 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
             busi cv --config cpu --folds 5 --models cnn,vgg19,mobilenet
             busi cv --config cpu --folds 5 --models none     # the U-Nets only
             busi cv --resume outputs/cv/20261125-101500 --models mobilenet  # add an arm
-            busi cv --resume outputs/cv/20261125-101500 \\
-                --arm 'mnet_channel: model.classifier.name=mobilenet model.classifier.mask_mode=channel'
+            busi cv --resume outputs/cv/20261125-101500 --arm \\
+                'mnet_ch: model.classifier.name=mobilenet model.classifier.mask_mode=channel'
             busi cv --resume outputs/cv/20261125-101500      # continue a killed CV
         """))
     _add_config_args(p)
