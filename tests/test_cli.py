@@ -11,7 +11,7 @@ import pytest
 
 from busi.cli import build_parser, main
 
-SUBCOMMANDS = ["train-seg", "train-cls", "evaluate", "predict", "data", "demo"]
+SUBCOMMANDS = ["train-seg", "train-cls", "evaluate", "predict", "data", "demo", "runs"]
 
 
 def test_help_lists_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None:

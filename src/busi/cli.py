@@ -302,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=fmt, epilog=_examples("""
             busi train-seg --config configs/paper.yaml --data data/Dataset_BUSI_with_GT
             busi train-seg --config cpu --set training.seg.epochs=5
+            busi train-seg --config cpu --outputs runs --name baseline  # runs/seg/<time>-baseline
             busi train-seg --config cpu --resume outputs/seg/20261124-101500
         """))
     _add_config_args(p)
@@ -482,11 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
             busi demo
             busi demo --outputs outputs/demo --per-class 40
         """))
-    p.add_argument("--outputs", metavar="DIR", default="outputs/demo",
-                   help="where the demo writes everything: data, runs, tables "
-                        "(default: outputs/demo)")
-    p.add_argument("--workdir", dest="outputs", action=_DeprecatedAlias, new="--outputs",
-                   help=argparse.SUPPRESS)
+    _add_outputs_arg(p, "outputs/demo", aliases=("--workdir",))  # its data and tables too
     p.add_argument("--per-class", type=_count, default=40, help="synthetic images per class")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a value of configs/demo.yaml")

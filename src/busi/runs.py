@@ -147,9 +147,12 @@ def run_kind(run_dir: str | Path) -> str:
 
 def newest_inside(folder: str | Path, kind: str | None = None) -> Path | None:
     """The newest finished run of ``kind`` (None: seg or cls) anywhere under ``folder`` (a
-    folder of runs, a CV run's folds), for a fix that names a folder the user can paste."""
+    folder of runs, a CV run's folds), for a fix that names a folder the user can paste.
+    Four levels deep at most (a CV's fold<k>/cls/<arm>/<run>/): whatever folder a user
+    passed by mistake, a hint must not crawl a whole disk."""
     found = []
-    for split in Path(folder).rglob(SPLIT):
+    splits = [s for depth in range(1, 5) for s in Path(folder).glob("*/" * depth + SPLIT)]
+    for split in splits:
         run = split.parent
         try:
             record = read_json(split)

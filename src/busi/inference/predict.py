@@ -5,9 +5,9 @@ run's mask mode), so a prediction here equals what ``evaluate`` measured.
 
 Every input is read before any model is loaded or any output written: a missing,
 unreadable or corrupt file ends the command with exit code 2 and one message naming
-every such file, and nothing is written. Skipping it instead would hand back a result
-set that silently lacks a scan -- the one the reader may have cared about -- and a
-script would see success (exit 0); fixing the input and running again costs seconds.
+such files (the first six of many), and nothing is written. Skipping it instead would
+hand back a result set that silently lacks a scan -- the one the reader may have cared
+about -- and a script would see success (exit 0); fixing the input and rerunning is cheap.
 
 Each prediction is flagged when it should not be taken at face value
 (``no_lesion_found``: the U-Net's mask is empty; ``low_confidence``: the top class
@@ -150,6 +150,7 @@ class Predictor:
         self.c = cfg.model.classifier
         self.size = tuple(cfg.data.image_size)
         self.classes = list(cfg.data.classes)
+        self.min_confidence = cfg.predict.min_confidence  # the run's; --min-confidence wins
         self.rule, self.flip_tta = read_rule(self.seg)
         self.unets = load_unets(self.seg)  # one U-Net, or a run's fold ensemble
         self.clf = load_model(self.cls / "best.keras")
@@ -193,7 +194,7 @@ def predict_command(inputs: list[str], seg_run: str | None = None, cls_run: str 
     predictor = Predictor(seg_run, cls_run, outputs_root)
     seg, cls, rule, flip_tta = predictor.seg, predictor.cls, predictor.rule, predictor.flip_tta
     if min_confidence is None:
-        min_confidence = read_config(cls).predict.min_confidence
+        min_confidence = predictor.min_confidence
     grid = f"{predictor.size[1]}x{predictor.size[0]}"  # width x height, as image sizes are said
     out_dir = Path(out) if out else new_run_dir(Path(outputs_root) / "predict")
     out_dir.mkdir(parents=True, exist_ok=True)
