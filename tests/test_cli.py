@@ -195,3 +195,11 @@ def test_old_spellings_of_the_outputs_flag_still_work_with_a_note(
     assert "--workdir" not in capsys.readouterr().out
     assert main(["predict", "x.png", "--outputs", str(tmp_path / "o")]) == 0
     assert seen["outputs_root"] == str(tmp_path / "o")
+
+
+def test_a_confidence_threshold_outside_0_1_is_exit_2_before_any_work(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["predict", "x.png", "--min-confidence", "1.5", "--outputs",
+                 str(tmp_path / "o")]) == 2
+    assert "--min-confidence: must be between 0 and 1, got 1.5" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -415,16 +415,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: tflite")
     p.add_argument("--quantize", default="none", choices=["none", "int8"],
                    help="tflite only: full-integer int8, calibrated on 200 training images")
-    p.add_argument("--out", help="this exact new or empty folder instead (default: "
-                                 "<outputs>/export/<timestamp>-...)")
+    p.add_argument("--out", metavar="DIR", help="this exact new or empty folder instead "
+                                                "(default: <outputs>/export/<timestamp>-...)")
     _add_outputs_arg(p, "outputs")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("predict", help="mask and class probabilities for new images",
                        formatter_class=fmt, description=(
                            "Mask and class probabilities for new images, each flagged when the "
-                           "segmenter found no lesion or the call is unsure. busi is a research "
-                           "tool, not a diagnostic device."), epilog=_examples("""
+                           "segmenter found no\nlesion or the call is unsure. busi is a "
+                           "research tool, not a diagnostic device."), epilog=_examples("""
             busi predict scan1.png scans/ --seg-run outputs/seg/A --cls-run outputs/cls/cnn/B
             busi predict scan1.png --explain        # + Grad-CAM heatmap of the classifier
             busi predict scans/ --min-confidence 0.8  # flag calls under 80%
@@ -434,8 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="U-Net run (default: the one the classifier was trained with)")
     p.add_argument("--cls-run", metavar="RUN_DIR",
                    help="classifier run (default: the latest finished)")
-    p.add_argument("--out", help="this exact new or empty folder instead (default: "
-                                 "<outputs>/predict/<timestamp>)")
+    p.add_argument("--out", metavar="DIR", help="this exact new or empty folder instead "
+                                                "(default: <outputs>/predict/<timestamp>)")
     _add_outputs_arg(p, "outputs")
     p.add_argument("--explain", action="store_true",
                    help="also write a Grad-CAM heatmap per image (<name>_gradcam.png)")
