@@ -43,7 +43,7 @@ def busi_without_tensorflow(*argv: str) -> subprocess.CompletedProcess:
 
 def test_demo_pipeline_runs_on_jax_without_tensorflow(tmp_path: Path) -> None:
     work = tmp_path / "demo"
-    argv = ["demo", "--workdir", str(work), "--per-class", "8"]
+    argv = ["demo", "--outputs", str(work), "--per-class", "8"]
     for item in TINY:
         argv += ["--set", item]
     out = busi_without_tensorflow(*argv)
@@ -61,7 +61,7 @@ def test_demo_pipeline_runs_on_jax_without_tensorflow(tmp_path: Path) -> None:
 
 def test_image_data_generator_without_tensorflow_names_the_extra(tmp_path: Path) -> None:
     out = busi_without_tensorflow(
-        "demo", "--workdir", str(tmp_path / "d"), "--per-class", "4",
+        "demo", "--outputs", str(tmp_path / "d"), "--per-class", "4",
         "--set", "augmentation.engine=image_data_generator", *sum((["--set", t] for t in TINY),
                                                                    []))
     assert out.returncode == 2, out.stderr[-2000:]

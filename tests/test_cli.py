@@ -11,7 +11,7 @@ import pytest
 
 from busi.cli import build_parser, main
 
-SUBCOMMANDS = ["train-seg", "train-cls", "evaluate", "predict", "data", "demo"]
+SUBCOMMANDS = ["train-seg", "train-cls", "evaluate", "predict", "data", "demo", "runs"]
 
 
 def test_help_lists_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
@@ -133,3 +133,73 @@ def test_cv_with_models_none_trains_the_unets_only(synth_root: Path, tmp_path: P
                         lambda cfg, **kw: seen.update(kw))
     assert main(["cv", "--models", "none", "--data", str(synth_root)]) == 0
     assert seen["models"] == ()
+
+
+# --------------------------------------------------------------------------- issue 16: flags
+
+
+def test_outputs_and_name_flags_mean_the_config_keys_on_every_training_command(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One way to say where runs go (--outputs = --set outputs.root) and what a run is called
+    (--name = --set outputs.run_name), the same on train-seg, train-cls and cv."""
+    import busi.training.classification
+    import busi.training.segmentation
+    import busi.workflows
+
+    seen = {}
+    monkeypatch.setattr(busi.training.segmentation, "train_segmentation",
+                        lambda cfg, **kw: seen.update(cfg=cfg))
+    monkeypatch.setattr(busi.training.classification, "train_classifier",
+                        lambda cfg, **kw: seen.update(cfg=cfg))
+    monkeypatch.setattr(busi.workflows, "run_cv", lambda cfg, **kw: seen.update(cfg=cfg))
+    out = str(tmp_path / "my outputs")
+    for command in ("train-seg", "train-cls", "cv"):
+        assert main([command, "--outputs", out, "--name", "try-1.b"]) == 0, command
+        assert (seen["cfg"].outputs.root, seen["cfg"].outputs.run_name) == (out, "try-1.b")
+        # the flag is the most specific: it wins over --set, as --data does
+        assert main([command, "--set", "outputs.root=elsewhere", "--outputs", out]) == 0
+        assert seen["cfg"].outputs.root == out and seen["cfg"].outputs.run_name == ""
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["train-seg", "--name", "my run"], "not a plain name"),
+    (["cv", "--name", "../x"], "not a plain name"),
+    (["train-cls", "--resume", "outputs/cls/cnn/x", "--name", "a"], "--name: is for a new run"),
+    (["train-seg", "--resume", "outputs/seg/x", "--outputs", "o"], "--outputs: is for a new run"),
+])
+def test_a_bad_run_name_or_a_name_for_a_resumed_run_is_exit_2(
+        tmp_path: Path, argv: list[str], expected: str) -> None:
+    proc = run_busi(*argv, cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert expected in proc.stderr
+    assert not list(tmp_path.iterdir()), "nothing written"
+
+
+def test_old_spellings_of_the_outputs_flag_still_work_with_a_note(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import busi.inference.predict
+    import busi.workflows
+
+    seen = {}
+    monkeypatch.setattr(busi.workflows, "run_demo", lambda workdir, **kw: seen.update(w=workdir))
+    monkeypatch.setattr(busi.inference.predict, "predict_command",
+                        lambda inputs, **kw: seen.update(kw))
+    assert main(["demo", "--workdir", str(tmp_path / "d")]) == 0
+    assert seen["w"] == tmp_path / "d"
+    assert "busi: note: --workdir is deprecated; use --outputs" in capsys.readouterr().err
+    assert main(["demo", "--outputs", str(tmp_path / "e")]) == 0
+    assert seen["w"] == tmp_path / "e" and not capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo", "--help"])
+    assert "--workdir" not in capsys.readouterr().out
+    assert main(["predict", "x.png", "--outputs", str(tmp_path / "o")]) == 0
+    assert seen["outputs_root"] == str(tmp_path / "o")
+
+
+def test_a_confidence_threshold_outside_0_1_is_exit_2_before_any_work(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["predict", "x.png", "--min-confidence", "1.5", "--outputs",
+                 str(tmp_path / "o")]) == 2
+    assert "--min-confidence: must be between 0 and 1, got 1.5" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

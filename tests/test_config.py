@@ -155,3 +155,14 @@ def test_auto_precision_uses_bfloat16_only_where_the_cpu_computes_it(tmp_path: P
     assert runtime.resolve_precision("mixed_bfloat16") == "mixed_bfloat16"
     expected = "mixed_bfloat16" if runtime.cpu_has_bf16() else "float32"
     assert runtime.resolve_precision("auto") == expected  # no GPU on the test machines
+
+
+def test_predict_min_confidence_is_a_checked_probability(tmp_path: Path) -> None:
+    """busi issue 16: the threshold under which busi predict flags a call lives in the config."""
+    assert load_config(write(tmp_path, "predict: {min_confidence: 0.75}\n")
+                       ).predict.min_confidence == 0.75
+    assert load_config(find_config("paper")).predict.min_confidence == 0.6
+    with pytest.raises(BusiError, match=r"'predict.min_confidence' must be a number >= 0 and <= 1"):
+        load_config(write(tmp_path, "predict: {min_confidence: 1.5}\n"))
+    with pytest.raises(BusiError, match="did you mean 'predict.min_confidence'"):
+        load_config(write(tmp_path, "predict: {min_confidense: 0.5}\n"))

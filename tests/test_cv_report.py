@@ -272,3 +272,28 @@ def test_a_named_arm_trains_its_overrides_in_its_own_folder(cv_run: Path, tmp_pa
         assert len(calls) == 2  # nothing trained for a refused arm
     finally:
         mp.undo()
+
+
+def test_runs_lists_a_cv_and_a_cv_given_as_one_run_says_which_run_to_pass(
+        cv_run: Path, work: Path, capsys: pytest.CaptureFixture) -> None:
+    """busi issue 16: `busi runs` shows a CV with its arms and mean figures (its fold runs are
+    inside it, not listed); a CV run where one U-Net or classifier run is expected is named
+    as such, and the fix names one of its folds' runs."""
+    import re
+
+    results = json.loads((cv_run / "cv_results.json").read_text())
+    assert main(["runs", "--outputs", str(work / "outputs"), "--kind", "cv"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    (row,) = [re.split(r"\s{2,}", x) for x in lines[2:] if x.startswith(f"cv/{cv_run.name}")]
+    dice = results["segmentation"]["dice"]["mean"]
+    acc = results["classification"]["cnn"]["accuracy"]["mean"]
+    assert row[1:5] == ["cv", "U-Nets, cnn", "finished, 3 folds",
+                        f"mean Dice {dice:.3f}; mean accuracy cnn {acc:.3f}"], row
+    assert not [x for x in lines if "fold" in x.split()[0]], "fold runs are not listed"
+    for argv, want in ((["export", str(cv_run), "--format", "keras"], "classifier run"),
+                       (["train-cls", "--config", str(work / "tiny.yaml"), "--seg-run",
+                         str(cv_run)], "segmentation (U-Net) run")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"{cv_run}: this is a cross-validation run, not a {want}" in err, err
+        assert re.search(rf"one of its folds' runs, e\.g\. {re.escape(str(cv_run))}/fold\d/", err)

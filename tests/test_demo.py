@@ -16,7 +16,7 @@ TINY = ["data.image_size=[32, 32]", "model.unet.base_filters=4", "model.unet.dep
 def test_demo_runs_every_stage_and_prints_the_tables(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     work = tmp_path / "demo"
-    argv = ["demo", "--workdir", str(work), "--per-class", "8"]
+    argv = ["demo", "--outputs", str(work), "--per-class", "8"]
     for item in TINY:
         argv += ["--set", item]
     assert main(argv) == 0

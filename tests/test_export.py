@@ -143,7 +143,8 @@ def test_export_options_that_do_not_fit_are_clear_errors(
     assert main(["export", str(mobilenet_run), "--format", "keras", "--quantize", "int8"]) == 2
     assert "tflite only" in capsys.readouterr().err
     assert main(["export", str(mobilenet_run.parent)]) == 2
-    assert "no best.keras" in capsys.readouterr().err
+    assert f"this is a folder of runs, not a run -- fix: pass one run folder, e.g. its newest " \
+        f"finished run: {mobilenet_run}" in capsys.readouterr().err
     full = tmp_path / "full"
     full.mkdir()
     (full / "model.keras").write_text("the user's own file")

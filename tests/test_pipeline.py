@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -258,9 +259,11 @@ def test_ground_truth_and_no_mask_ablations_run(work: Path, seg_run: Path) -> No
                    "--set", "training.cls.epochs=1") == 0
 
 
-def test_predict_reports_bad_images_and_predicts_the_rest(
+def test_predict_on_an_unreadable_image_exits_2_naming_it_and_writes_nothing(
         work: Path, seg_run: Path, cls_run: Path, synth_root: Path, tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
+    """busi issue 16: a corrupt scan in the inputs is exit 2 and one line naming it, before
+    any model is loaded or any output written -- never a silent exit 0 without that scan."""
     inputs = tmp_path / "scans"
     inputs.mkdir()
     for name in ("benign (1).png", "malignant (1).png"):
@@ -268,15 +271,70 @@ def test_predict_reports_bad_images_and_predicts_the_rest(
         shutil.copy(synth_root / cls / name, inputs / name)
     (inputs / "broken.png").write_bytes(b"not a png")
     out = tmp_path / "pred"
+    for argv in ([str(inputs)], [str(inputs / "benign (1).png"), str(inputs / "broken.png")]):
+        assert main(["predict", *argv, "--seg-run", str(seg_run), "--cls-run", str(cls_run),
+                     "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"{inputs / 'broken.png'}: cannot decode image" in err, err
+        assert "nothing predicted (1 of " in err
+        assert "fix:" in err and len(err.strip().splitlines()) == 1
+        assert not out.exists(), "nothing written"
+    assert main(["predict", str(inputs / "gone.png"), "--seg-run", str(seg_run),
+                 "--cls-run", str(cls_run), "--out", str(out)]) == 2
+    assert "gone.png: not found" in capsys.readouterr().err
+    (inputs / "broken.png").unlink()
     assert main(["predict", str(inputs), "--seg-run", str(seg_run), "--cls-run", str(cls_run),
                  "--out", str(out)]) == 0
-    assert "broken.png" in capsys.readouterr().err
     result = json.loads((out / "predictions.json").read_text())
-    assert len(result["predictions"]) == 2 and len(result["skipped"]) == 1
+    assert len(result["predictions"]) == 2
     p = result["predictions"][0]
     assert p["pred"] in ("benign", "malignant", "normal")
     assert sum(p[f"p_{c}"] for c in ("benign", "malignant", "normal")) == pytest.approx(1, abs=1e-3)
     assert (out / "benign_(1)_mask.png").is_file() and (out / "benign_(1)_overlay.png").is_file()
+
+
+def test_predict_flags_unsure_calls_names_its_runs_and_states_units(
+        seg_run: Path, cls_run: Path, synth_root: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """busi issue 16: per image, "no lesion found by the segmenter" and calls under the
+    threshold of the config (predict.min_confidence) are flagged in the CSV, the JSON and the
+    summary; the runs used are named; units stated; research tool, not a diagnostic device."""
+    import yaml
+
+    import busi.models.masks
+
+    image = str(synth_root / "benign" / "benign (1).png")
+    common = ["--seg-run", str(seg_run), "--cls-run", str(cls_run)]
+    assert main(["predict", image, *common, "--min-confidence", "0",
+                 "--out", str(tmp_path / "p0")]) == 0
+    out = capsys.readouterr().out
+    assert "research tool, not a diagnostic device" in out
+    assert f"runs: classifier {cls_run}; U-Net {seg_run}" in out
+    with open(tmp_path / "p0" / "predictions.csv", newline="") as fh:
+        (row,) = list(csv.DictReader(fh))
+    assert row["cls_run"] == str(cls_run) and row["seg_run"] == str(seg_run)
+    assert row["lesion_pixels_grid"] == "32x32"
+    assert float(row["lesion_fraction"]) == pytest.approx(int(row["lesion_pixels"]) / 32 ** 2)
+    assert "low_confidence" not in row["flags"]
+    assert row["flags"] == ("no_lesion_found" if int(row["lesion_pixels"]) == 0 else "")
+    saved = json.loads((tmp_path / "p0" / "predictions.json").read_text())
+    assert "not a diagnostic device" in saved["note"] and "32x32" in saved["units"]["lesion_pixels"]
+    # A U-Net that finds nothing, and a classifier run whose config asks for certainty.
+    monkeypatch.setattr(busi.models.masks, "predict_probs",
+                        lambda unets, x, flip_tta=False: np.zeros(x.shape[:3], np.float32))
+    strict = _copy_run(cls_run, tmp_path / "strict")
+    cfg = yaml.safe_load((strict / "config.yaml").read_text())
+    cfg["predict"] = {"min_confidence": 1.0}
+    (strict / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["predict", image, "--seg-run", str(seg_run), "--cls-run", str(strict),
+                 "--out", str(tmp_path / "p1")]) == 0
+    out = capsys.readouterr().out
+    with open(tmp_path / "p1" / "predictions.csv", newline="") as fh:
+        (row,) = list(csv.DictReader(fh))
+    assert row["flags"] == "no_lesion_found;low_confidence" and row["lesion_pixels"] == "0"
+    assert "1 image(s) predicted, 1 flagged (no lesion found by the segmenter: 1; " \
+        "low confidence, top probability < 1: 1)" in out
+    assert json.loads((tmp_path / "p1" / "predictions.json").read_text())["min_confidence"] == 1
 
 
 def test_predict_gives_the_mask_the_segmentation_run_scored(
@@ -698,6 +756,14 @@ def test_a_wrong_or_incomplete_run_folder_is_one_clear_error(
         (["export", str(corrupt), "--out", str(tmp_path / "e")], corrupt, "not valid JSON"),
         (["rerun", str(corrupt)], corrupt, "not valid JSON"),
         (["report", str(corrupt)], corrupt, "not valid JSON"),
+        # busi issue 16: what the folder is, not "did it finish?" or "not a CV run folder"
+        (["cv", "--resume", str(seg_run)], seg_run,
+         "this is a segmentation (U-Net) run, not a cross-validation run"),
+        (["train-cls", "--config", str(work / "tiny.yaml"), "--seg-run", str(seg_run.parent),
+          "--set", f"outputs.root={out_root}"], seg_run.parent,
+         "this is a folder of runs, not a segmentation (U-Net) run"),
+        (["export", str(cls_run.parent), "--out", str(tmp_path / "e")], cls_run.parent,
+         "this is a folder of runs, not a run"),
     ]
     for argv, folder, words in cases:
         assert main(argv) == 2, argv
@@ -706,6 +772,41 @@ def test_a_wrong_or_incomplete_run_folder_is_one_clear_error(
         assert len(err.strip().splitlines()) == 1, (argv, err)
     assert not out_root.exists() and not (tmp_path / "p").exists()
     assert not (tmp_path / "e").exists()
+    from busi.errors import BusiError
+    from busi.models.masks import read_rule
+
+    with pytest.raises(BusiError, match="this is a classifier run, not a segmentation"):
+        read_rule(cls_run)  # scripts/seg_eval.py CLS_RUN said "no masks.npz (did it finish?)"
+
+
+def test_runs_lists_each_run_with_its_status_and_headline_figures(
+        seg_run: Path, cls_run: Path, synth_root: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """busi issue 16: `busi runs` -- kind, model, finished or not, data, headline figures and
+    the folder of every run under an outputs root, oldest first."""
+    outputs = tmp_path / "outputs"
+    _copy_run(seg_run, outputs / "seg" / seg_run.name)
+    _copy_run(cls_run, outputs / "cls" / "cnn" / cls_run.name)
+    _copy_run(cls_run, outputs / "cls" / "cnn" / "99990101-000000-cut", finished=False)
+    assert main(["runs", "--outputs", str(outputs)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == ["run", "kind", "model", "status", "headline", "figures", "data"]
+    rows = {cells[0]: cells[1:] for cells in (re.split(r"\s{2,}", x) for x in lines[2:])}
+    assert list(rows) == [f"seg/{seg_run.name}", f"cls/cnn/{cls_run.name}",
+                          "cls/cnn/99990101-000000-cut"], lines
+    dice = json.loads((seg_run / "metrics.json").read_text())["lesion_images"]["dice"]["mean"]
+    assert rows[f"seg/{seg_run.name}"] == ["seg", "unet", "finished, 2 epochs",
+                                           f"test lesion Dice {dice:.3f}", str(synth_root)]
+    rep = json.loads((cls_run / "classification_report.json").read_text())
+    assert rows[f"cls/cnn/{cls_run.name}"] == [
+        "cls", "cnn", "finished, 2 epochs",
+        f"accuracy {rep['accuracy']:.3f}, macro-F1 {rep['macro_f1']:.3f}, malignant recall "
+        f"{rep['report']['malignant']['recall']:.2f}", str(synth_root)]
+    assert rows["cls/cnn/99990101-000000-cut"][2:4] == ["not finished (2 epochs done)", "-"]
+    assert main(["runs", "--outputs", str(outputs), "--kind", "seg"]) == 0
+    assert "cls/cnn" not in capsys.readouterr().out
+    assert main(["runs", "--outputs", str(tmp_path / "nothing")]) == 2
+    assert "outputs folder not found" in capsys.readouterr().err
 
 
 def test_an_old_unet_run_is_not_refused_and_a_bad_weights_file_leaves_no_run_folder(

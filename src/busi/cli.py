@@ -37,6 +37,59 @@ def _add_config_args(p: argparse.ArgumentParser, default: str | None = "paper") 
                         "(repeatable)")
 
 
+class _DeprecatedAlias(argparse.Action):
+    """An old spelling of an option (hidden from --help): still works, with a one-line note."""
+
+    def __init__(self, option_strings, dest, new: str = "", **kwargs):
+        self.new = new
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"busi: note: {option_string} is deprecated; use {self.new} (same meaning)",
+              file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def _add_outputs_arg(p: argparse.ArgumentParser, default: str | None = None,
+                     aliases: tuple[str, ...] = ()) -> None:
+    """``--outputs DIR``: the one name, on every command, for the outputs root -- where runs
+    are found and new run folders are made (the same as ``--set outputs.root=DIR``)."""
+    p.add_argument("--outputs", metavar="DIR", default=default,
+                   help="outputs root: where runs are looked up and new run folders are made "
+                        + (f"(default: {default})" if default else
+                           "(same as --set outputs.root=DIR; default: the config's)"))
+    for old in aliases:
+        p.add_argument(old, dest="outputs", action=_DeprecatedAlias, new="--outputs",
+                       help=argparse.SUPPRESS)
+
+
+def _run_name(text: str) -> str:
+    """argparse type for ``--name``: a plain name, since it becomes part of a folder name."""
+    from busi.runs import RUN_NAME_RE
+
+    if not RUN_NAME_RE.match(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a plain name: use letters, digits, '.', '_' and '-' only "
+            "(it becomes part of the run folder's name)")
+    return text
+
+
+def _add_training_args(p: argparse.ArgumentParser) -> None:
+    """--outputs and --name: where a new training run goes and what it is called."""
+    _add_outputs_arg(p)
+    p.add_argument("--name", type=_run_name, metavar="NAME",
+                   help="name the run: its folder is <timestamp>-NAME (same as --set "
+                        "outputs.run_name=NAME)")
+
+
+def _check_new_run_args(args: argparse.Namespace) -> None:
+    """--outputs and --name shape a new run; a resumed run keeps its folder and name."""
+    if args.resume and (args.outputs or args.name):
+        flag = "--outputs" if args.outputs else "--name"
+        raise BusiError(f"is for a new run; --resume continues {args.resume} in place",
+                        where=flag, fix=f"drop {flag}, or start a new run without --resume")
+
+
 def _count(text: str) -> int:
     """argparse type for image counts: a whole number of at least 1."""
     try:
@@ -49,10 +102,15 @@ def _count(text: str) -> int:
 
 
 def load_cli_config(args: argparse.Namespace):
-    """Config from --config, then --set, then --data (the most specific wins)."""
+    """Config from --config, then --set, then --outputs/--name/--data (the most specific
+    wins)."""
     from busi.config import find_config, load_config
 
     overrides = list(args.overrides)
+    if getattr(args, "outputs", None):  # --outputs and --name: --set spelled as a flag
+        overrides.append(f"outputs.root={json.dumps(args.outputs)}")
+    if getattr(args, "name", None):
+        overrides.append(f"outputs.run_name={args.name}")
     data = getattr(args, "data", None) or []
     if len(data) == 1:
         overrides.append(f"data.root={data[0]}")
@@ -115,6 +173,7 @@ def cmd_data_split(args: argparse.Namespace) -> int:
 def cmd_train_seg(args: argparse.Namespace) -> int:
     from busi.training.segmentation import train_segmentation
 
+    _check_new_run_args(args)
     cfg = load_cli_config(args)
     train_segmentation(cfg, resume=args.resume, config_source=args.config)
     return 0
@@ -123,6 +182,7 @@ def cmd_train_seg(args: argparse.Namespace) -> int:
 def cmd_train_cls(args: argparse.Namespace) -> int:
     from busi.training.classification import train_classifier
 
+    _check_new_run_args(args)
     if args.model:
         args.overrides.append(f"model.classifier.name={args.model}")
     cfg = load_cli_config(args)
@@ -156,6 +216,7 @@ def cmd_cv(args: argparse.Namespace) -> int:
                         fix="name one or more, e.g. --models cnn,vgg19,mobilenet, or "
                             "--models none for the U-Nets only")
     models = () if models == ("none",) else models
+    _check_new_run_args(args)
     cfg = None if args.resume else load_cli_config(args)
     run_cv(cfg, folds=args.folds, models=models, resume=args.resume, arms=arms)
     return 0
@@ -191,14 +252,29 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from busi.inference.predict import predict_command
 
     predict_command(args.inputs, seg_run=args.seg_run, cls_run=args.cls_run, out=args.out,
-                    explain=args.explain)
+                    outputs_root=args.outputs, explain=args.explain,
+                    min_confidence=args.min_confidence)
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from busi.runs import all_runs, describe_run, format_runs
+
+    root = Path(args.outputs)
+    if not root.is_dir():
+        raise BusiError("outputs folder not found", where=str(root),
+                        fix="pass --outputs DIR, the folder your runs were written to")
+    runs = all_runs(root)
+    if args.kind:
+        runs = [(k, r) for k, r in runs if k == args.kind]
+    print(format_runs([describe_run(k, r) for k, r in runs], root))
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from busi.workflows import run_demo
 
-    run_demo(workdir=Path(args.workdir), per_class=args.per_class, overrides=args.overrides)
+    run_demo(workdir=Path(args.outputs), per_class=args.per_class, overrides=args.overrides)
     return 0
 
 
@@ -217,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
             busi train-seg --config configs/cpu.yaml --data data/Dataset_BUSI_with_GT
             busi train-cls --model vgg19 --config configs/cpu.yaml
             busi evaluate
+            busi runs                                   # every run, its status and figures
         """))
     parser.add_argument("--version", action="version", version=f"busi {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -225,9 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=fmt, epilog=_examples("""
             busi train-seg --config configs/paper.yaml --data data/Dataset_BUSI_with_GT
             busi train-seg --config cpu --set training.seg.epochs=5
+            busi train-seg --config cpu --outputs runs --name baseline  # runs/seg/<time>-baseline
             busi train-seg --config cpu --resume outputs/seg/20261124-101500
         """))
     _add_config_args(p)
+    _add_training_args(p)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
     p.set_defaults(func=cmd_train_seg)
 
@@ -243,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seg-run", metavar="RUN_DIR",
                    help="segmentation run whose predicted masks to use (default: the latest "
                         "finished one)")
+    _add_training_args(p)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
     p.set_defaults(func=cmd_train_cls)
 
@@ -272,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cls-run", metavar="RUN_DIR",
                    help="with --data: the classifier run (default: the newest finished, "
                         "unless --seg-run alone asks for segmentation only)")
-    p.add_argument("--outputs", default="outputs", help="outputs root (default: outputs)")
+    _add_outputs_arg(p, "outputs")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("cv", help="k-fold cross-validation of the whole pipeline",
@@ -295,8 +375,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a named classifier arm: --set-style overrides of model.classifier.*, "
                         "training.cls.* or augmentation.* (repeatable; trained after --models "
                         "on the same folds and U-Nets)")
+    _add_training_args(p)
     p.add_argument("--resume", metavar="CV_DIR", help="continue an interrupted CV run")
     p.set_defaults(func=cmd_cv)
+
+    p = sub.add_parser("runs", help="list runs: kind, model, finished or not, headline "
+                                    "figures, data",
+                       formatter_class=fmt, epilog=_examples("""
+            busi runs                            # everything under outputs/, newest last
+            busi runs --outputs outputs/demo --kind cls
+        """))
+    _add_outputs_arg(p, "outputs")
+    p.add_argument("--kind", choices=["seg", "cls", "cv", "eval"], help="only runs of this kind")
+    p.set_defaults(func=cmd_runs)
 
     p = sub.add_parser("report", help="write report.html and report.md for run folders",
                        formatter_class=fmt, epilog=_examples("""
@@ -324,25 +415,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: tflite")
     p.add_argument("--quantize", default="none", choices=["none", "int8"],
                    help="tflite only: full-integer int8, calibrated on 200 training images")
-    p.add_argument("--out", help="new or empty output folder (default: "
-                                 "outputs/export/<timestamp>-...)")
-    p.add_argument("--outputs", default="outputs", help="outputs root (default: outputs)")
+    p.add_argument("--out", metavar="DIR", help="this exact new or empty folder instead "
+                                                "(default: <outputs>/export/<timestamp>-...)")
+    _add_outputs_arg(p, "outputs")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("predict", help="mask and class probabilities for new images",
-                       formatter_class=fmt, epilog=_examples("""
+                       formatter_class=fmt, description=(
+                           "Mask and class probabilities for new images, each flagged when the "
+                           "segmenter found no\nlesion or the call is unsure. busi is a "
+                           "research tool, not a diagnostic device."), epilog=_examples("""
             busi predict scan1.png scans/ --seg-run outputs/seg/A --cls-run outputs/cls/cnn/B
             busi predict scan1.png --explain        # + Grad-CAM heatmap of the classifier
+            busi predict scans/ --min-confidence 0.8  # flag calls under 80%
         """))
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     p.add_argument("--seg-run", metavar="RUN_DIR",
                    help="U-Net run (default: the one the classifier was trained with)")
     p.add_argument("--cls-run", metavar="RUN_DIR",
                    help="classifier run (default: the latest finished)")
-    p.add_argument("--out", help="new or empty output folder (default: "
-                                 "outputs/predict/<timestamp>)")
+    p.add_argument("--out", metavar="DIR", help="this exact new or empty folder instead "
+                                                "(default: <outputs>/predict/<timestamp>)")
+    _add_outputs_arg(p, "outputs")
     p.add_argument("--explain", action="store_true",
                    help="also write a Grad-CAM heatmap per image (<name>_gradcam.png)")
+    p.add_argument("--min-confidence", type=float, metavar="P",
+                   help="flag calls whose top class probability is below P (0-1; default: "
+                        "the classifier run's predict.min_confidence, 0.6 unless set)")
     p.set_defaults(func=cmd_predict)
 
     data = sub.add_parser("data", help="inspect, split or synthesise data",
@@ -382,9 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the whole pipeline on synthetic data, in minutes on a CPU",
                        formatter_class=fmt, epilog=_examples("""
             busi demo
-            busi demo --workdir outputs/demo --per-class 40
+            busi demo --outputs outputs/demo --per-class 40
         """))
-    p.add_argument("--workdir", default="outputs/demo", help="where the demo writes everything")
+    _add_outputs_arg(p, "outputs/demo", aliases=("--workdir",))  # its data and tables too
     p.add_argument("--per-class", type=_count, default=40, help="synthetic images per class")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a value of configs/demo.yaml")

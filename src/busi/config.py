@@ -218,6 +218,20 @@ class OutputsConfig:
 
 
 @dataclass
+class PredictConfig:
+    """How ``busi predict`` marks calls a reader should not take at face value.
+
+    Its own section, not under ``model`` or ``training``: it changes no weights and no
+    reported figure, only which predictions of new images get flagged. It is saved with
+    every run like the rest, so a classifier run carries the threshold it is meant to be
+    read with (``busi predict --min-confidence`` overrides it for one call).
+    """
+
+    # A call whose top class probability is below this is flagged low_confidence.
+    min_confidence: float = field(default=0.6, metadata=_range(0, 1))
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
@@ -226,6 +240,7 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     outputs: OutputsConfig = field(default_factory=OutputsConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
 
 
 # --------------------------------------------------------------------------- validation

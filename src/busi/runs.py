@@ -130,6 +130,11 @@ def run_kind(run_dir: str | Path) -> str:
     if not (run_dir / "config.yaml").is_file() or not split.is_file():
         missing = " and ".join(n for n in ("config.yaml", "split.json")
                                if not (run_dir / n).is_file())
+        inside = newest_inside(run_dir) if run_dir.is_dir() else None
+        if inside is not None:
+            raise BusiError("this is a folder of runs, not a run", where=str(run_dir),
+                            fix=f"pass one run folder, e.g. its newest finished run: {inside} "
+                                "(busi runs lists them)")
         raise BusiError(f"not a run folder ({missing} missing)", where=str(run_dir),
                         fix="pass a folder under outputs/seg/, outputs/cls/<model>/, outputs/cv/ "
                             "or outputs/eval/")
@@ -138,6 +143,62 @@ def run_kind(run_dir: str | Path) -> str:
         raise BusiError("not a run's split record (expected a JSON object)", where=str(split),
                         fix="use a complete run folder, or retrain it")
     return "cls" if "seg_run" in record else "seg"
+
+
+def newest_inside(folder: str | Path, kind: str | None = None) -> Path | None:
+    """The newest finished run of ``kind`` (None: seg or cls) anywhere under ``folder`` (a
+    folder of runs, a CV run's folds), for a fix that names a folder the user can paste.
+    Four levels deep at most (a CV's fold<k>/cls/<arm>/<run>/): whatever folder a user
+    passed by mistake, a hint must not crawl a whole disk."""
+    found = []
+    splits = [s for depth in range(1, 5) for s in Path(folder).glob("*/" * depth + SPLIT)]
+    for split in splits:
+        run = split.parent
+        try:
+            record = read_json(split)
+        except BusiError:
+            continue
+        if (isinstance(record, dict)
+                and (kind is None or ("seg_run" in record) == (kind == CLS_DIR))
+                and (run / CONFIG).is_file() and is_finished(run)):
+            found.append(run)
+    return max(found, key=lambda r: (r.name, str(r))) if found else None
+
+
+def _json_or_none(path: Path) -> Any:
+    """A run's JSON file, or None when it is missing or damaged (for hints and listings)."""
+    try:
+        return read_json(path)
+    except BusiError:
+        return None
+
+
+def check_kind(run_dir: str | Path, kind: str, *, option: str) -> None:
+    """Nothing if ``run_dir`` is a run of ``kind``; otherwise one BusiError that says what it
+    is instead (a classifier run given as a U-Net run, a CV run, an evaluation folder) and
+    what to pass -- not a misleading "did it finish?" about a file such a run never has."""
+    path = Path(run_dir)
+    actual = run_kind(path)
+    if actual == kind:
+        return
+    name, folder = KINDS[kind]
+    fix = f"pass {option} a folder under {folder}"
+    if actual == CV_DIR and kind in (SEG_DIR, CLS_DIR):
+        inside = newest_inside(path, kind)
+        if inside is not None:
+            fix = (f"pass {option} one of its folds' runs, e.g. {inside}, or a folder "
+                   f"under {folder}")
+    elif actual == EVAL_DIR and kind == CLS_DIR:
+        record = _json_or_none(path / "evaluation.json")
+        used = ([r.get("run") for r in record if isinstance(r, dict)]
+                if isinstance(record, list) else
+                [record.get("cls_run")] if isinstance(record, dict) else [])
+        used = [u for u in used if u]
+        if used:
+            fix = f"pass {option} the classifier run it evaluated, e.g. {used[0]}"
+    elif actual in (SEG_DIR, CLS_DIR) and kind == CV_DIR:
+        fix = f"busi {kind_command(actual)} --resume {path}, or {fix}"
+    raise BusiError(f"this is {KINDS[actual][0]}, not {name}", where=str(path), fix=fix)
 
 
 def require_run(run_dir: str | Path, kind: str, *, option: str, finished: bool = True,
@@ -155,10 +216,13 @@ def require_run(run_dir: str | Path, kind: str, *, option: str, finished: bool =
         raise BusiError(f"{name} folder not found", where=str(path), fix=fix)
     missing = [n for n in ("config.yaml", "split.json") if not (path / n).is_file()]
     if missing and not (path / "cv.json").is_file() and not (path / "evaluation.md").is_file():
+        inside = newest_inside(path, kind)
+        if inside is not None:  # outputs/seg/, outputs/cls/cnn/, a CV's fold<k>/ ...
+            raise BusiError(f"this is a folder of runs, not {name}", where=str(path),
+                            fix=f"pass {option} one run folder, e.g. its newest finished "
+                                f"{name.split(' ', 1)[1]}: {inside}")
         raise BusiError(f"not {name} ({' and '.join(missing)} missing)", where=str(path), fix=fix)
-    actual = run_kind(path)
-    if actual != kind:
-        raise BusiError(f"this is {KINDS[actual][0]}, not {name}", where=str(path), fix=fix)
+    check_kind(path, kind, option=option)
     if finished and not is_finished(path):
         raise BusiError(f"{name} that has not finished (state.json does not say finished)",
                         where=str(path),
@@ -268,6 +332,8 @@ def read_predictions(path: Path) -> tuple[list[str], list[str], list[str], np.nd
     """The columns of a predictions.csv; a damaged file is a BusiError naming it, because every
     table and figure of a classifier is recomputed from this file."""
     if not path.is_file():
+        if (path.parent / SPLIT).is_file() or (path.parent / "cv.json").is_file():
+            check_kind(path.parent, CLS_DIR, option="a run with predictions:")
         raise BusiError("run has no predictions.csv (did it finish?)", where=str(path.parent),
                         fix="finish it with --resume, or pick a finished run")
     fix = "restore the file, or rerun the run it belongs to"
@@ -442,3 +508,132 @@ def find_classifier_runs(outputs_root: str | Path) -> list[Path]:
 
     newest = max(runs, key=lambda r: r.name)
     return [r for r in runs if manifest(r) == manifest(newest)]
+
+
+# --------------------------------------------------------------------------- listing runs
+
+
+def all_runs(outputs_root: str | Path) -> list[tuple[str, Path]]:
+    """(kind, folder) of every run under an outputs root -- seg/, cls/<model>/, cv/, eval/ --
+    oldest first: folder names start with their timestamp, so this is the order they were
+    made in, across kinds. A CV's fold runs live inside its folder and are not listed."""
+    root = Path(outputs_root)
+    found = [(SEG_DIR, r) for r in list_runs(root / SEG_DIR)]
+    found += [(CLS_DIR, r) for m in list_runs(root / CLS_DIR) for r in list_runs(m)]
+    found += [(CV_DIR, r) for r in list_runs(root / CV_DIR)]
+    found += [(EVAL_DIR, r) for r in list_runs(root / EVAL_DIR)]
+    return sorted(found, key=lambda kr: (kr[1].name, kr[0]))
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "-"
+
+
+def describe_run(kind: str, run_dir: str | Path) -> dict[str, Any]:
+    """One row of ``busi runs``: kind, model, status, data and headline figures of a run.
+
+    Read from the files the run wrote (config.yaml, state.json, metrics.json,
+    classification_report.json, cv_results.json, evaluation.json); a file that is missing
+    or damaged leaves its cell as '-' rather than stopping the listing, since a listing
+    is how a user finds the broken run in the first place.
+    """
+    run_dir = Path(run_dir)
+    row: dict[str, Any] = {"kind": kind, "run": str(run_dir), "name": run_dir.name,
+                           "model": "-", "finished": False, "status": "-", "data": "-",
+                           "headline": "-"}
+
+    def load(name: str) -> Any:
+        return _json_or_none(run_dir / name)
+
+    try:
+        cfg = read_config(run_dir) if kind != EVAL_DIR else None
+    except BusiError:
+        cfg = None
+    if cfg is not None:
+        root = cfg.data.root
+        row["data"] = ", ".join(root) if isinstance(root, list) else root
+    try:
+        if kind in (SEG_DIR, CLS_DIR):
+            row["finished"] = is_finished(run_dir)
+            done = saved_state(run_dir).get("epochs_done", 0)
+            row["status"] = (f"finished, {done} epochs" if row["finished"]
+                             else f"not finished ({done} epochs done)")
+    except BusiError:
+        row["status"] = "not finished (state.json unreadable)"
+    if kind == SEG_DIR:
+        unet = cfg.model.unet if cfg else None
+        row["model"] = "unet" + (f"-{unet.encoder}" if unet and unet.encoder != "plain" else "")
+        metrics = load("metrics.json") if row["finished"] else None
+        if isinstance(metrics, dict):
+            dice = metrics.get("lesion_images", {}).get("dice", {}).get("mean")
+            row["headline"] = f"test lesion Dice {_fmt(dice)}"
+    elif kind == CLS_DIR:
+        c = cfg.model.classifier if cfg else None
+        row["model"] = run_dir.parent.name
+        if c is not None:
+            extra = [f"masks={c.masks}"] * (c.masks != "predicted") + \
+                [f"mask_mode={c.mask_mode}"] * (c.mask_mode != "multiply")
+            row["model"] = (c.name if c.name == run_dir.parent.name
+                            else f"{run_dir.parent.name} ({c.name})") + \
+                "".join(f", {e}" for e in extra)
+        report = load("classification_report.json") if row["finished"] else None
+        if isinstance(report, dict):
+            recall = report.get("report", {}).get("malignant", {}).get("recall")
+            row["headline"] = (f"accuracy {_fmt(report.get('accuracy'))}, macro-F1 "
+                               f"{_fmt(report.get('macro_f1'))}, malignant recall "
+                               f"{_fmt(recall, 2)}")
+    elif kind == CV_DIR:
+        meta = load("cv.json")
+        arms = list(meta.get("models", [])) if isinstance(meta, dict) else []
+        folds = meta.get("folds", 0) if isinstance(meta, dict) else 0
+        row["model"] = "U-Nets" + "".join(f", {a}" for a in arms)
+        complete = sum(newest_run(run_dir / f"fold{k}" / SEG_DIR)[1]
+                       and all(newest_run(run_dir / f"fold{k}" / CLS_DIR / a)[1] for a in arms)
+                       for k in range(folds))
+        row["finished"] = bool(folds) and complete == folds
+        row["status"] = (f"finished, {folds} folds" if row["finished"]
+                         else f"not finished ({complete} of {folds or '?'} folds done)")
+        result = load("cv_results.json") if row["finished"] else None
+        if isinstance(result, dict):
+            dice = result.get("segmentation", {}).get("dice", {}).get("mean")
+            accs = [f"{a} {_fmt(r.get('accuracy', {}).get('mean'))}"
+                    for a, r in result.get("classification", {}).items()]
+            row["headline"] = f"mean Dice {_fmt(dice)}" + (
+                f"; mean accuracy {', '.join(accs)}" if accs else "")
+    elif kind == EVAL_DIR:
+        row["finished"], row["status"] = True, "finished"
+        record = load("evaluation.json")
+        if isinstance(record, dict):  # busi evaluate --data: one classifier and/or U-Net
+            row["data"] = str(record.get("data", "-"))
+            row["model"] = ", ".join(Path(r).parent.name if k == "cls_run" else "unet"
+                                     for k in ("cls_run", "seg_run") if (r := record.get(k)))
+            cls = record.get("classification") or {}
+            seg = (record.get("segmentation") or {}).get("lesion_images", {})
+            figures = ([f"lesion Dice {_fmt(seg['dice'].get('mean'))}"]
+                       if isinstance(seg.get("dice"), dict) else [])
+            if cls:
+                figures.append(f"accuracy {_fmt(cls.get('accuracy'))}")
+            row["headline"] = ", ".join(figures) or "-"
+        elif isinstance(record, list):  # busi evaluate: runs on their own test splits
+            row["data"] = "the runs' own test splits"
+            row["model"] = ", ".join(Path(r.get("run", "?")).parent.name for r in record
+                                     if isinstance(r, dict))
+            row["headline"] = "accuracy " + ", ".join(
+                _fmt(r.get("accuracy")) for r in record if isinstance(r, dict))
+    return row
+
+
+def format_runs(rows: list[dict[str, Any]], outputs_root: str | Path) -> str:
+    """``busi runs``' table: one line per run, oldest first, so the newest is at the bottom."""
+    if not rows:
+        return (f"no runs under {outputs_root} (train one: busi train-seg, or pass "
+                "--outputs DIR)")
+    cols = [("run", lambda r: str(Path(r["run"]).relative_to(outputs_root))),
+            ("kind", lambda r: r["kind"]), ("model", lambda r: r["model"]),
+            ("status", lambda r: r["status"]), ("headline figures", lambda r: r["headline"]),
+            ("data", lambda r: r["data"])]
+    cells = [[name for name, _ in cols]] + [[get(r) for _, get in cols] for r in rows]
+    widths = [max(len(row[k]) for row in cells) for k in range(len(cols) - 1)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1]
+             for row in cells]
+    return "\n".join([f"Runs under {outputs_root}, oldest first (the newest last):", *lines])

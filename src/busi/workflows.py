@@ -40,6 +40,7 @@ from busi.runs import (
     PREDICTIONS,
     SPLIT,
     atomic_write,
+    check_kind,
     find_classifier_runs,
     new_run_dir,
     newest_run,
@@ -141,6 +142,8 @@ def run_cv(cfg: Config, *, folds: int = 5, models: tuple[str, ...] = ("cnn",),
     if resume:
         cv_dir = Path(resume)
         if not (cv_dir / CONFIG).is_file() or not (cv_dir / "cv.json").is_file():
+            if (cv_dir / SPLIT).is_file():  # a U-Net or classifier run: say which
+                check_kind(cv_dir, CV_DIR, option="--resume")
             raise BusiError("not a CV run folder (no config.yaml / cv.json)", where=str(cv_dir),
                             fix="pass a folder under outputs/cv/")
         meta = json.loads((cv_dir / "cv.json").read_text())

@@ -159,11 +159,13 @@ def export_run(run_dir: str | Path, fmt: str = "tflite", quantize: str = "none",
     keras = runtime.import_keras()
 
     run = Path(run_dir)
-    if not (run / "best.keras").is_file():
-        raise BusiError("not a finished run (no best.keras)", where=str(run),
+    if not run.is_dir():
+        raise BusiError("run folder not found", where=str(run),
                         fix="pass a folder under outputs/seg/ or outputs/cls/<model>/")
     kind = run_kind(run)  # a clear error for a folder without config.yaml / split.json
-    require_run(run, kind if kind in ("seg", "cls") else "cls", option="`busi export`")
+    # A CV run or an evaluation folder: said so, with the run inside it to export instead.
+    require_run(run, kind if kind in ("seg", "cls") else "cls", option="`busi export`",
+                needs=("best.keras",))
     if out and Path(out).exists() and (not Path(out).is_dir() or any(Path(out).iterdir())):
         raise BusiError("--out exists and is not an empty folder", where=out,
                         fix="choose a new or empty --out folder; busi export never overwrites")

@@ -1,8 +1,18 @@
 """``busi predict``: lesion mask and class probabilities for new images.
 
 Uses exactly the preprocessing of training (gray, area resize, the classifier
-run's mask mode), so a prediction here equals what ``evaluate`` measured. A bad
-image is reported and skipped; the others still get results.
+run's mask mode), so a prediction here equals what ``evaluate`` measured.
+
+Every input is read before any model is loaded or any output written: a missing,
+unreadable or corrupt file ends the command with exit code 2 and one message naming
+such files (the first six of many), and nothing is written. Skipping it instead would
+hand back a result set that silently lacks a scan -- the one the reader may have cared
+about -- and a script would see success (exit 0); fixing the input and rerunning is cheap.
+
+Each prediction is flagged when it should not be taken at face value
+(``no_lesion_found``: the U-Net's mask is empty; ``low_confidence``: the top class
+probability is below ``predict.min_confidence``), names the runs that made it, and
+states its units. busi is a research tool, not a diagnostic device.
 """
 
 from __future__ import annotations
@@ -26,9 +36,16 @@ from busi.runs import (
     write_json,
 )
 
+DISCLAIMER = ("busi is a research tool, not a diagnostic device: its masks and classes are "
+              "not validated for clinical use and must not guide diagnosis or treatment")
+# The flags of a prediction, and what each means (printed, and kept in predictions.json).
+FLAGS = {"no_lesion_found": "the segmenter found no lesion (empty mask)",
+         "low_confidence": "top class probability below predict.min_confidence"}
+
 
 def _images(inputs: list[str]) -> list[Path]:
     found: list[Path] = []
+    missing: list[str] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
@@ -37,11 +54,56 @@ def _images(inputs: list[str]) -> list[Path]:
         elif p.is_file():
             found.append(p)
         else:
-            print(f"busi: warning: {p}: not found, skipped", file=sys.stderr)
+            missing.append(item)
+    if missing:
+        raise BusiError("not found", where=", ".join(missing),
+                        fix="pass existing image files or folders")
     if not found:
         raise BusiError("no image to predict", where=" ".join(inputs),
                         fix="pass image files or folders that contain images")
     return found
+
+
+def _read_gray(path: Path) -> tuple[np.ndarray | None, str]:
+    """A file's pixels as gray, or None and why it cannot be read."""
+    try:
+        raw = decode(path.read_bytes())
+    except OSError as exc:
+        return None, exc.strerror or str(exc)
+    if raw is None:
+        return None, "cannot decode image (corrupt file, or not an image)"
+    return to_gray(raw), ""
+
+
+def _check_readable(images: list[Path]) -> None:
+    """Every image decodes, or one BusiError naming each one that does not (see the module
+    docstring for why this stops the command rather than skipping the file)."""
+    bad = []
+    for path in images:
+        gray, why = _read_gray(path)
+        if gray is None:
+            bad.append((path, why))
+    if bad:
+        others = "".join(f"{p} ({w}); " for p, w in bad[1:6]) + ("...; " if len(bad) > 6 else "")
+        raise BusiError(f"{bad[0][1]}; {others}nothing predicted ({len(bad)} of {len(images)} "
+                        "image(s) cannot be read)", where=str(bad[0][0]),
+                        fix="replace or remove the file(s) named here and run again "
+                            "(busi data check lists every unreadable image of a folder)")
+
+
+def flags_of(mask: np.ndarray, probs: np.ndarray, min_confidence: float) -> list[str]:
+    """The flags of one prediction (keys of :data:`FLAGS`).
+
+    An empty mask is flagged whatever the class: with masked inputs the classifier then
+    saw a blank image, so its call says nothing about the scan; and on a scan with a
+    lesion it is a miss. A top probability under ``min_confidence`` is a call to check.
+    """
+    flags = []
+    if not mask.any():
+        flags.append("no_lesion_found")
+    if float(np.max(probs)) < min_confidence:
+        flags.append("low_confidence")
+    return flags
 
 
 def _output_stems(images: list[Path]) -> list[str]:
@@ -88,6 +150,7 @@ class Predictor:
         self.c = cfg.model.classifier
         self.size = tuple(cfg.data.image_size)
         self.classes = list(cfg.data.classes)
+        self.min_confidence = cfg.predict.min_confidence  # the run's; --min-confidence wins
         self.rule, self.flip_tta = read_rule(self.seg)
         self.unets = load_unets(self.seg)  # one U-Net, or a run's fold ensemble
         self.clf = load_model(self.cls / "best.keras")
@@ -114,14 +177,25 @@ class Predictor:
 
 def predict_command(inputs: list[str], seg_run: str | None = None, cls_run: str | None = None,
                     out: str | None = None, outputs_root: str = "outputs",
-                    explain: bool = False) -> Path:
+                    explain: bool = False, min_confidence: float | None = None) -> Path:
+    """Predict every image; write masks, overlays, predictions.csv/.json into a new folder.
+
+    ``min_confidence`` overrides the classifier run's ``predict.min_confidence``.
+    """
     if out and Path(out).exists() and (not Path(out).is_dir() or any(Path(out).iterdir())):
         raise BusiError("--out exists and is not an empty folder", where=out,
                         fix="choose a new or empty --out folder; busi predict never overwrites")
+    if min_confidence is not None and not 0 <= min_confidence <= 1:
+        raise BusiError(f"must be between 0 and 1, got {min_confidence:g}",
+                        where="--min-confidence", fix="e.g. --min-confidence 0.6")
     images = _images(inputs)
+    _check_readable(images)
     stems = _output_stems(images)
     predictor = Predictor(seg_run, cls_run, outputs_root)
     seg, cls, rule, flip_tta = predictor.seg, predictor.cls, predictor.rule, predictor.flip_tta
+    if min_confidence is None:
+        min_confidence = predictor.min_confidence
+    grid = f"{predictor.size[1]}x{predictor.size[0]}"  # width x height, as image sizes are said
     out_dir = Path(out) if out else new_run_dir(Path(outputs_root) / "predict")
     out_dir.mkdir(parents=True, exist_ok=True)
     classes = predictor.classes
@@ -129,19 +203,12 @@ def predict_command(inputs: list[str], seg_run: str | None = None, cls_run: str 
         from busi.reporting.gradcam import gradcam, save_panels, split_model
 
         parts = split_model(predictor.clf)
-    rows, skipped = [], []
+    rows = []
     for path, stem in zip(images, stems, strict=True):
-        try:
-            raw = decode(path.read_bytes())
-        except OSError as exc:
-            raw, why = None, exc.strerror
-        else:
-            why = "cannot decode image (corrupt file, or not an image)"
-        if raw is None:
-            print(f"busi: warning: {path}: {why}; skipped", file=sys.stderr)
-            skipped.append({"file": str(path), "problem": why})
-            continue
-        gray = to_gray(raw)
+        gray, why = _read_gray(path)
+        if gray is None:  # changed since _check_readable read it
+            raise BusiError(f"{why} (the file changed while busi predict ran)", where=str(path),
+                            fix=f"run again; the results so far are in {out_dir}")
         mask, x, p = predictor(gray)
         full = cv2.resize(mask, (gray.shape[1], gray.shape[0]), interpolation=cv2.INTER_NEAREST)
         ok, buf = cv2.imencode(".png", full * 255)
@@ -158,20 +225,41 @@ def predict_command(inputs: list[str], seg_run: str | None = None, cls_run: str 
                         [classes[int(np.argmax(p))]], np.array([float(p.max())]))
         rows.append({"file": str(path), "pred": classes[int(np.argmax(p))],
                      **{f"p_{k}": round(float(v), 6) for k, v in zip(classes, p, strict=True)},
-                     "lesion_pixels": int(mask.sum()), "output_stem": stem})
-    header = ["file", "pred", *[f"p_{k}" for k in classes], "lesion_pixels", "output_stem"]
+                     "lesion_pixels": int(mask.sum()), "output_stem": stem,
+                     "lesion_pixels_grid": grid,
+                     "lesion_fraction": round(float(mask.mean()), 6),
+                     "flags": ";".join(flags_of(mask, p, min_confidence)),
+                     "cls_run": str(cls), "seg_run": str(seg)})
+    # New columns after the old ones, so a script that reads columns by position still works.
+    header = ["file", "pred", *[f"p_{k}" for k in classes], "lesion_pixels", "output_stem",
+              "lesion_pixels_grid", "lesion_fraction", "flags", "cls_run", "seg_run"]
     buf_csv = io.StringIO()
     writer = csv.DictWriter(buf_csv, header, lineterminator="\n")  # quotes commas, quotes, ...
     writer.writeheader()
     writer.writerows(rows)
     atomic_write(out_dir / "predictions.csv", buf_csv.getvalue())
-    write_json(out_dir / "predictions.json", {"seg_run": str(seg), "cls_run": str(cls),
-                                              "threshold": rule.threshold,
-                                              "postprocess": rule.postprocess,
-                                              "flip_tta": flip_tta, "predictions": rows,
-                                              "skipped": skipped})
+    write_json(out_dir / "predictions.json", {
+        "note": DISCLAIMER, "seg_run": str(seg), "cls_run": str(cls),
+        "threshold": rule.threshold, "postprocess": rule.postprocess, "flip_tta": flip_tta,
+        "min_confidence": min_confidence, "flags": FLAGS,
+        "units": {"lesion_pixels": f"pixels of the predicted mask on the {grid} grid the "
+                                   "models see (the scan resized), not of the original scan",
+                  "lesion_fraction": "share of the image area inside the predicted mask "
+                                     "(0-1; the same at any resolution)",
+                  "p_<class>": "classifier probability (softmax; the classes sum to 1)"},
+        "predictions": rows})
     for r in rows:
         probs = ", ".join(f"{k} {r[f'p_{k}']:.3f}" for k in classes)
-        print(f"{r['file']}: {r['pred']} ({probs})")
-    print(f"{len(rows)} image(s) predicted, {len(skipped)} skipped; outputs: {out_dir}")
+        flagged = f"  [{r['flags'].replace(';', ', ')}]" if r["flags"] else ""
+        print(f"{r['file']}: {r['pred']} ({probs}); lesion {100 * r['lesion_fraction']:.1f}% "
+              f"of the image ({r['lesion_pixels']} px on the {grid} model grid){flagged}")
+    counts = {f: sum(f in r["flags"].split(";") for r in rows) for f in FLAGS}
+    n_flagged = sum(bool(r["flags"]) for r in rows)
+    print(f"{len(rows)} image(s) predicted, {n_flagged} flagged ("
+          f"no lesion found by the segmenter: {counts['no_lesion_found']}; "
+          f"low confidence, top probability < {min_confidence:g}: {counts['low_confidence']})")
+    print(f"runs: classifier {cls}; U-Net {seg}")
+    print(f"outputs: {out_dir} (predictions.csv, predictions.json, <name>_mask.png, "
+          "<name>_overlay.png)")
+    print(f"note: {DISCLAIMER}")
     return out_dir

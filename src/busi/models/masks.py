@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 
 from busi.errors import BusiError
+from busi.runs import SPLIT, check_kind
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,8 @@ def _read_npz(seg_run: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
 
     path = seg_run / "masks.npz"
     if not path.is_file():
+        if (seg_run / SPLIT).is_file() or (seg_run / "cv.json").is_file():
+            check_kind(seg_run, "seg", option="a U-Net run:")  # a classifier run, a CV run ...
         raise BusiError("segmentation run has no masks.npz (did it finish?)", where=str(seg_run),
                         fix=f"finish it with `busi train-seg --resume {seg_run}` or pick another "
                             "run with --seg-run")
