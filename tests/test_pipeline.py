@@ -352,6 +352,11 @@ def test_reports_show_the_worst_cases_first(cls_run: Path, seg_run: Path) -> Non
     cams = {p.name for p in (cls_run / "gradcam").glob("*.png")}
     assert {panel_name(f) for f in wrong[:8]} <= cams
     assert md.index("## Worst cases") < md.index("## Config")
+    seg_md = (seg_run / "report.md").read_text()
+    table = seg_md[seg_md.index("### Worst test images"):seg_md.index("## Loss curves")]
+    assert f"| `{lesion[0][1]}` | {lesion[0][0]:.3f} |" in table
+    assert not any(f"`{f}`" in table.split("Panels:")[1]
+                   for f, v in scores.items() if v["lesion_px"] == 0), "normal scans are no lesion"
 
 
 def test_a_unet_report_leaves_out_classifier_settings(seg_run: Path) -> None:

@@ -251,19 +251,30 @@ def _seg_blocks(run: Path, overlays: int = 9, title: str = "Segmentation (U-Net)
     blocks: list[Block] = [("h", 2, title)]
     if (run / "metrics.md").is_file():
         blocks.append(("md", (run / "metrics.md").read_text()))
-    scores = _json(run / "test_scores.json")
-    ranked = sorted(((f, v) for f, v in scores.items() if isinstance(v, dict)
-                     and v.get("dice") is not None), key=lambda fv: fv[1]["dice"])[:n_worst]
+    scores = {f: v for f, v in _json(run / "test_scores.json").items() if isinstance(v, dict)}
+    lesion = {f: v for f, v in scores.items()  # older runs: no pixel counts, every image
+              if v.get("lesion_px", 1) and v.get("dice") is not None}
+    ranked = sorted(lesion.items(), key=lambda fv: fv[1]["dice"])[:n_worst]
     if ranked:
+        def hd(v: dict) -> str:
+            if v.get("hd95") is not None:
+                return f"{v['hd95']:.1f}"
+            return "missed (empty mask)" if v.get("predicted_px") == 0 else "n/a"
+
         lines = ["| image | Dice | IoU | HD95 (px) |", "|---|---:|---:|---:|"]
-        lines += [f"| `{f}` | {v['dice']:.3f} | {v['iou']:.3f} | "
-                  f"{'missed' if v.get('hd95') is None else format(v['hd95'], '.1f')} |"
-                  for f, v in ranked]
+        lines += [f"| `{f}` | {v['dice']:.3f} | {v['iou']:.3f} | {hd(v)} |" for f, v in ranked]
+        false = sorted(((f, v["predicted_px"]) for f, v in scores.items()
+                        if v.get("lesion_px") == 0 and v.get("predicted_px")),
+                       key=lambda fv: -fv[1])
+        note = (f" Normal (lesion-free) test images given a mask: {len(false)}"
+                + (": " + ", ".join(f"`{f}` ({n} px)" for f, n in false[:5])
+                   + (" ..." if len(false) > 5 else "") if false else "") + "."
+                if any("lesion_px" in v for v in scores.values()) else "")
         blocks += [("h", 3, "Worst test images"),
-                   ("md", f"The {len(ranked)} test images of lowest Dice (normal images, "
-                          "which have no lesion, score 1 when predicted empty); all in "
-                          "`test_scores.json`. Panels: the worst lesion images, then the "
-                          "normal images with the largest false masks."), ("md", "\n".join(lines))]
+                   ("md", f"The {len(ranked)} lesion images of lowest Dice, worst first (all "
+                          f"in `test_scores.json`; pixels of the model's input grid).{note} "
+                          "Panels: the worst lesion images, then the normal images with the "
+                          "largest false masks."), ("md", "\n".join(lines))]
     for png in sorted((run / "overlays").glob("*.png"))[:overlays]:
         blocks.append(("img", png, png.stem))
     return blocks
