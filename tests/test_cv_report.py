@@ -125,6 +125,7 @@ def test_cv_results_and_report_lead_with_each_arms_clinical_summary(cv_run: Path
     assert report.index("Sensitivity: malignant") < report.index("## Config")
     assert "## cnn: worst cases, all folds" in report
     assert report.count("Sensitivity: malignant called malignant") == 1  # not repeated
+    assert report.count("Per class:") == 1  # the pooled table once
 
 
 def test_classifier_run_report_shows_gradcam_of_right_and_wrong(cv_run: Path) -> None:

@@ -443,7 +443,7 @@ def plot_confusion(r: dict, out: Path, title: str) -> None:
                 color="white" if v > cm.max() / 2 else "black")
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(title)
+    ax.set_title(title, fontsize="medium", wrap=True)
     save_figure(fig, out)
 
 
@@ -596,7 +596,7 @@ def missed_lesions(rows: list[dict] | None) -> dict | None:
             "grid": rows[0]["grid"]}
 
 
-def worst_cases_markdown(rows: list[dict], n_dice: int = 10) -> str:
+def worst_cases_markdown(rows: list[dict], n_dice: int = 10, n_wrong: int = 20) -> str:
     """The failures a reader should look at: every wrong classification with its mask's
     Dice, then the lowest-Dice lesion images (from ``per_image.csv``)."""
     wrong = sorted((r for r in rows if not r["correct"]), key=lambda r: -r["confidence"])
@@ -612,7 +612,9 @@ def worst_cases_markdown(rows: list[dict], n_dice: int = 10) -> str:
     grid = rows[0]["grid"] if rows else "?"
     lines = [f"Pixels are of the model's {grid} input grid. Full table: `{PER_IMAGE}`.", "",
              f"Wrong classifications ({len(wrong)} of {len(rows)}), most confident first:", ""]
-    lines += [*head, *map(cells, wrong)] if wrong else ["None."]
+    lines += [*head, *map(cells, wrong[:n_wrong])] if wrong else ["None."]
+    if len(wrong) > n_wrong:
+        lines += ["", f"... and {len(wrong) - n_wrong} more (less confident) in `{PER_IMAGE}`."]
     scored = sorted((r for r in rows if r["lesion_dice"] is not None),
                     key=lambda r: r["lesion_dice"])[:n_dice]
     if scored:

@@ -280,15 +280,17 @@ def _seg_blocks(run: Path, overlays: int = 9, title: str = "Segmentation (U-Net)
     return blocks
 
 
-def _cls_blocks(run: Path, title: str = "Classification") -> list[Block]:
-    """The classifier's tables (without the summary, which leads the page), confusion
-    matrix and ROC curves."""
+def _cls_blocks(run: Path, title: str = "Classification", tables: bool = True) -> list[Block]:
+    """The classifier's tables (without the summary, which leads the page; none with
+    ``tables=False``, where the page has them already), confusion matrix and ROC curves."""
     from busi.evaluation.classification import markdown_table
     from busi.reporting.plots import plot_roc
 
     blocks: list[Block] = [("h", 2, title)]
     rep = _json(run / "classification_report.json")
-    if rep.get("report"):
+    if not tables:
+        pass
+    elif rep.get("report"):
         blocks.append(("md", markdown_table(rep, rep.get("title", title), summary=False)))
     elif (run / "classification_report.md").is_file():
         blocks.append(("md", (run / "classification_report.md").read_text()))
@@ -446,7 +448,8 @@ def _cv_blocks(run: Path, when: str) -> tuple[str, list[Block]]:
     for m in meta["models"]:
         pooled = run / "pooled" / m
         if pooled.is_dir():
-            blocks += _cls_blocks(pooled, f"{m}: pooled out-of-fold predictions")
+            # cv_results.md above holds the pooled tables: the figures only here
+            blocks += _cls_blocks(pooled, f"{m}: pooled out-of-fold predictions", tables=False)
             cam_dirs = [r[-1] / "gradcam" for k in range(meta["folds"])
                         if (r := list_runs(run / f"fold{k}" / "cls" / m))]
             worst = _worst_blocks(pooled, cam_dirs)
