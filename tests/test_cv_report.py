@@ -105,6 +105,29 @@ def test_report_is_self_contained_and_has_every_section(cv_run: Path) -> None:
     assert links and all((cv_run / link).is_file() for link in links)
 
 
+def test_cv_results_and_report_lead_with_each_arms_clinical_summary(cv_run: Path) -> None:
+    """Pooled cancer sensitivity / specificity and the U-Net's misses come before every
+    table; the pooled per-image table joins all folds; config and environment come last."""
+    import csv
+
+    md = (cv_run / "cv_results.md").read_text()
+    assert md.index("## Summary") < md.index("Sensitivity: malignant called malignant") \
+        < md.index("## Segmentation") < md.index("## Classification")
+    assert "Lesion images the U-Net missed" in md
+    with open(cv_run / "pooled" / "cnn" / "predictions.csv", newline="") as fh:
+        pooled = {r["file"]: r["pred"] for r in csv.DictReader(fh)}
+    with open(cv_run / "pooled" / "cnn" / "per_image.csv", newline="") as fh:
+        joined = {r["file"]: r["pred"] for r in csv.DictReader(fh)}
+    assert joined == pooled
+    report = (cv_run / "report.md").read_text()
+    sections = [ln for ln in report.splitlines() if ln.startswith("## ")]
+    assert sections[-2:] == ["## Config", "## Environment and provenance"], sections
+    assert report.index("Sensitivity: malignant") < report.index("## Config")
+    assert "## cnn: worst cases, all folds" in report
+    assert report.count("Sensitivity: malignant called malignant") == 1  # not repeated
+    assert report.count("Per class:") == 1  # the pooled table once
+
+
 def test_classifier_run_report_shows_gradcam_of_right_and_wrong(cv_run: Path) -> None:
     (run,) = list((cv_run / "fold0" / "cls" / "cnn").iterdir())
     cams = list((run / "gradcam").glob("*_gradcam.png"))

@@ -51,7 +51,7 @@ def test_a_prediction_of_an_absent_class_is_an_error_of_the_true_class() -> None
     assert r["report"]["benign"]["precision"] == 1.0
     f1_benign = 2 * 4 / (5 + 4)  # 2 TP / (true benign + predicted benign)
     assert r["macro_f1"] == pytest.approx((f1_benign + 1.0) / 2)
-    assert r["confusion_matrix"][0] == [4, 1, 0]  # rows/columns: benign, normal, malignant
+    assert r["confusion_matrix"][0] == [4, 0, 1]  # rows/columns: benign, malignant, normal
 
 
 def _fold(accuracy: float, n: int = 120, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -262,3 +262,70 @@ def test_resampled_aucs_are_scikit_learns_weighted_auc() -> None:
     assert np.isnan(aucs[1])
     for w, auc in zip(weights[2:], aucs[2:], strict=True):
         assert auc == pytest.approx(roc_auc_score(y, score, sample_weight=w))
+
+
+def test_sensitivity_and_specificity_count_malignant_as_positive_at_the_argmax() -> None:
+    """A cancer called normal is missed like one called benign; normal images do not count;
+    the intervals resample what every other interval of the report resamples."""
+    from busi.evaluation.classification import summary_markdown
+
+    truth = ["malignant"] * 10 + ["benign"] * 20 + ["normal"] * 5
+    pred = (["malignant"] * 6 + ["benign"] * 2 + ["normal"] * 2
+            + ["benign"] * 15 + ["normal"] * 2 + ["malignant"] * 3 + ["malignant"] * 5)
+    r = _report(truth, pred)
+    ss = r["sensitivity_specificity"]
+    assert (ss["sensitivity"], ss["true_positives"], ss["n_malignant"]) == (0.6, 6, 10)
+    assert (ss["specificity"], ss["true_negatives"], ss["n_benign"]) == (17 / 20, 17, 20)
+    lo, hi = ss["ci95"]["sensitivity"]
+    assert lo < 0.6 < hi and hi - lo > 0.2  # ten cancers: a wide interval
+    groups = np.repeat(np.arange(7), 5)  # five images a patient: wider still
+    grouped = compute([f"i{k}" for k in range(35)], truth, pred,
+                      np.eye(3)[[CLASSES.index(c) for c in pred]], CLASSES, groups=groups)
+    g_lo, g_hi = grouped["sensitivity_specificity"]["ci95"]["specificity"]
+    assert g_hi - g_lo > ss["ci95"]["specificity"][1] - ss["ci95"]["specificity"][0]
+    text = summary_markdown(r)
+    assert "| Sensitivity: malignant called malignant | 0.60 (6 of 10) |" in text
+    assert "| Specificity: benign not called malignant | 0.85 (17 of 20) |" in text
+    assert "argmax" in text and "Recall normal" in text
+
+
+def test_json_files_are_strict_json_with_null_for_undefined(tmp_path: Path) -> None:
+    import json
+
+    from busi.runs import write_json
+
+    write_json(tmp_path / "s.json", {"hd95": float("nan"), "a": np.array([1.0, np.inf]),
+                                     "n": np.float32(0.5)})
+
+    def refuse(name: str):
+        raise ValueError(name)
+
+    assert json.loads((tmp_path / "s.json").read_text(), parse_constant=refuse) == {
+        "hd95": None, "a": [1.0, None], "n": 0.5}
+
+
+def test_overlay_and_gradcam_panels_keep_the_scans_aspect_ratio(tmp_path: Path) -> None:
+    """A 100x200 scan on the model's 32x32 grid is drawn twice as wide as high; Grad-CAM is
+    drawn over the scan, not over the masked input, with a colour bar."""
+    import cv2
+
+    from busi.reporting.gradcam import save_panels
+    from busi.reporting.plots import _panel
+
+    scan = np.full((32, 32), 200, np.uint8)
+    truth = np.zeros((32, 32), np.uint8)
+    truth[10:20, 10:20] = 1
+    panel = _panel(scan, truth, truth.astype(np.float32), 0.5, shape=(100, 200))
+    sub = (panel.shape[1] - 8) // 3  # three panels, two 4-px gaps
+    assert sub == 2 * (panel.shape[0] - 22)  # rows under a 22-px caption
+    masked = np.zeros((1, 32, 32, 1), np.float32)  # what the classifier was shown: nothing
+    (path,) = save_panels(tmp_path, ["benign/a b.png"], scan[None], masked,
+                          np.zeros((1, 32, 32), np.float32), ["benign"], ["malignant"],
+                          np.array([0.9]), shapes=np.array([[100, 200]]), truth=truth[None])
+    img = cv2.imread(str(path))
+    height = 64  # 32 rows at scale 2
+    assert path.name == "a_b_gradcam.png"
+    right = img[:height, 2 * 128 + 4:2 * 128 + 4 + 128]  # the heatmap half, 128 px wide
+    assert right.mean() > 60  # the scan shows through the heatmap: not the black input
+    bar = img[:height, -64:]
+    assert bar[:, 4:20].std() > 20  # a colour ramp beside it

@@ -209,7 +209,7 @@ def test_report_files_equal_counts_of_the_predictions(cls_run: Path) -> None:
     with open(cls_run / "predictions.csv") as fh:
         rows = list(csv.DictReader(fh))
     t, p = np.array([r["true"] for r in rows]), np.array([r["pred"] for r in rows])
-    labels = ["benign", "normal", "malignant"]  # the paper's row order
+    labels = ["benign", "malignant", "normal"]  # the one class order of every table
     present = [c for c in labels if (t == c).any()]
     saved = json.loads((cls_run / "classification_report.json").read_text())
     assert saved["labels"] == labels and saved["present"] == present
@@ -239,6 +239,136 @@ def test_report_files_equal_counts_of_the_predictions(cls_run: Path) -> None:
         assert (cls_run / name).is_file()
 
 
+def _strict_json(path: Path):
+    """``path`` parsed as strict JSON: NaN or Infinity (Python's extensions) fail."""
+    def refuse(name: str):
+        raise ValueError(f"{path.name}: {name} is not JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def _sections(md: str) -> list[str]:
+    return [ln for ln in md.splitlines() if ln.startswith("## ")]
+
+
+def test_classifier_report_leads_with_the_clinicians_summary(cls_run: Path) -> None:
+    """Cancer sensitivity / specificity at the argmax operating point, counted here from
+    predictions.csv, come first; config and environment come last; U-Net rows are gone."""
+    with open(cls_run / "predictions.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    mal = [r for r in rows if r["true"] == "malignant"]
+    ben = [r for r in rows if r["true"] == "benign"]
+    tp = sum(r["pred"] == "malignant" for r in mal)
+    tn = sum(r["pred"] != "malignant" for r in ben)
+    md = (cls_run / "report.md").read_text()
+    sens = f"| Sensitivity: malignant called malignant | {tp / len(mal):.2f} ({tp} of {len(mal)})"
+    spec = f"| Specificity: benign not called malignant | {tn / len(ben):.2f} ({tn} of {len(ben)})"
+    assert sens in md and spec in md
+    assert "argmax" in md and "ROC AUC, benign vs malignant" in md
+    assert "Lesion images the U-Net missed (empty predicted mask)" in md
+    saved = json.loads((cls_run / "classification_report.json").read_text())
+    lo, hi = saved["sensitivity_specificity"]["ci95"]["sensitivity"]
+    assert lo <= tp / len(mal) <= hi
+    first_result = md.index(sens)
+    sections = _sections(md)
+    assert sections[-2:] == ["## Config", "## Environment and provenance"], sections
+    assert first_result < md.index("## Classification") < md.index("## Config")
+    assert md.index("## Loss curves") < md.index("## Config")
+    config = md[md.index("## Config"):]
+    assert "| classifier |" in config and "| U-Net |" not in config
+    assert (cls_run / "classification_report.md").read_text().index("Sensitivity") < \
+        (cls_run / "classification_report.md").read_text().index("Per class")
+
+
+def test_one_class_order_in_every_table_and_figure(cls_run: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from busi.reporting import plots
+
+    order = ["benign", "malignant", "normal"]
+    md = (cls_run / "classification_report.md").read_text()
+    assert "| true \\ pred | benign | malignant | normal |" in md
+    rows = [ln.split("|")[1].strip().lower() for ln in md.splitlines()
+            if ln.startswith("| ") and ln.split("|")[1].strip().lower() in order]
+    assert rows == order * (len(rows) // 3), rows  # summary recalls, table, confusion matrix
+    with open(cls_run / "confusion_matrix.csv") as fh:
+        assert next(fh).strip() == "true\\pred," + ",".join(order)
+    figs = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, out: figs.append(fig) or out)
+    plots.plot_roc(cls_run / "predictions.csv", cls_run / "unused.png", "ROC")
+    (ax,) = figs[0].axes
+    assert "Positive label" not in ax.get_xlabel() + ax.get_ylabel()
+    assert "specificity" in ax.get_xlabel() and "sensitivity" in ax.get_ylabel()
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    drawn = [t.split(" vs rest")[0] for t in legend if " vs rest" in t]
+    assert drawn == [c for c in order if c in drawn] and len(drawn) >= 2
+    assert any(t.startswith("benign vs malignant (AUC") for t in legend)
+
+
+def test_history_plot_shows_validation_dice_not_only_loss(seg_run: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from busi.reporting import plots
+
+    figs = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, out: figs.append(fig) or out)
+    plots.plot_history(seg_run / "history.csv", seg_run / "unused.png", "U-Net")
+    labels = [line.get_label() for ax in figs[0].axes for line in ax.get_lines()]
+    assert "validation Dice" in labels and "validation loss" in labels
+
+
+def test_per_image_csv_joins_the_unets_dice_to_each_prediction(cls_run: Path,
+                                                               seg_run: Path) -> None:
+    with open(cls_run / "predictions.csv") as fh:
+        preds = {r["file"]: r for r in csv.DictReader(fh)}
+    with open(cls_run / "per_image.csv") as fh:
+        joined = {r["file"]: r for r in csv.DictReader(fh)}
+    assert set(joined) == set(preds)
+    scores = _strict_json(seg_run / "test_scores.json")
+    for f, r in joined.items():
+        assert (r["true"], r["pred"]) == (preds[f]["true"], preds[f]["pred"])
+        if int(r["true_lesion_px"]):
+            assert float(r["lesion_dice"]) == pytest.approx(scores[f]["dice"], abs=1e-3), f
+            assert r["unet_missed"] == str(int(int(r["pred_lesion_px"]) == 0))
+        else:
+            assert r["lesion_dice"] == "" and scores[f]["hd95"] is None  # null, not NaN
+        assert r["grid"] == "32x32"
+
+
+def test_reports_show_the_worst_cases_first(cls_run: Path, seg_run: Path) -> None:
+    """The seg run's first overlay is its lowest-Dice test image; the classifier report
+    lists every wrong prediction with its mask's Dice and shows their Grad-CAM panels."""
+    from busi.reporting.gradcam import panel_name
+
+    scores = _strict_json(seg_run / "test_scores.json")
+    with open(cls_run / "per_image.csv") as fh:
+        masks = {r["file"]: int(r["true_lesion_px"]) for r in csv.DictReader(fh)}
+    lesion = sorted((v["dice"], f) for f, v in scores.items() if masks[f])
+    first = sorted((seg_run / "overlays").glob("*.png"))[0].name
+    assert first.startswith("01_") and lesion[0][1].replace("/", "__").replace(" ", "_") in first
+    with open(cls_run / "predictions.csv") as fh:
+        wrong = [r["file"] for r in csv.DictReader(fh) if r["true"] != r["pred"]]
+    md = (cls_run / "report.md").read_text()
+    assert "## Worst cases" in md and f"Wrong classifications ({len(wrong)} of" in md
+    for f in wrong:
+        assert f"| `{f}` |" in md
+    cams = {p.name for p in (cls_run / "gradcam").glob("*.png")}
+    assert {panel_name(f) for f in wrong[:8]} <= cams
+    assert md.index("## Worst cases") < md.index("## Config")
+    seg_md = (seg_run / "report.md").read_text()
+    table = seg_md[seg_md.index("### Worst test images"):seg_md.index("## Loss curves")]
+    assert f"| `{lesion[0][1]}` | {lesion[0][0]:.3f} |" in table
+    assert not any(f"`{f}`" in table.split("Panels:")[1]
+                   for f, v in scores.items() if v["lesion_px"] == 0), "normal scans are no lesion"
+
+
+def test_a_unet_report_leaves_out_classifier_settings(seg_run: Path) -> None:
+    md = (seg_run / "report.md").read_text()
+    config = md[md.index("## Config"):]
+    assert "| U-Net |" in config and "| classifier |" not in config
+    assert md.index("## Segmentation") < md.index("## Config")
+    assert _sections(md)[-2:] == ["## Config", "## Environment and provenance"]
+    assert "### Worst test images" in md
+
+
 def test_evaluate_prints_the_per_class_table(work: Path, cls_run: Path, seg_run: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     before = {p: p.stat().st_mtime_ns for p in cls_run.rglob("*")}
@@ -249,7 +379,10 @@ def test_evaluate_prints_the_per_class_table(work: Path, cls_run: Path, seg_run:
     for word in ("precision", "recall", "f1-score", "benign", "malignant", "normal",
                  "macro avg", "Side by side", "Dice"):
         assert word in out
-    assert list((work / "outputs" / "eval").glob("*/evaluation.md"))
+    (evaluation,) = list((work / "outputs" / "eval").glob("*/evaluation.md"))
+    md = evaluation.read_text()
+    assert md.index("Sensitivity: malignant") < md.index("## Segmentation") \
+        < md.index("Per class")
 
 
 def test_ground_truth_and_no_mask_ablations_run(work: Path, seg_run: Path) -> None:

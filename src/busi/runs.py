@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import re
 import sys
@@ -249,7 +250,25 @@ def atomic_write(path: str | Path, data: str | bytes) -> Path:
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
-    return atomic_write(path, json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n")
+    """Strict JSON (RFC 8259): an undefined figure (NaN, e.g. the HD95 of a missed lesion)
+    is written as null, which every JSON reader accepts -- Python's default ``NaN`` is not
+    JSON, and strict parsers (jq, JavaScript, Go) refuse the whole file."""
+    text = json.dumps(_finite(obj), indent=2, sort_keys=False, default=_jsonable,
+                      allow_nan=False)
+    return atomic_write(path, text + "\n")
+
+
+def _finite(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, +-inf) replaced by None, numpy included."""
+    if hasattr(obj, "tolist") and not isinstance(obj, str):
+        obj = obj.tolist()
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def _jsonable(obj: Any) -> Any:

@@ -201,7 +201,12 @@ def evaluate_command(runs: list[str] | None = None, seg_run: str | None = None,
                      outputs_root: str = "outputs") -> Path:
     """``busi evaluate``: finished classifier runs side by side (the newest split's by default),
     into a new ``outputs/eval/<run>/`` -- evaluating never modifies a run's own folder."""
-    from busi.evaluation.classification import comparison_markdown, evaluate_run, markdown_table
+    from busi.evaluation.classification import (
+        comparison_markdown,
+        evaluate_run,
+        markdown_table,
+        summary_markdown,
+    )
     from busi.reporting.report import report_after_run
 
     if seg_run:
@@ -212,13 +217,15 @@ def evaluate_command(runs: list[str] | None = None, seg_run: str | None = None,
           + (f"; U-Net run {seg.parent}" if seg_run else ""))
     results = [evaluate_run(r) for r in run_dirs]
     out = new_run_dir(Path(outputs_root) / EVAL_DIR)
-    parts = [f"# Evaluation, {time.strftime('%Y-%m-%d %H:%M')}", ""]
+    parts = [f"# Evaluation, {time.strftime('%Y-%m-%d %H:%M')}", "", "## Summary", ""]
+    for r in results:  # the clinician's figures of each run first; the tables follow
+        parts += [f"### {r['title']}", "", summary_markdown(r)]
     if seg_run:
         print(seg.read_text())
         parts += [seg.read_text().replace("# Segmentation", "## Segmentation"), ""]
     for r in results:
         print(r["text"], end="\n\n")
-        parts.append(markdown_table(r, r["title"]))
+        parts.append(markdown_table(r, r["title"], summary=False))
     table = comparison_markdown(results, run_dirs)
     print("Side by side:\n" + table)
     parts += ["## Side by side", "", table]

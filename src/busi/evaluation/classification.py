@@ -149,10 +149,18 @@ def split_groups(run_dir: Path, files: list[str]) -> np.ndarray | None:
     return np.array([group_of[f] for f in files])
 
 
+CLASS_ORDER = ("benign", "malignant", "normal")
+
+
 def _order(classes: list[str]) -> list[str]:
-    """The paper's row order: benign, normal, malignant (then any others)."""
-    paper = [c for c in ("benign", "normal", "malignant") if c in classes]
-    return paper + [c for c in classes if c not in paper]
+    """The one class order of every table, confusion matrix and plot: benign, malignant,
+    normal (BUSI's folder order, the config's ``data.classes``), then any others as given.
+    One order everywhere, so a reader never has to re-read a header to find a class."""
+    known = [c for c in CLASS_ORDER if c in classes]
+    return known + [c for c in classes if c not in known]
+
+
+class_order = _order  # the public name the reporting layer uses
 
 
 def compute(files: list[str], y_true: list[str], y_pred: list[str], probs: np.ndarray,
@@ -185,12 +193,99 @@ def compute(files: list[str], y_true: list[str], y_pred: list[str], probs: np.nd
         auc[c] = float(roc_auc_score(onehot, probs[:, k])) if 0 < onehot.sum() < len(t) else None
     macro_auc = (float(np.mean([v for v in auc.values() if v is not None]))
                  if any(v is not None for v in auc.values()) else None)
+    # A fold's images are resampled within their fold: (fold, group) is the unit of the AUC.
+    units = (groups if folds is None else
+             np.array([f"{f}/{g}" for f, g in zip(folds, np.arange(len(t)) if groups is None
+                                                      else groups, strict=True)]))
     return {"n": len(files), "labels": labels, "present": present, "report": rep,
             "report_text": text, "accuracy": float(accuracy_score(t, p)),
             "macro_f1": float(f1_score(t, p, labels=present, average="macro", zero_division=0)),
             "confusion_matrix": cm.tolist(), "roc_auc_ovr": auc, "roc_auc_macro": macro_auc,
             "ci95": bootstrap_ci(t, p, groups, folds),
-            "ci95_method": resampled_units(len(t), groups, folds, unit_name=unit_name)}
+            "ci95_method": resampled_units(len(t), groups, folds, unit_name=unit_name),
+            "sensitivity_specificity": sensitivity_specificity(t, p, groups, folds),
+            "benign_malignant_auc": benign_malignant_auc(
+                t, probs, list(classes), units,
+                unit_name=unit_name if folds is None else f"{unit_name} within folds")}
+
+
+OPERATING_POINT = ("the classifier's most probable class (argmax of its probabilities); among "
+                   "the benign and malignant images, a 'malignant' call is positive and a "
+                   "'benign' or 'normal' call negative")
+
+
+def sensitivity_specificity(y_true: np.ndarray, y_pred: np.ndarray,
+                            groups: np.ndarray | None = None,
+                            folds: np.ndarray | None = None) -> dict | None:
+    """Benign-vs-malignant sensitivity and specificity at the classifier's own operating
+    point (:data:`OPERATING_POINT`), malignant positive, with 95% intervals.
+
+    The clinical question is "is this lesion cancer?", so only the benign and malignant
+    images count, and a cancer called normal is as missed as one called benign. The
+    intervals come from :func:`bootstrap_ci` on the two-class calls (sensitivity is the
+    malignant images' recall, specificity the benign images'), so they resample the same
+    units -- duplicate groups, patients, folds -- as every other interval of the report.
+    None when the data holds neither class.
+    """
+    t, p = np.asarray(y_true), np.asarray(y_pred)
+    sel = (t == "benign") | (t == "malignant")
+    if not sel.any():
+        return None
+    truth = t[sel]
+    call = np.where(p[sel] == "malignant", "malignant", "benign")
+    mal, ben = truth == "malignant", truth == "benign"
+    ci = bootstrap_ci(truth, call, None if groups is None else np.asarray(groups)[sel],
+                      None if folds is None else np.asarray(folds)[sel])["recall"]
+    tp, tn = int((call[mal] == "malignant").sum()), int((call[ben] == "benign").sum())
+    return {"positive": "malignant", "operating_point": OPERATING_POINT,
+            "n_malignant": int(mal.sum()), "n_benign": int(ben.sum()),
+            "true_positives": tp, "false_negatives": int(mal.sum()) - tp,
+            "true_negatives": tn, "false_positives": int(ben.sum()) - tn,
+            "sensitivity": tp / int(mal.sum()) if mal.any() else None,
+            "specificity": tn / int(ben.sum()) if ben.any() else None,
+            "ci95": {"sensitivity": ci.get("malignant"), "specificity": ci.get("benign")}}
+
+
+def _ci_text(ci: list[float] | None, digits: int = 2) -> str:
+    return "n/a" if ci is None else f"{ci[0]:.{digits}f}-{ci[1]:.{digits}f}"
+
+
+def summary_markdown(r: dict) -> str:
+    """The lead of every classification report, what a clinician reads first: the cancer
+    figures (sensitivity, specificity, benign-vs-malignant ROC AUC) with intervals, each
+    class's recall, and how many lesions the U-Net missed -- the tables follow."""
+    lines = [f"**Summary** ({r['n']} images). Malignant is the positive class.", "",
+             "| figure | value | 95% CI |", "|---|---:|---:|"]
+    ss = r.get("sensitivity_specificity")
+    if ss:
+        for key, name, k, n in (
+                ("sensitivity", "Sensitivity: malignant called malignant",
+                 ss["true_positives"], ss["n_malignant"]),
+                ("specificity", "Specificity: benign not called malignant",
+                 ss["true_negatives"], ss["n_benign"])):
+            v = ss[key]
+            lines.append(f"| {name} | {'n/a' if v is None else f'{v:.2f}'} ({k} of {n}) | "
+                         f"{_ci_text(ss['ci95'][key])} |")
+    bm = r.get("benign_malignant_auc")
+    if bm:
+        lines.append(f"| ROC AUC, benign vs malignant | "
+                     f"{'n/a' if bm['auc'] is None else format(bm['auc'], '.3f')} | "
+                     f"{_ci_text(bm['ci95'], 3)} |")
+    if r.get("roc_auc_macro") is not None:
+        lines.append(f"| ROC AUC, each class vs the rest (macro) | {r['roc_auc_macro']:.3f} | |")
+    recall_ci = r["ci95"].get("recall", {})
+    cm = np.array(r["confusion_matrix"])
+    for i, c in enumerate(r["labels"]):
+        if c in r["present"]:
+            lines.append(f"| Recall {c} | {r['report'][c]['recall']:.2f} ({cm[i, i]} of "
+                         f"{cm[i].sum()}) | {_ci_text(recall_ci.get(c))} |")
+    miss = r.get("unet_missed")
+    if miss:
+        lines.append(f"| Lesion images the U-Net missed (empty predicted mask) | "
+                     f"{miss['missed']} of {miss['lesion_images']} | |")
+    lines += ["", "Operating point: " + OPERATING_POINT + "." if ss else "",
+              f"95% intervals: {r.get('ci95_method', 'bootstrap')}.", ""]
+    return "\n".join(ln for ln in lines if ln is not None) + "\n"
 
 
 BM_SCORE = "p(malignant) / (p(benign) + p(malignant))"
@@ -267,10 +362,14 @@ def _averaged_over(r: dict) -> str:
     return line + "."
 
 
-def markdown_table(r: dict, title: str) -> str:
+def markdown_table(r: dict, title: str, summary: bool = True) -> str:
+    """A classifier's report in Markdown: the clinician's summary first
+    (:func:`summary_markdown`; ``summary=False`` where the page already shows it), then
+    the per-class table, the averages and the confusion matrix."""
     rep = r["report"]
     recall_ci = r["ci95"].get("recall", {})  # absent in reports written before it was added
-    lines = [f"### {title}", "", "| | Precision | Recall"
+    lines = [f"### {title}", "", *([summary_markdown(r)] if summary else []),
+             "Per class:", "", "| | Precision | Recall"
              + (" (95% CI)" if recall_ci else "") + " | F1-score | Support |",
              "|---|---:|---:|---:|---:|"]
     for c in r["labels"]:
@@ -344,7 +443,7 @@ def plot_confusion(r: dict, out: Path, title: str) -> None:
                 color="white" if v > cm.max() / 2 else "black")
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(title)
+    ax.set_title(title, fontsize="medium", wrap=True)
     save_figure(fig, out)
 
 
@@ -376,6 +475,7 @@ def evaluate_run(run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     files, y_true, y_pred, probs, classes = read_predictions(run_dir / PREDICTIONS)
     r = compute(files, y_true, y_pred, probs, classes, groups=split_groups(run_dir, files))
+    r["unet_missed"] = missed_lesions(read_per_image(run_dir / PER_IMAGE))
     title = _run_title(run_dir)
     r["title"] = title
     r["text"] = f"{title}\n{r['report_text']}" + (
@@ -429,4 +529,95 @@ def comparison_markdown(results: list[dict], runs: list[Path]) -> str:
     methods = sorted({r.get("ci95_method", "bootstrap") for r in results})
     lines += ["", "macro-F1: averaged over the classes present in each run's test data "
                   "(n/a: a class not in the data). 95% CI: " + "; ".join(methods) + "."]
+    return "\n".join(lines) + "\n"
+
+
+PER_IMAGE = "per_image.csv"
+PER_IMAGE_COLUMNS = ("file", "true", "pred", "confidence", "correct", "lesion_dice",
+                     "true_lesion_px", "pred_lesion_px", "unet_missed", "grid")
+
+
+def write_per_image(path: Path, files: list[str], y_true: list[str], y_pred: list[str],
+                    confidence: np.ndarray, truth: np.ndarray, predicted: np.ndarray) -> Path:
+    """``per_image.csv``: each test image's classification joined to its U-Net mask, so a
+    wrong class can be traced to a failed mask.
+
+    ``truth`` and ``predicted`` are the (N, H, W) ground-truth and U-Net masks on the
+    model's input grid (``grid``, e.g. 128x128: the pixel counts are of that grid, not of
+    the original scan). ``lesion_dice`` is empty for an image without a lesion;
+    ``unet_missed`` is 1 for a lesion image whose predicted mask is empty. Written beside
+    predictions.csv, which keeps its columns for every reader of it.
+    """
+    import csv
+    import io
+
+    from busi.evaluation.segmentation import dice
+
+    truth, predicted = np.asarray(truth) > 0, np.asarray(predicted) > 0
+    grid = f"{truth.shape[2]}x{truth.shape[1]}"
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(PER_IMAGE_COLUMNS)
+    for i, f in enumerate(files):
+        t_px, p_px = int(truth[i].sum()), int(predicted[i].sum())
+        writer.writerow([f, y_true[i], y_pred[i], f"{float(confidence[i]):.4f}",
+                         int(y_true[i] == y_pred[i]),
+                         f"{dice(truth[i], predicted[i]):.4f}" if t_px else "", t_px, p_px,
+                         int(t_px > 0 and p_px == 0), grid])
+    return atomic_write(path, buf.getvalue())
+
+
+def read_per_image(path: Path) -> list[dict] | None:
+    """The rows of a ``per_image.csv`` with numbers as numbers (``lesion_dice`` None for an
+    image without a lesion); None when the run has none (no U-Net, or an older run)."""
+    import csv
+
+    if not Path(path).is_file():
+        return None
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+        return [{**r, "confidence": float(r["confidence"]), "correct": r["correct"] == "1",
+                 "lesion_dice": float(r["lesion_dice"]) if r["lesion_dice"] else None,
+                 "true_lesion_px": int(r["true_lesion_px"]),
+                 "pred_lesion_px": int(r["pred_lesion_px"]),
+                 "unet_missed": r["unet_missed"] == "1"} for r in rows]
+    except (OSError, UnicodeDecodeError, csv.Error, KeyError, TypeError, ValueError) as exc:
+        raise BusiError(f"cannot read per-image table ({type(exc).__name__})", where=str(path),
+                        fix="restore the file, or rerun the run it belongs to") from None
+
+
+def missed_lesions(rows: list[dict] | None) -> dict | None:
+    """How many lesion images the U-Net left empty, from :func:`read_per_image` rows."""
+    if not rows:
+        return None
+    lesion = [r for r in rows if r["true_lesion_px"] > 0]
+    return {"missed": sum(r["unet_missed"] for r in lesion), "lesion_images": len(lesion),
+            "grid": rows[0]["grid"]}
+
+
+def worst_cases_markdown(rows: list[dict], n_dice: int = 10, n_wrong: int = 20) -> str:
+    """The failures a reader should look at: every wrong classification with its mask's
+    Dice, then the lowest-Dice lesion images (from ``per_image.csv``)."""
+    wrong = sorted((r for r in rows if not r["correct"]), key=lambda r: -r["confidence"])
+
+    def cells(r: dict) -> str:
+        d = "no lesion" if r["lesion_dice"] is None else f"{r['lesion_dice']:.2f}"
+        miss = " (missed)" if r["unet_missed"] else ""
+        return (f"| `{r['file']}` | {r['true']} | {r['pred']} | {r['confidence']:.2f} | {d}{miss} "
+                f"| {r['true_lesion_px']} | {r['pred_lesion_px']} |")
+
+    head = ["| image | true | predicted | confidence | lesion Dice | true lesion px | "
+            "U-Net lesion px |", "|---|---|---|---:|---:|---:|---:|"]
+    grid = rows[0]["grid"] if rows else "?"
+    lines = [f"Pixels are of the model's {grid} input grid. Full table: `{PER_IMAGE}`.", "",
+             f"Wrong classifications ({len(wrong)} of {len(rows)}), most confident first:", ""]
+    lines += [*head, *map(cells, wrong[:n_wrong])] if wrong else ["None."]
+    if len(wrong) > n_wrong:
+        lines += ["", f"... and {len(wrong) - n_wrong} more (less confident) in `{PER_IMAGE}`."]
+    scored = sorted((r for r in rows if r["lesion_dice"] is not None),
+                    key=lambda r: r["lesion_dice"])[:n_dice]
+    if scored:
+        lines += ["", f"Lowest-Dice lesion images ({len(scored)}):", "", *head,
+                  *map(cells, scored)]
     return "\n".join(lines) + "\n"

@@ -14,9 +14,14 @@ import numpy as np
 
 from busi.errors import BusiError
 from busi.evaluation.classification import (
+    PER_IMAGE,
+    class_order,
     compute,
     markdown_table,
+    missed_lesions,
+    read_per_image,
     split_groups,
+    summary_markdown,
     write_run_reports,
 )
 from busi.evaluation.segmentation import fmt_stat
@@ -37,6 +42,11 @@ def _mean_std(values: list[float]) -> dict[str, float]:
             "n": len(a)}
 
 
+def _num(value: float | None) -> float:
+    """A figure read from strict JSON: null (undefined) as NaN."""
+    return float("nan") if value is None else float(value)
+
+
 def aggregate(cv_dir: str | Path) -> dict:
     """Per-fold table, mean ± std over folds, and the pooled out-of-fold report per model.
 
@@ -49,6 +59,7 @@ def aggregate(cv_dir: str | Path) -> dict:
     seg_rows, cls_rows = [], {m: [] for m in models}
     pooled: dict[str, list[tuple]] = {m: [] for m in models}  # per fold: predictions.csv
     groups: dict[str, list[np.ndarray | None]] = {m: [] for m in models}  # per fold
+    per_image: dict[str, list] = {m: [] for m in models}  # per fold: per_image.csv rows
     for k in range(folds):
         seg, done = newest_run(cv_dir / f"fold{k}" / "seg")
         if not done:
@@ -56,11 +67,14 @@ def aggregate(cv_dir: str | Path) -> dict:
                             fix=f"continue the CV: busi cv --resume {cv_dir}")
         s = read_json(seg / "metrics.json")
         le = s["lesion_images"]
-        seg_rows.append({"fold": k, "run": str(seg), "dice": le["dice"]["mean"],
-                         "iou": le["iou"]["mean"], "hd95": le["hd95"]["mean"],
+        # Strict JSON holds null where a figure is undefined (no lesion detected, no normal
+        # scan): NaN again here, which the means and tables print as nan.
+        seg_rows.append({"fold": k, "run": str(seg), "dice": _num(le["dice"]["mean"]),
+                         "iou": _num(le["iou"]["mean"]), "hd95": _num(le["hd95"]["mean"]),
                          "missed": le["hd95_undefined"],
-                         "hd95_all": le.get("hd95_all", {}).get("mean", float("nan")),
-                         "normal_empty": s["lesion_free_images"]["fraction_predicted_empty"],
+                         "hd95_all": _num(le.get("hd95_all", {}).get("mean")),
+                         "normal_empty": _num(
+                             s["lesion_free_images"]["fraction_predicted_empty"]),
                          "n": s["n_test"]})
         for m in models:
             run, done = newest_run(cv_dir / f"fold{k}" / "cls" / m)
@@ -77,6 +91,7 @@ def aggregate(cv_dir: str | Path) -> dict:
                                 "roc_auc_macro": r["roc_auc_macro"],
                                 "recall": {c: r["report"][c]["recall"] for c in r["present"]}})
             pooled[m].append(fold_pred)
+            per_image[m].append(read_per_image(run / PER_IMAGE))
     result: dict = {"folds": folds, "models": models, "segmentation": {
         "per_fold": seg_rows,
         **{key: _mean_std([row[key] for row in seg_rows])
@@ -105,12 +120,13 @@ def aggregate(cv_dir: str | Path) -> dict:
               f"{fmt_stat(sg['normal_empty'])} |", ""]
     # The pooled recall of every class beside the headline figures: a missed cancer is the
     # expensive error, and accuracy alone hides which class pays for it.
-    classes_all = next((pooled[m][0][4] for m in models if pooled[m]), [])
+    classes_all = class_order(next((pooled[m][0][4] for m in models if pooled[m]), []))
     summary = ["| arm | accuracy (mean ± std) | macro-F1 (mean ± std) | pooled accuracy "
                "(95% CI) | pooled macro-F1 (95% CI) | pooled ROC AUC | "
                + " | ".join(f"recall {c}" for c in classes_all) + " |",
                "|---|---:|---:|---:|---:|---:|" + "---:|" * len(classes_all)]
-    methods = []
+    methods: list[str] = []
+    lead: list[str] = []  # the clinician's summary of each arm, placed first
     result["classification"] = {}
     detail = []
     for m in models:
@@ -128,6 +144,22 @@ def aggregate(cv_dir: str | Path) -> dict:
         group_of = (np.concatenate(groups[m]) if all(g is not None for g in groups[m])
                     else None)
         r = compute(files, t, p, probs, classes, groups=group_of, folds=fold_of)
+        rows_all = ([row for fold in per_image[m] for row in fold]
+                    if all(per_image[m]) else None)
+        r["unet_missed"] = missed_lesions(rows_all)
+        if rows_all:  # the folds' per-image tables, pooled like their predictions
+            import csv
+            import io
+
+            buf = io.StringIO()
+            writer = csv.DictWriter(buf, list(rows_all[0]), lineterminator="\n")
+            writer.writeheader()
+            writer.writerows([{**row, "correct": int(row["correct"]),
+                               "unet_missed": int(row["unet_missed"]),
+                               "lesion_dice": "" if row["lesion_dice"] is None
+                               else f"{row['lesion_dice']:.4f}"} for row in rows_all])
+            atomic_write(pdir / PER_IMAGE, buf.getvalue())
+        lead.append(summary_markdown(r).replace("**Summary**", f"**{m}, pooled out-of-fold**"))
         methods.append(f"{m}: {r['ci95_method']}")
         title = f"{m}: pooled out-of-fold predictions, {folds} folds"
         r["title"], r["text"] = title, f"{title}\n{r['report_text']}"
@@ -140,7 +172,9 @@ def aggregate(cv_dir: str | Path) -> dict:
             "accuracy": r["accuracy"], "macro_f1": r["macro_f1"], "ci95": r["ci95"],
             "ci95_method": r["ci95_method"],
             "roc_auc_macro": r["roc_auc_macro"], "confusion_matrix": r["confusion_matrix"],
-            "labels": r["labels"], "report": r["report"]}}
+            "labels": r["labels"], "report": r["report"],
+            "sensitivity_specificity": r["sensitivity_specificity"],
+            "benign_malignant_auc": r["benign_malignant_auc"], "unet_missed": r["unet_missed"]}}
         ci, ca = r["ci95"]["macro_f1"], r["ci95"]["accuracy"]
         auc = "n/a" if r["roc_auc_macro"] is None else f"{r['roc_auc_macro']:.3f}"
         summary.append(f"| {m} | {fmt_stat(agg['accuracy'])} | {fmt_stat(agg['macro_f1'])} | "
@@ -158,7 +192,7 @@ def aggregate(cv_dir: str | Path) -> dict:
                           f"{row['macro_f1']:.3f} | "
                           + " | ".join(f"{row['recall'].get(c, float('nan')):.2f}"
                                        for c in labels) + " |")
-        detail += ["", markdown_table(r, f"{m}: pooled out-of-fold report"), ""]
+        detail += ["", markdown_table(r, f"{m}: pooled out-of-fold report", summary=False), ""]
     arms = meta.get("arms", {})
     result["arms"] = {m: arms.get(m, [f"model.classifier.name={m}"]) for m in models}
     legend = [f"- `{m}`: " + " ".join(f"`{o}`" for o in arms.get(
@@ -169,6 +203,9 @@ def aggregate(cv_dir: str | Path) -> dict:
                   "Pooled 95% intervals: " + "; ".join(methods) + ".", "", *detail]
     else:
         lines += ["No classifier in this CV (`--models none`): segmentation only."]
+    if lead:  # the clinician's figures first, before the segmentation and per-fold tables
+        at = lines.index("## Segmentation (U-Net), test fold of each split")
+        lines[at:at] = ["## Summary", "", *lead]
     text = "\n".join(lines) + "\n"
     atomic_write(cv_dir / "cv_results.md", text)
     write_json(cv_dir / "cv_results.json", result)

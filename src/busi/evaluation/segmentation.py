@@ -174,4 +174,6 @@ def tune_threshold(truth: np.ndarray, prob: np.ndarray, candidates: np.ndarray |
 
 def fmt_stat(stat: dict) -> str:
     """'0.812 ± 0.104': a summary statistic as every table prints it, so they all read alike."""
+    if stat.get("mean") is None:  # strict JSON: null where no image had the figure
+        return "n/a"
     return f"{stat['mean']:.3f} ± {stat['std']:.3f}"

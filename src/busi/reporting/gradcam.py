@@ -102,64 +102,103 @@ def overlay(gray: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndarr
     return cv2.addWeighted(colour, alpha, base, 1 - alpha, 0)
 
 
-def sample(y_true: np.ndarray, y_pred: np.ndarray, n_right: int = 4, n_wrong: int = 4,
-           seed: int = 0) -> list[int]:
-    """A fixed sample of indices: up to ``n_right`` correct and ``n_wrong`` wrong predictions."""
+def sample(y_true: np.ndarray, y_pred: np.ndarray, conf: np.ndarray | None = None,
+           n_right: int = 4, n_wrong: int = 8, seed: int = 0) -> list[int]:
+    """Indices to draw: the wrong predictions first (up to ``n_wrong``, the most confident
+    ones when ``conf`` is given: those are the failures to understand), then a fixed random
+    sample of up to ``n_right`` correct ones for comparison."""
     rng = np.random.default_rng(seed)
     right, wrong = np.flatnonzero(y_true == y_pred), np.flatnonzero(y_true != y_pred)
-    pick = [rng.permutation(right)[:n_right], rng.permutation(wrong)[:n_wrong]]
-    return sorted(int(i) for i in np.concatenate(pick))
+    if conf is not None:
+        wrong = wrong[np.argsort(-np.asarray(conf)[wrong], kind="stable")]
+    return [int(i) for i in wrong[:n_wrong]] + sorted(
+        int(i) for i in rng.permutation(right)[:n_right])
 
 
-def input_view(x: np.ndarray) -> np.ndarray:
-    """A classifier input (H, W, C) as a BGR picture: its gray image, and for a
-    (scan, mask) input the mask's outline in green over the scan."""
-    view = cv2.cvtColor(np.ascontiguousarray(x[..., 0]).astype(np.uint8), cv2.COLOR_GRAY2BGR)
-    if x.shape[-1] > 1:
-        contours, _ = cv2.findContours((x[..., 1] > 0).astype(np.uint8), cv2.RETR_EXTERNAL,
-                                       cv2.CHAIN_APPROX_NONE)
-        cv2.drawContours(view, contours, -1, (0, 255, 0), 1)
-    return view
+def panel_name(file: str) -> str:
+    """The Grad-CAM panel's file name for a data set image id (what the report looks up)."""
+    return f"{Path(file).stem.replace(' ', '_').replace('/', '_')}_gradcam.png"
+
+
+def colour_bar(height: int, width: int = 64) -> np.ndarray:
+    """A vertical JET colour bar (BGR) for the Grad-CAM heatmap, high at the top, labelled."""
+    ramp = np.linspace(255, 0, height).astype(np.uint8)[:, None]
+    bar = cv2.applyColorMap(np.repeat(ramp, 16, axis=1), cv2.COLORMAP_JET)
+    out = np.full((height, width, 3), 255, np.uint8)
+    out[:, 4:20] = bar
+    for text, y in (("1 high", 12), ("0.5", height // 2 + 4), ("0 low", height - 4)):
+        cv2.putText(out, text, (22, y), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 0, 0), 1,
+                    cv2.LINE_AA)
+    return out
 
 
 def save_panels(out_dir: Path, files: list[str], images: np.ndarray, inputs: np.ndarray,
                 heat: np.ndarray, y_true: list[str] | None, y_pred: list[str],
-                conf: np.ndarray, scale: int = 2) -> list[Path]:
-    """One PNG per image: [image | classifier input + heatmap], captioned true/pred.
+                conf: np.ndarray, scale: int = 2, shapes: np.ndarray | None = None,
+                truth: np.ndarray | None = None, unet: np.ndarray | None = None,
+                notes: list[str] | None = None) -> list[Path]:
+    """One PNG per image: [scan with its masks | Grad-CAM over the scan, colour bar].
 
-    ``inputs`` are the classifier's inputs (N, H, W, C); a mask channel is drawn as the
-    mask's outline, so the panel shows where the U-Net's mask was beside where the
-    classifier looked."""
-    from busi.reporting.plots import caption
+    The heatmap is drawn over the *unmasked* scan, so a hot spot in the background the
+    classifier was not shown (masked out) is seen as such. The left half outlines the
+    U-Net's mask in red (``unet``; else the mask channel of a (scan, mask) input) and the
+    ground truth in green (``truth``), so a wrong class can be traced to a failed mask.
+    Both halves keep the original scan's aspect ratio (``shapes``: its (height, width)).
+    ``notes`` add a caption line per image (e.g. the mask's Dice)."""
+    from busi.reporting.plots import caption, outline, to_aspect
     from busi.runs import atomic_write
 
     paths = []
     for i, f in enumerate(files):
-        h, w = images[i].shape
-        left = cv2.cvtColor(images[i], cv2.COLOR_GRAY2BGR)
-        right = overlay(input_view(inputs[i]), heat[i])
-        panel = np.concatenate([left, right], axis=1)
-        panel = cv2.resize(panel, (2 * w * scale, h * scale), interpolation=cv2.INTER_NEAREST)
-        truth = f"true {y_true[i]}, " if y_true is not None else ""
+        height = images[i].shape[0] * scale
+        shape = None if shapes is None else shapes[i]
+        scan = cv2.cvtColor(to_aspect(images[i], shape, height), cv2.COLOR_GRAY2BGR)
+        left = scan
+        if truth is not None:
+            left = outline(left, truth[i], (0, 200, 0), fill=0)
+        mask = unet[i] if unet is not None else (
+            inputs[i][..., 1] > 0 if inputs[i].shape[-1] > 1 else None)
+        if mask is not None:
+            left = outline(left, mask, (0, 0, 255), fill=0)
+        right = overlay(scan, to_aspect(heat[i].astype(np.float32), shape, height))
+        sep = np.full((height, 4, 3), 255, np.uint8)
+        panel = np.concatenate([left, sep, right, colour_bar(height)], axis=1)
+        truth_text = f"true {y_true[i]}, " if y_true is not None else ""
         mark = "" if y_true is None else ("  RIGHT" if y_true[i] == y_pred[i] else "  WRONG")
-        strip = caption(panel.shape[1], f"{truth}pred {y_pred[i]} ({conf[i]:.2f}){mark}")
-        stem = Path(f).stem.replace(" ", "_").replace("/", "_")
-        ok, buf = cv2.imencode(".png", np.concatenate([panel, strip], axis=0))
-        paths.append(atomic_write(out_dir / f"{stem}_gradcam.png", buf.tobytes()))
+        lines = [f"{truth_text}pred {y_pred[i]} ({conf[i]:.2f}){mark}",
+                 ("green: ground truth, " if truth is not None else "")
+                 + ("red: U-Net mask; " if mask is not None else "") + "right: Grad-CAM"]
+        if notes is not None and notes[i]:
+            lines.insert(1, notes[i])
+        strips = [caption(panel.shape[1], text) for text in lines]
+        ok, buf = cv2.imencode(".png", np.concatenate([panel, *strips], axis=0))
+        paths.append(atomic_write(out_dir / panel_name(f), buf.tobytes()))
     return paths
 
 
 def save_gradcam(out_dir: Path, model, ds, test_idx: np.ndarray, x: np.ndarray,
-                 probs: np.ndarray) -> None:
-    """Grad-CAM panels for a fixed sample of test images, right and wrong predictions: what a
-    finished classifier run shows of where it looked, wrong answers included."""
+                 probs: np.ndarray, unet: np.ndarray | None = None) -> None:
+    """Grad-CAM panels of the test images: every wrong prediction (up to 8, most confident
+    first) and a few right ones, each with its ground truth and U-Net mask (``unet``, the
+    masks of every image of ``ds``) -- what a finished classifier run shows of where it
+    looked and which mask it was given."""
+    from busi.evaluation.segmentation import dice
+
     y_true, y_pred = ds.labels[test_idx], probs.argmax(axis=1)
-    pick = sample(y_true, y_pred)
+    conf = probs.max(axis=1)
+    pick = sample(y_true, y_pred, conf)
     if not pick:
         return
     sel = test_idx[pick]
     heat, _ = gradcam(model, x[sel], y_pred[pick])
     names = list(ds.classes)
+    notes = None
+    if unet is not None:
+        notes = [f"U-Net mask Dice {dice(ds.masks[i] > 0, unet[i] > 0):.2f}"
+                 + (" (lesion missed)" if not unet[i].any() else "")
+                 if ds.masks[i].any() else f"no lesion; U-Net mask {int(unet[i].sum())} px"
+                 for i in sel]
     save_panels(out_dir, [ds.files[i] for i in sel], ds.images[sel], x[sel], heat,
                 [names[k] for k in y_true[pick]], [names[k] for k in y_pred[pick]],
-                probs[pick].max(axis=1))
+                conf[pick], shapes=ds.shapes[sel], truth=ds.masks[sel],
+                unet=None if unet is None else unet[sel], notes=notes)

@@ -25,16 +25,25 @@ def read_history(path: Path) -> dict[str, list[float]]:
     return {k: [float(r[k]) for r in rows] for k in rows[0]}
 
 
+HISTORY_METRICS = (("dice", "Dice"), ("iou", "IoU"), ("accuracy", "accuracy"))
+
+
 def plot_history(history_csv: Path, out: Path, title: str) -> Path | None:
-    """Training and validation loss per epoch, like the paper's Figs. 7 and 10-12."""
+    """Training and validation loss per epoch, like the paper's Figs. 7 and 10-12, and beside
+    it every other figure the history holds (Dice, IoU, accuracy): a validation Dice that
+    stalls while the loss still falls is only visible there."""
     if not Path(history_csv).is_file():
         return None
     h = read_history(history_csv)
     if not h.get("loss"):
         return None
     epochs = [int(e) + 1 for e in h["epoch"]]
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    others = [(k, name) for k, name in HISTORY_METRICS if k in h or f"val_{k}" in h]
+    fig, axes = plt.subplots(1, 1 + bool(others), figsize=(6 + 5 * bool(others), 4), dpi=120,
+                             squeeze=False)
+    ax = axes[0, 0]
     ax.plot(epochs, h["loss"], label="training loss")
+    best = None
     if "val_loss" in h:
         ax.plot(epochs, h["val_loss"], label="validation loss")
         best = int(np.argmin(h["val_loss"]))
@@ -44,6 +53,18 @@ def plot_history(history_csv: Path, out: Path, title: str) -> Path | None:
     ax.set_ylabel("loss")
     ax.set_title(title)
     ax.legend()
+    if others:
+        ax = axes[0, 1]
+        for k, name in others:
+            for key, part, style in ((k, "training", "--"), (f"val_{k}", "validation", "-")):
+                if key in h:
+                    ax.plot(epochs, h[key], style, label=f"{part} {name}")
+        if best is not None:
+            ax.axvline(epochs[best], color="gray", ls=":", lw=1)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(" / ".join(name for _, name in others))
+        ax.set_title("other figures per epoch")
+        ax.legend(fontsize="small")
     return save_figure(fig, out)
 
 
@@ -56,37 +77,47 @@ def caption(width: int, text: str, height: int = 22) -> np.ndarray:
     return strip
 
 
+def to_aspect(a: np.ndarray, shape: tuple[int, int] | np.ndarray | None, height: int,
+              nearest: bool = False) -> np.ndarray:
+    """``a`` resized to ``height`` rows and the width that the original scan's aspect ratio
+    gives (``shape``: its (height, width)); square for None. The model sees a square grid,
+    but a scan squashed to a square misleads about a lesion's shape."""
+    h, w = a.shape[:2] if shape is None else (int(shape[0]), int(shape[1]))
+    width = max(1, round(height * w / max(h, 1)))
+    return cv2.resize(a, (width, height),
+                      interpolation=cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR)
+
+
+def outline(view: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int],
+            fill: float = 0.3) -> np.ndarray:
+    """``view`` (BGR) with ``mask`` (any size: stretched to the view) tinted and outlined."""
+    m = cv2.resize((np.asarray(mask) > 0).astype(np.uint8), (view.shape[1], view.shape[0]),
+                   interpolation=cv2.INTER_NEAREST)
+    tinted = view.copy()
+    tinted[m > 0] = colour
+    out = cv2.addWeighted(tinted, fill, view, 1 - fill, 0) if fill else view.copy()
+    contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    cv2.drawContours(out, contours, -1, colour, 1)
+    return out
+
+
 def _panel(image: np.ndarray, truth: np.ndarray, prob: np.ndarray, threshold: float,
-           min_side: int = 256) -> np.ndarray:
+           min_side: int = 256, shape: tuple[int, int] | None = None) -> np.ndarray:
     """image | ground truth (green) | prediction (red), captioned, as the paper's Figs. 4-6.
 
-    Panels are enlarged (nearest, so pixels stay visible) to at least
-    ``min_side``; the prediction's caption carries its Dice, or for a
-    lesion-free image whether the prediction is empty.
+    Panels are enlarged to at least ``min_side`` rows, at the original scan's aspect
+    ratio (``shape``, its (height, width)); the prediction's caption carries its Dice,
+    or for a lesion-free image whether the prediction is empty.
     """
-    scale = max(1, -(-min_side // max(image.shape)))
-
-    def up(a: np.ndarray) -> np.ndarray:
-        return cv2.resize(a, (a.shape[1] * scale, a.shape[0] * scale),
-                          interpolation=cv2.INTER_NEAREST)
-
     pred = prob > threshold
     if truth.any():
         verdict = f"prediction, Dice {dice(truth > 0, pred):.2f}"
     else:
         verdict = "prediction: empty (correct)" if not pred.any() else \
             f"prediction: {int(pred.sum())} px (no lesion)"
-    gray = cv2.cvtColor(up(image), cv2.COLOR_GRAY2BGR)
-    panels = [gray.copy()]
-    for mask, colour in ((truth > 0, (0, 200, 0)), (pred, (0, 0, 255))):
-        view = gray.copy()
-        m = up(mask.astype(np.uint8))
-        contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-        overlay = view.copy()
-        overlay[m > 0] = colour
-        view = cv2.addWeighted(overlay, 0.3, view, 0.7, 0)
-        cv2.drawContours(view, contours, -1, colour, 1)
-        panels.append(view)
+    gray = cv2.cvtColor(to_aspect(image, shape, max(min_side, image.shape[0])),
+                        cv2.COLOR_GRAY2BGR)
+    panels = [gray, outline(gray, truth, (0, 200, 0)), outline(gray, pred, (0, 0, 255))]
     w = gray.shape[1]
     panels = [np.vstack([caption(w, text), p])
               for text, p in zip(("image", "ground truth", verdict), panels, strict=True)]
@@ -94,25 +125,38 @@ def _panel(image: np.ndarray, truth: np.ndarray, prob: np.ndarray, threshold: fl
     return np.hstack([panels[0], sep, panels[1], sep, panels[2]])
 
 
-def overlay_sample(files: list[str], labels: np.ndarray, per_class: int = 3) -> list[int]:
-    """A fixed sample: the first ``per_class`` test images of each class, by name."""
-    chosen: list[int] = []
-    for k in np.unique(labels):
-        members = sorted(np.flatnonzero(labels == k), key=lambda i: files[i])
-        chosen += members[:per_class]
-    return chosen
+def worst_sample(labels: np.ndarray, truth: np.ndarray, pred: np.ndarray, n_worst: int = 6,
+                 n_normal: int = 3) -> list[tuple[int, float | None]]:
+    """The images a reader should see: the ``n_worst`` lesion images of lowest Dice (worst
+    first), then the lesion-free images with the largest false masks (a clean one if none
+    has any). (index, Dice or None) pairs, in that order."""
+    has = truth.reshape(len(truth), -1).any(axis=1)
+    scores = [dice(t > 0, p) if h else None
+              for t, p, h in zip(truth, pred, has, strict=True)]
+    lesion = sorted(np.flatnonzero(has), key=lambda i: (scores[i], i))[:n_worst]
+    false_px = pred.reshape(len(pred), -1).sum(axis=1)
+    free = sorted(np.flatnonzero(~has), key=lambda i: (-false_px[i], i))
+    free = [i for i in free if false_px[i] > 0][:n_normal] or free[:1]
+    return [(int(i), scores[i]) for i in [*lesion, *free]]
 
 
 def save_overlays(out_dir: Path, ds, test_idx: np.ndarray, probs: np.ndarray,
-                  threshold: float, per_class: int = 3) -> list[Path]:
+                  threshold: float, n_worst: int = 6) -> list[Path]:
+    """Overlay panels of the test images that went worst (:func:`worst_sample`), numbered
+    worst first so that a sorted listing is the reading order; old panels are removed."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = [ds.files[i] for i in test_idx]
+    for old in out_dir.glob("*.png"):
+        old.unlink()
+    test_idx = np.asarray(test_idx)
+    pred = probs[test_idx] > threshold
     paths = []
-    for j in overlay_sample(files, ds.labels[test_idx], per_class):
+    for rank, (j, _) in enumerate(worst_sample(ds.labels[test_idx], ds.masks[test_idx], pred,
+                                               n_worst), start=1):
         i = test_idx[j]
-        name = ds.files[i].replace("/", "__").replace(" ", "_")
+        name = f"{rank:02d}_" + ds.files[i].replace("/", "__").replace(" ", "_")
         path = out_dir / name
-        ok, buf = cv2.imencode(".png", _panel(ds.images[i], ds.masks[i], probs[i], threshold))
+        ok, buf = cv2.imencode(".png", _panel(ds.images[i], ds.masks[i], probs[i], threshold,
+                                              shape=tuple(ds.shapes[i])))
         if ok:
             atomic_write(path, buf.tobytes())
             paths.append(path)
@@ -191,7 +235,8 @@ def _interval_rows(s: dict) -> list[tuple[str, str, str, str]]:
                                   ("hd95_all", "HD95, misses counted (px)", 1),
                                   ("hd95", "HD95, detected (px)", 1)):
             mean = le[key]["mean"]
-            rows.append((name, over, "n/a" if not np.isfinite(mean) else f"{mean:.{digits}f}",
+            rows.append((name, over, "n/a" if mean is None or not np.isfinite(mean)
+                         else f"{mean:.{digits}f}",
                          _ci(ci[key], digits)))
     if lf["n"]:
         rows.append(("Normal scans predicted empty",
@@ -239,21 +284,44 @@ def segmentation_text(s: dict) -> str:
 
 
 def plot_roc(predictions_csv: Path, out: Path, title: str) -> Path | None:
-    """One-vs-rest ROC curve per class from a run's ``predictions.csv``."""
-    from sklearn.metrics import RocCurveDisplay
+    """ROC curves from a run's ``predictions.csv``: each class against the rest, and benign
+    against malignant (the malignant share of the two, as the report's AUC), in the one class
+    order of every table; axes named as a clinician reads them."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    from busi.evaluation.classification import BM_SCORE, class_order
 
     _, y_true, _, probs, classes = read_predictions(Path(predictions_csv))
     truth = np.array(y_true)
-    fig, ax = plt.subplots(figsize=(4.6, 4.2), dpi=120)
+    fig, ax = plt.subplots(figsize=(5.2, 4.6), dpi=120)
     drawn = 0
-    for k, c in enumerate(classes):
+    for c in class_order(classes):
         positive = truth == c
         if 0 < positive.sum() < len(truth):
-            RocCurveDisplay.from_predictions(positive, probs[:, k], name=c, ax=ax,
-                                             plot_chance_level=drawn == 0)
+            score = probs[:, classes.index(c)]
+            fpr, tpr, _ = roc_curve(positive, score)
+            ax.plot(fpr, tpr, label=f"{c} vs rest (AUC {roc_auc_score(positive, score):.3f})")
             drawn += 1
+    sel = np.isin(truth, ["benign", "malignant"])
+    both = 0 < (truth[sel] == "malignant").sum() < sel.sum()
+    if {"benign", "malignant"} <= set(classes) and both:
+        pb, pm = probs[sel, classes.index("benign")], probs[sel, classes.index("malignant")]
+        score = np.divide(pm, pb + pm, out=np.full_like(pm, 0.5), where=(pb + pm) > 0)
+        y = truth[sel] == "malignant"
+        fpr, tpr, _ = roc_curve(y, score)
+        ax.plot(fpr, tpr, "k--", lw=1.5,
+                label=f"benign vs malignant (AUC {roc_auc_score(y, score):.3f})")
+        drawn += 1
     if not drawn:
         plt.close(fig)
         return None
+    ax.plot([0, 1], [0, 1], color="gray", ls=":", lw=1, label="chance")
+    ax.set_xlabel("false positive rate (1 - specificity)")
+    ax.set_ylabel("true positive rate (sensitivity)")
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_aspect("equal")
     ax.set_title(title)
+    ax.legend(fontsize="small", loc="lower right")
+    fig.text(0.01, 0.005, f"benign vs malignant score: {BM_SCORE}", fontsize=6, color="#555")
     return save_figure(fig, out)

@@ -2,8 +2,11 @@
 
 A run folder already holds every number and figure (metrics.json, the
 classification_report.* files, PNG plots); the report gathers them in one
-place, in a fixed order: summary, config, data and split, loss curves,
-segmentation, classification, Grad-CAM, environment. The HTML embeds its
+place, results first: the summary a clinician reads (for a classifier: cancer
+sensitivity and specificity with intervals, ROC AUC, each class's recall, lesions
+the U-Net missed), the tables and figures, the worst cases (lowest-Dice masks,
+wrong classifications with the mask that caused them), training curves, data and
+split, and at the end the config and environment. The HTML embeds its
 images (base64), so it can be mailed or archived alone; the Markdown links
 to the PNGs beside it. Both are views: regenerating them changes no result.
 """
@@ -163,7 +166,10 @@ def _json(path: Path) -> dict:
     return value
 
 
-def _config_blocks(run: Path) -> list[Block]:
+def _config_blocks(run: Path, kind: str = "cv") -> list[Block]:
+    """The settings table and the resolved config, for the end of a report. Rows that do
+    not bear on the run are left out: the classifier's settings in a U-Net run (``kind``
+    "seg"), the U-Net's in a classifier run ("cls": its U-Net run has its own report)."""
     import yaml
 
     cfg = yaml.safe_load((run / CONFIG).read_text())
@@ -189,6 +195,8 @@ def _config_blocks(run: Path) -> list[Block]:
                            f"{t['cls']['batch_size']}, {t['cls']['epochs']} epochs"),
             ("runtime", f"seed {r['seed']}, precision {r['precision']}, distribution "
                         f"{r['distribution']}, deterministic {r['deterministic']}")]
+    skip = {"seg": {"classifier"}, "cls": {"U-Net"}}.get(kind, set())
+    rows = [(k, v) for k, v in rows if k not in skip]
     table = "| setting | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
     return [("h", 2, "Config"), ("md", table),
             ("md", "The full resolved config (`config.yaml` in the run folder):"),
@@ -236,40 +244,104 @@ def _environment_blocks(run: Path, state: dict, extra: dict | None = None) -> li
     return blocks
 
 
-def _seg_blocks(run: Path, overlays: int = 9) -> list[Block]:
-    blocks: list[Block] = [("h", 2, "Segmentation (U-Net)")]
+def _seg_blocks(run: Path, overlays: int = 9, title: str = "Segmentation (U-Net)",
+                n_worst: int = 10) -> list[Block]:
+    """The U-Net's tables, then its worst test images: the lowest-Dice ones in a table
+    (``test_scores.json``) and as overlay panels (worst first)."""
+    blocks: list[Block] = [("h", 2, title)]
     if (run / "metrics.md").is_file():
         blocks.append(("md", (run / "metrics.md").read_text()))
+    scores = {f: v for f, v in _json(run / "test_scores.json").items() if isinstance(v, dict)}
+    lesion = {f: v for f, v in scores.items()  # older runs: no pixel counts, every image
+              if v.get("lesion_px", 1) and v.get("dice") is not None}
+    ranked = sorted(lesion.items(), key=lambda fv: fv[1]["dice"])[:n_worst]
+    if ranked:
+        def hd(v: dict) -> str:
+            if v.get("hd95") is not None:
+                return f"{v['hd95']:.1f}"
+            return "missed (empty mask)" if v.get("predicted_px") == 0 else "n/a"
+
+        lines = ["| image | Dice | IoU | HD95 (px) |", "|---|---:|---:|---:|"]
+        lines += [f"| `{f}` | {v['dice']:.3f} | {v['iou']:.3f} | {hd(v)} |" for f, v in ranked]
+        false = sorted(((f, v["predicted_px"]) for f, v in scores.items()
+                        if v.get("lesion_px") == 0 and v.get("predicted_px")),
+                       key=lambda fv: -fv[1])
+        note = (f" Normal (lesion-free) test images given a mask: {len(false)}"
+                + (": " + ", ".join(f"`{f}` ({n} px)" for f, n in false[:5])
+                   + (" ..." if len(false) > 5 else "") if false else "") + "."
+                if any("lesion_px" in v for v in scores.values()) else "")
+        blocks += [("h", 3, "Worst test images"),
+                   ("md", f"The {len(ranked)} lesion images of lowest Dice, worst first (all "
+                          f"in `test_scores.json`; pixels of the model's input grid).{note} "
+                          "Panels: the worst lesion images, then the normal images with the "
+                          "largest false masks."), ("md", "\n".join(lines))]
     for png in sorted((run / "overlays").glob("*.png"))[:overlays]:
         blocks.append(("img", png, png.stem))
     return blocks
 
 
-def _cls_blocks(run: Path, title: str = "Classification") -> list[Block]:
+def _cls_blocks(run: Path, title: str = "Classification", tables: bool = True) -> list[Block]:
+    """The classifier's tables (without the summary, which leads the page; none with
+    ``tables=False``, where the page has them already), confusion matrix and ROC curves."""
+    from busi.evaluation.classification import markdown_table
     from busi.reporting.plots import plot_roc
 
     blocks: list[Block] = [("h", 2, title)]
-    if (run / "classification_report.md").is_file():
+    rep = _json(run / "classification_report.json")
+    if not tables:
+        pass
+    elif rep.get("report"):
+        blocks.append(("md", markdown_table(rep, rep.get("title", title), summary=False)))
+    elif (run / "classification_report.md").is_file():
         blocks.append(("md", (run / "classification_report.md").read_text()))
     roc = run / "roc_curve.png"
     if not roc.is_file() and (run / PREDICTIONS).is_file():
-        plot_roc(run / PREDICTIONS, roc, "one-vs-rest ROC")
+        plot_roc(run / PREDICTIONS, roc, "ROC curves")
     for png, cap in ((run / "confusion_matrix.png", "confusion matrix"), (roc, "ROC curves")):
         if png.is_file():
             blocks.append(("img", png, cap))
-    cams = sorted((run / "gradcam").glob("*.png"))
+    return blocks
+
+
+def _summary_blocks(rep: dict) -> list[Block]:
+    """The clinician's summary of a classification report (the page's lead)."""
+    from busi.evaluation.classification import summary_markdown
+
+    return [("md", summary_markdown(rep))] if rep.get("report") else []
+
+
+def _worst_blocks(run: Path, cam_dirs: list[Path]) -> list[Block]:
+    """Wrong classifications and lowest-Dice masks (``per_image.csv``), then the Grad-CAM
+    panels: the wrong ones first, each with the mask the classifier was given."""
+    from busi.evaluation.classification import PER_IMAGE, read_per_image, worst_cases_markdown
+    from busi.reporting.gradcam import panel_name
+
+    rows = read_per_image(run / PER_IMAGE)
+    cams = {p.name: p for d in cam_dirs for p in sorted(d.glob("*_gradcam.png"))}
+    if not rows and not cams:
+        return []
+    blocks: list[Block] = [("h", 2, "Worst cases")]
+    if rows:
+        blocks.append(("md", worst_cases_markdown(rows)))
+    wrong = [panel_name(r["file"]) for r in (rows or []) if not r["correct"]]
+    shown = [cams[n] for n in wrong if n in cams]
+    rest = [p for n, p in cams.items() if p not in shown]
     if cams:
-        blocks += [("h", 2, "Grad-CAM"),
-                   ("md", "Left: the image; right: what the classifier was shown, with the "
-                          "Grad-CAM heatmap of its predicted class (red = most weight). A fixed "
-                          "sample of right and wrong test predictions.")]
-        blocks += [("img", p, p.stem.removesuffix("_gradcam")) for p in cams]
+        blocks += [("h", 3, "Grad-CAM"),
+                   ("md", "Left: the scan with the ground-truth lesion (green) and the U-Net's "
+                          "mask (red); right: the Grad-CAM heatmap of the predicted class over "
+                          "the whole, unmasked scan (colour bar: 1 = most weight). Wrong "
+                          "predictions first, then a fixed sample of right ones; panels keep "
+                          "the scan's aspect ratio.")]
+        blocks += [("img", p, p.stem.removesuffix("_gradcam")) for p in shown + rest]
     return blocks
 
 
 def _loss_blocks(pngs: list[tuple[Path, str]]) -> list[Block]:
     pngs = [(p, c) for p, c in pngs if p.is_file()]
-    return [("h", 2, "Loss curves"), *[("img", p, c) for p, c in pngs]] if pngs else []
+    if not pngs:
+        return []
+    return [("h", 2, "Loss curves and validation figures"), *[("img", p, c) for p, c in pngs]]
 
 
 def _minutes(seconds: float | None) -> str:
@@ -277,6 +349,8 @@ def _minutes(seconds: float | None) -> str:
 
 
 def build_blocks(run: Path) -> tuple[str, list[Block]]:
+    """A run's report: results first, then training curves, data, and config and
+    environment at the end."""
     kind = run_kind(run)
     state = _json(run / STATE)
     split = _json(run / SPLIT)
@@ -285,20 +359,24 @@ def build_blocks(run: Path) -> tuple[str, list[Block]]:
         metrics = _json(run / "metrics.json")
         title = f"busi U-Net run {run.name}"
         le = metrics.get("lesion_images", {})
-        every = (f"{le['hd95_all']['mean']:.1f} px with misses at the image diagonal, "
+
+        def px(stat: dict) -> str:  # strict JSON: null when no lesion was detected
+            return "n/a" if stat.get("mean") is None else f"{stat['mean']:.1f} px"
+
+        every = (f"{px(le['hd95_all'])} with misses at the image diagonal, "
                  if "hd95_all" in le else "")
-        summary = (f"Test Dice {le['dice']['mean']:.3f}, IoU {le['iou']['mean']:.3f}, HD95 "
-                   f"{every}{le['hd95']['mean']:.1f} px on the detected lesions "
-                   f"({le['hd95_undefined']} missed) of {le['dice']['n']} lesion images; "
-                   f"training {_minutes(metrics.get('train_seconds'))}."
+        summary = (f"Test Dice {fmt_mean(le['dice'])}, IoU {fmt_mean(le['iou'])}, HD95 "
+                   f"{every}{px(le['hd95'])} on the detected lesions "
+                   f"(**{le['hd95_undefined']} of {le['dice']['n']} lesion images missed**: "
+                   f"empty predicted mask); training {_minutes(metrics.get('train_seconds'))}."
                    if le else "The run has not finished: no metrics yet.")
         cfg = _cfg(run)
         blocks = [("md", f"{summary} Report written {when}; run folder `{run}`."),
-                  *_config_blocks(run),
+                  *_seg_blocks(run),
+                  *_loss_blocks([(run / "loss_curve.png", "U-Net training curves")]),
                   *_split_blocks(split.get("manifest", ""), split.get("fold"),
                                  cfg["split"]["val_size"], cfg["runtime"]["seed"]),
-                  *_loss_blocks([(run / "loss_curve.png", "U-Net loss")]),
-                  *_seg_blocks(run),
+                  *_config_blocks(run, "seg"),
                   *_environment_blocks(run, state, {"wall time (training)":
                                                     _minutes(metrics.get("train_seconds")),
                                                     "seed": cfg["runtime"]["seed"],
@@ -313,15 +391,19 @@ def build_blocks(run: Path) -> tuple[str, list[Block]]:
                    f"-{rep['ci95']['accuracy'][1]:.3f}), macro-F1 {rep['macro_f1']:.3f} on "
                    f"{rep['n']} images." if rep else "The run has not finished: no report yet.")
         seg = split.get("seg_run")
-        blocks = [("md", f"{summary} Masks from segmentation run `{seg}`. Report written {when}; "
+        blocks = [*_summary_blocks(rep),
+                  ("md", f"{summary} Masks from segmentation run `{seg}`. Report written {when}; "
                          f"run folder `{run}`."),
-                  *_config_blocks(run),
-                  *_split_blocks(split.get("manifest", ""), split.get("fold"),
-                                 cfg["split"]["val_size"], cfg["runtime"]["seed"]),
-                  *_loss_blocks([(run / "loss_curve.png", f"{model} loss")])]
+                  *_cls_blocks(run),
+                  *_worst_blocks(run, [run / "gradcam"])]
         if seg and (Path(seg) / "metrics.md").is_file():
-            blocks += _seg_blocks(Path(seg), overlays=3)
-        blocks += _cls_blocks(run)
+            blocks += _seg_blocks(Path(seg), overlays=3,
+                                  title="Segmentation: the U-Net whose masks it was given",
+                                  n_worst=0)
+        blocks += _loss_blocks([(run / "loss_curve.png", f"{model} training curves")])
+        blocks += _split_blocks(split.get("manifest", ""), split.get("fold"),
+                                cfg["split"]["val_size"], cfg["runtime"]["seed"])
+        blocks += _config_blocks(run, "cls")
         blocks += _environment_blocks(run, state, {
             "wall time (training)": _minutes(state.get("train_seconds")),
             "seed": cfg["runtime"]["seed"], "precision": cfg["runtime"]["precision"]})
@@ -329,6 +411,11 @@ def build_blocks(run: Path) -> tuple[str, list[Block]]:
     if kind == "cv":
         return _cv_blocks(run, when)
     return _eval_blocks(run, when)
+
+
+def fmt_mean(stat: dict) -> str:
+    """A mean from strict JSON: 'n/a' for null."""
+    return "n/a" if stat.get("mean") is None else f"{stat['mean']:.3f}"
 
 
 def _cfg(run: Path) -> dict:
@@ -349,19 +436,28 @@ def _cv_blocks(run: Path, when: str) -> tuple[str, list[Block]]:
     meta = _json(run / "cv.json")
     cfg = _cfg(run)
     title = f"busi {meta['folds']}-fold cross-validation {run.name}"
-    blocks: list[Block] = [("md", f"Report written {when}; run folder `{run}`.")]
-    if (run / "cv_results.md").is_file():
+    blocks: list[Block] = []
+    if (run / "cv_results.md").is_file():  # leads with each arm's summary
         blocks.append(("md", (run / "cv_results.md").read_text()))
     else:
         blocks.append(("md", "The CV has not finished: continue it with "
                              f"`busi cv --resume {run}`."))
-    blocks += _config_blocks(run)
+    blocks.append(("md", f"Report written {when}; run folder `{run}`."))
     seg_runs = [list_runs(run / f"fold{k}" / "seg") for k in range(meta["folds"])]
     first = next((r[-1] for r in seg_runs if r), None)
+    for m in meta["models"]:
+        pooled = run / "pooled" / m
+        if pooled.is_dir():
+            # cv_results.md above holds the pooled tables: the figures only here
+            blocks += _cls_blocks(pooled, f"{m}: pooled out-of-fold predictions", tables=False)
+            cam_dirs = [r[-1] / "gradcam" for k in range(meta["folds"])
+                        if (r := list_runs(run / f"fold{k}" / "cls" / m))]
+            worst = _worst_blocks(pooled, cam_dirs)
+            if worst:
+                worst[0] = ("h", 2, f"{m}: worst cases, all folds")
+            blocks += worst
     if first is not None:
-        sp = _json(first / SPLIT)
-        blocks += _split_blocks(sp.get("manifest", ""), None, cfg["split"]["val_size"],
-                                cfg["runtime"]["seed"])
+        blocks += _seg_blocks(first, overlays=6, title="Segmentation: worst test images (fold 0)")
     curves = [(r[-1] / "loss_curve.png", f"fold {k} U-Net") for k, r in enumerate(seg_runs) if r]
     for m in meta["models"]:
         for k in range(meta["folds"]):
@@ -370,17 +466,10 @@ def _cv_blocks(run: Path, when: str) -> tuple[str, list[Block]]:
                 curves.append((runs[-1] / "loss_curve.png", f"fold {k} {m}"))
     blocks += _loss_blocks(curves)
     if first is not None:
-        blocks += [("h", 2, "Segmentation overlays (fold 0)")]
-        blocks += [("img", p, p.stem) for p in sorted((first / "overlays").glob("*.png"))[:6]]
-    for m in meta["models"]:
-        pooled = run / "pooled" / m
-        if pooled.is_dir():
-            blocks += _cls_blocks(pooled, f"{m}: pooled out-of-fold predictions")
-            fold0 = list_runs(run / "fold0" / "cls" / m)
-            cams = sorted((fold0[-1] / "gradcam").glob("*.png")) if fold0 else []
-            if cams:
-                blocks += [("h", 3, f"{m}: Grad-CAM, fold 0 test images")]
-                blocks += [("img", p, p.stem.removesuffix("_gradcam")) for p in cams]
+        sp = _json(first / SPLIT)
+        blocks += _split_blocks(sp.get("manifest", ""), None, cfg["split"]["val_size"],
+                                cfg["runtime"]["seed"])
+    blocks += _config_blocks(run)
     state = _json(first / STATE) if first is not None else {}
     total = 0.0
     for f in run.glob("fold*/seg/*/metrics.json"):

@@ -214,9 +214,20 @@ def train_classifier(cfg: Config, *, seg_run: str | None = None, resume: str | N
     probs = best.predict(x[idx["test"]].astype("float32"), batch_size=64, verbose=0)
     write_predictions(run_dir / PREDICTIONS, parts["test"], ds.labels[idx["test"]],
                       probs, ds.classes)
+    unet = None
+    if seg_path is not None:  # the U-Net's masks, whatever the classifier was shown
+        from busi.evaluation.classification import PER_IMAGE, write_per_image
+        from busi.models.masks import load_masks
+
+        stored = load_masks(seg_path)
+        unet = np.stack([stored[f] for f in ds.files])
+        test_true = [ds.classes[k] for k in ds.labels[idx["test"]]]
+        write_per_image(run_dir / PER_IMAGE, parts["test"], test_true,
+                        [ds.classes[k] for k in probs.argmax(axis=1)], probs.max(axis=1),
+                        ds.masks[idx["test"]], unet[idx["test"]])
     plots.plot_history(run_dir / "history.csv", run_dir / "loss_curve.png",
                         title=f"{c.name}: training and validation loss")
-    save_gradcam(run_dir / "gradcam", best, ds, idx["test"], x, probs)
+    save_gradcam(run_dir / "gradcam", best, ds, idx["test"], x, probs, unet)
     finish_state(run_dir, state, train_seconds=round(wall, 1),
                   environment=runtime.environment(), precision=precision)
     result = evaluate_run(run_dir)

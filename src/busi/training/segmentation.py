@@ -186,7 +186,12 @@ def train_segmentation(cfg: Config, *, resume: str | None = None,
                     "n_test": int(len(idx["test"])), "unets": len(members)})
     write_json(run_dir / "metrics.json", summary)
     atomic_write(run_dir / "metrics.md", plots.segmentation_markdown(summary))
-    per_file = {f: {m: float(scores[m][i]) for m in ("dice", "iou", "hd95")}
+    # Pixel counts (on the model's grid) say which images have a lesion and which masks are
+    # empty, so a reader of this file can tell a missed lesion from a normal scan.
+    test_masks = rule.apply(probs[idx["test"]])
+    per_file = {f: {**{m: float(scores[m][i]) for m in ("dice", "iou", "hd95")},
+                    "lesion_px": int(ds.masks[idx["test"][i]].sum()),
+                    "predicted_px": int((test_masks[i] > 0.5).sum())}
                 for i, f in enumerate(parts["test"])}
     write_json(run_dir / "test_scores.json", per_file)
     save_masks(run_dir / "masks.npz", ds.files, probs, source, rule, t.flip_tta, members)
