@@ -644,6 +644,16 @@ def test_evaluate_trained_runs_on_other_data_without_retraining(
     assert report["present"] == ["benign", "malignant"], "macro averages: classes in the data"
     assert report["report"]["macro avg"]["support"] == 8
     assert "Dice" in capsys.readouterr().out
+    # busi issue 16: no row for the class the data lacks, no training epochs, the site named
+    # with its folder, its own ROC curve and failure gallery
+    assert report["labels"] == ["benign", "malignant"] and len(report["confusion_matrix"]) == 2
+    assert "Normal" not in (out / "classification_report.md").read_text()
+    assert "best_epoch" not in seg
+    md = (out / "evaluation.md").read_text()
+    assert f"## {synth_root.name}/other_site.csv" in md and "best epoch" not in md
+    assert "| internal test split (the runs' own) |" in md
+    assert list(out.glob("roc_*other_site.csv.png"))
+    assert list(out.glob("failures_*.png"))
 
 
 def test_evaluate_on_data_with_an_unknown_class_folder_is_a_clear_error(
@@ -739,6 +749,59 @@ def test_evaluate_on_data_with_only_a_seg_run_measures_the_unet_alone(
                  "--outputs", str(tmp_path / "o2")]) == 2
     assert "p.csv, line 4: empty patient cell" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists()
+
+
+def test_evaluate_on_several_sites_puts_them_side_by_side(
+        cls_run: Path, seg_run: Path, synth_root: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """busi issue 16: repeated --data writes one folder and one table, the sites next to the
+    classifier run's own test figures, each site with its ROC curve and failure gallery."""
+    (tmp_path / "site-a").mkdir()
+    (tmp_path / "site-b").mkdir()
+    a = _site_manifest(synth_root, tmp_path / "site-a" / "manifest.csv", patients=4)
+    b = _site_manifest(synth_root, tmp_path / "site-b" / "manifest.csv", normal=False,
+                       patients=3)
+    assert main(["evaluate", "--data", str(a), "--data", str(b), "--cls-run", str(cls_run),
+                 "--outputs", str(tmp_path / "o")]) == 0
+    printed = capsys.readouterr().out
+    (out,) = (tmp_path / "o" / "eval").iterdir()
+    record = json.loads((out / "evaluation.json").read_text())
+    assert [s["site"] for s in record["sites"]] == ["site-a/manifest.csv", "site-b/manifest.csv"]
+    own = json.loads((cls_run / "classification_report.json").read_text())
+    assert record["internal"]["classification"]["accuracy"] == pytest.approx(own["accuracy"])
+    assert [s["classification"]["n"] for s in record["sites"]] == [18, 12]
+    md = (out / "evaluation.md").read_text()
+    table = [line for line in md.splitlines() if line.startswith("| ")]
+    internal = next(line for line in table if line.startswith("| internal test split"))
+    assert f"{own['accuracy']:.3f}" in internal and f"{own['n']} / " in internal
+    rows = {line.split(" | ")[0][2:]: line for line in table}
+    assert "18 / 4 patients" in rows["site-a/manifest.csv"]
+    assert "12 / 3 patients" in rows["site-b/manifest.csv"]
+    assert "not in data" in rows["site-b/manifest.csv"], "no normal scans at site b"
+    for name in ("site-a/manifest.csv", "site-b/manifest.csv"):
+        assert f"## {name}" in md and name in printed
+    assert "best epoch" not in md
+    site_b = out / "site-b__manifest.csv"
+    with open(site_b / "predictions.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == 12
+    assert "Normal" not in (site_b / "classification_report.md").read_text()
+    for site in ("site-a__manifest.csv", "site-b__manifest.csv"):
+        assert (out / site / f"roc_{site}.png").is_file(), site
+        assert (out / site / f"failures_{site}.png").is_file(), site
+        assert "best_epoch" not in json.loads((out / site / "segmentation.json").read_text())
+    assert (out / "report.html").is_file()
+    # the U-Net alone on several sites; a missing site fails before anything is written
+    assert main(["evaluate", "--data", str(a), "--data", str(b), "--seg-run", str(seg_run),
+                 "--outputs", str(tmp_path / "s")]) == 0
+    (out,) = (tmp_path / "s" / "eval").iterdir()
+    record = json.loads((out / "evaluation.json").read_text())
+    assert [s["segmentation"]["intervals"]["n_lesion_images"] for s in record["sites"]] == [12, 12]
+    assert record["internal"]["dice"] == pytest.approx(
+        json.loads((seg_run / "metrics.json").read_text())["lesion_images"]["dice"]["mean"])
+    assert list((out / "site-b__manifest.csv").glob("failures_*.png"))
+    assert main(["evaluate", "--data", str(a), "--data", str(tmp_path / "nope.csv"),
+                 "--seg-run", str(seg_run), "--outputs", str(tmp_path / "bad")]) == 2
+    assert "nope.csv" in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
 
 def _seg_eval():

@@ -196,7 +196,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.data:
         if args.runs:
             raise BusiError("with --data, name the classifier with --cls-run, not as a run folder",
-                            fix=f"busi evaluate --data {args.data} --cls-run {args.runs[0]}")
+                            fix="busi evaluate " + " ".join(f"--data {d}" for d in args.data)
+                                + f" --cls-run {args.runs[0]}")
         evaluate_on_data(args.data, cls_run=args.cls_run, seg_run=args.seg_run,
                          outputs_root=args.outputs)
         return 0
@@ -336,16 +337,20 @@ def build_parser() -> argparse.ArgumentParser:
             # image,mask,label[,patient]; 95% intervals resample its patients, not images):
             busi evaluate --data other_site.csv --cls-run outputs/cls/cnn/B   # + its own U-Net
             busi evaluate --data other_site.csv --seg-run outputs/seg/A       # the U-Net only
+            # several sites side by side, with the run's own test figures as the first row:
+            busi evaluate --data site_a.csv --data site_b/ --cls-run outputs/cls/cnn/B
         """))
     p.add_argument("runs", nargs="*", metavar="RUN_DIR", help="classifier run folders")
     p.add_argument("--seg-run", metavar="RUN_DIR",
                    help="also report this U-Net's Dice/IoU/HD95; with --data, the U-Net that "
                         "segments the images (default: the classifier's own), and without "
                         "--cls-run the U-Net alone is measured (no classifier)")
-    p.add_argument("--data", metavar="PATH",
+    p.add_argument("--data", metavar="PATH", action="append",
                    help="evaluate trained runs on this data (BUSI-layout folder, or CSV manifest "
                         "with columns image,mask,label and optionally patient) instead of their "
-                        "own test split. Runs: --cls-run -> that classifier and its U-Net; "
+                        "own test split; repeat it for several sites, reported side by side in "
+                        "one table with the runs' own test figures. Runs: --cls-run -> that "
+                        "classifier and its U-Net; "
                         "only --seg-run -> segmentation only; neither -> the newest finished "
                         "classifier. Intervals resample the CSV's patients (without a patient "
                         "column: near-duplicate groups)")

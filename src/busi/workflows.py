@@ -238,38 +238,33 @@ def evaluate_command(runs: list[str] | None = None, seg_run: str | None = None,
     return out
 
 
-def evaluate_on_data(data: str, cls_run: str | None = None, seg_run: str | None = None,
-                     outputs_root: str = "outputs") -> Path:
-    """Run trained models on other labelled data (another hospital's) and report, no retraining.
+def evaluate_on_data(data: str | Path | list[str | Path], cls_run: str | None = None,
+                     seg_run: str | None = None, outputs_root: str = "outputs") -> Path:
+    """Run trained models on other labelled data (other hospitals') and report, no retraining.
 
-    ``data`` is a BUSI-layout folder or a CSV manifest (``image,mask,label``, and
-    ``patient`` when known). Which runs: ``--cls-run`` names the classifier (with its
-    own U-Net, or ``--seg-run``); ``--seg-run`` alone measures that U-Net only, so a
-    U-Net can be measured on another site without a classifier; neither takes the
-    newest finished classifier. The run's own config decides the image size and how
-    masks are applied; the segmentation run's stored rule decides how its
-    probabilities become masks -- exactly as for the run's own test images. Classes
-    the model knows but the data lacks (often ``normal``) are fine; unknown labels are
-    not. Every 95% interval resamples patients (:func:`resampling_groups`): one
-    patient's scans are alike, so counting them as independent images would give
-    intervals far too narrow.
+    ``data`` is one site or several: each a BUSI-layout folder or a CSV manifest
+    (``image,mask,label``, and ``patient`` when known). Which runs: ``--cls-run`` names
+    the classifier (with its own U-Net, or ``--seg-run``); ``--seg-run`` alone measures
+    that U-Net only, so a U-Net can be measured on another site without a classifier;
+    neither takes the newest finished classifier. The run's own config decides the image
+    size and how masks are applied; the segmentation run's stored rule decides how its
+    probabilities become masks -- exactly as for the run's own test images. Classes the
+    model knows but the data lacks (often ``normal``) are fine and get no table row;
+    unknown labels are not. Every 95% interval resamples patients
+    (:func:`resampling_groups`): one patient's scans are alike, so counting them as
+    independent images would give intervals far too narrow.
+
+    One output folder holds one table with the sites side by side and the runs' own
+    (internal) test figures as the first row -- a drop on another site is read against
+    the same model's own test score. Each site gets its ROC curve and failure gallery;
+    with one site its files lie in the folder itself (as before several were allowed),
+    with several each site has a subfolder.
     """
-    from busi.data.loading import load_dataset
-    from busi.evaluation.classification import (
-        benign_malignant_auc,
-        compute,
-        inputs_of,
-        markdown_table,
-        model_of,
-        write_run_reports,
-    )
-    from busi.evaluation.segmentation import patient_intervals, per_image, summarise
-    from busi.models.inputs import classifier_inputs
-    from busi.models.masks import as_stored, load_unets, predict_probs, read_rule
+    from busi.models.masks import load_unets
     from busi.models.saving import load_model
-    from busi.reporting.plots import segmentation_markdown, segmentation_text
     from busi.reporting.report import report_after_run
 
+    paths = [data] if isinstance(data, (str, Path)) else list(data)
     if seg_run and not cls_run:  # the U-Net alone
         cls, seg = None, resolve_seg_run(seg_run, outputs_root)
         cfg = read_config(seg)
@@ -277,11 +272,8 @@ def evaluate_on_data(data: str, cls_run: str | None = None, seg_run: str | None 
         cls = resolve_cls_run(cls_run, outputs_root)
         cfg = read_config(cls)
     model_classes = tuple(cfg.data.classes)
-    ds = load_dataset(data, _classes_in(data, model_classes), tuple(cfg.data.image_size),
-                      cache_dir=cfg.data.cache_dir, on_bad_file=cfg.data.on_bad_file)
-    names = [ds.classes[k] for k in ds.labels]
-    labels = np.array([model_classes.index(n) for n in names])  # model's class indices
-    groups, unit_name, unit_note = resampling_groups(data, ds, cfg.split.near_duplicate_distance)
+    # Every site is read and checked before anything is written: a bad one leaves nothing.
+    sites = _load_sites(paths, model_classes, cfg)
     if cls is not None:
         c = cfg.model.classifier
         uses_masks = c.masks != "none" and c.mask_mode != "none"
@@ -295,17 +287,125 @@ def evaluate_on_data(data: str, cls_run: str | None = None, seg_run: str | None 
     unets = load_unets(seg) if seg is not None else []
     clf = load_model(cls / "best.keras") if cls is not None else None
     out = new_run_dir(Path(outputs_root) / EVAL_DIR)
-    n_units = len(np.unique(groups))
-    parts = [f"# Evaluation on {data}, {time.strftime('%Y-%m-%d %H:%M')}", "",
+    for site in sites:
+        site.out = out if len(sites) == 1 else out / site.slug
+        site.out.mkdir(parents=True, exist_ok=True)
+    internal = _internal_figures(cls, seg)
+    names = ", ".join(s.name for s in sites)
+    parts = [f"# Evaluation on {names}, {time.strftime('%Y-%m-%d %H:%M')}", "",
              f"Classifier run: {cls or 'none (segmentation only)'}; segmentation run: "
-             f"{seg or 'none'}; {len(ds)} images "
-             f"({', '.join(f'{k} {names.count(k)}' for k in model_classes)}) of {n_units} "
-             f"{unit_name}. 95% intervals resample {unit_name}, not images: {unit_note}.", ""]
-    record: dict = {"data": str(data), "cls_run": str(cls) if cls else None,
-                    "seg_run": str(seg) if seg else None, "n_images": len(ds),
-                    "resampled": {"unit": unit_name, "n": n_units, "source": unit_note},
+             f"{seg or 'none'}; {len(sites)} site{'s' if len(sites) > 1 else ''}, "
+             f"{sum(len(s.ds) for s in sites)} images.", ""]
+    records = []
+    for site in sites:
+        print(f"== {site.name} ({site.data})")
+        record, section = _evaluate_site(site, cfg, cls, seg, clf, unets, len(sites) > 1)
+        records.append(record)
+        parts += section
+    table = _sites_table(internal, records, model_classes)
+    print("Side by side:\n" + "\n".join(table))
+    parts = [*parts[:4], "## Sites side by side, with the runs' own test split", "", *table, "",
+             *parts[4:]]
+    atomic_write(out / "evaluation.md", "\n".join(parts))
+    if len(sites) == 1:  # the single-site record, as before several sites were allowed
+        summary = {**records[0], "internal": internal}
+    else:
+        summary = {"data": [str(s.data) for s in sites], "cls_run": str(cls) if cls else None,
+                   "seg_run": str(seg) if seg else None, "internal": internal,
+                   "sites": records}
+    write_json(out / "evaluation.json", summary)
+    print(f"reports: {out}/evaluation.md, evaluation.json")
+    report_after_run(out)
+    return out
+
+
+GALLERY_EACH = 6  # a site's failure gallery: this many wrong calls and this many worst Dice
+
+
+class _Site:
+    """One external data set being evaluated: its data, resampling units and output folder."""
+
+    def __init__(self, data: Path, ds, groups: np.ndarray, unit_name: str, unit_note: str,
+                 model_classes: tuple[str, ...]) -> None:
+        self.data, self.ds = data, ds
+        self.names = [ds.classes[k] for k in ds.labels]
+        self.labels = np.array([model_classes.index(n) for n in self.names])  # model's indices
+        self.groups, self.unit_name, self.unit_note = groups, unit_name, unit_note
+        self.name = site_name(data)
+        self.slug = "".join(ch if ch.isalnum() or ch in "._-" else "_"
+                            for ch in self.name.replace("/", "__"))
+        self.out = Path()
+
+
+def site_name(data: str | Path) -> str:
+    """A site as headings name it: its folder or CSV with the folder above, e.g.
+    ``bus-uclm-dev/manifest.csv`` -- ``manifest.csv`` alone says nothing of which site."""
+    path = Path(data).resolve()
+    return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
+
+
+def _load_sites(paths: list[str | Path], model_classes: tuple[str, ...], cfg) -> list[_Site]:
+    """Read every site (any error is a BusiError before the output folder exists); two
+    sites with one name get -2, -3 ... folders."""
+    from busi.data.loading import load_dataset
+
+    sites = []
+    for data in paths:
+        ds = load_dataset(data, _classes_in(str(data), model_classes),
+                          tuple(cfg.data.image_size), cache_dir=cfg.data.cache_dir,
+                          on_bad_file=cfg.data.on_bad_file)
+        groups, unit_name, unit_note = resampling_groups(str(data), ds,
+                                                         cfg.split.near_duplicate_distance)
+        site = _Site(Path(data), ds, groups, unit_name, unit_note, model_classes)
+        taken = {s.slug for s in sites}
+        base, k = site.slug, 2
+        while site.slug in taken:
+            site.slug, k = f"{base}-{k}", k + 1
+        sites.append(site)
+    return sites
+
+
+def _evaluate_site(site: _Site, cfg, cls: Path | None, seg: Path | None, clf, unets: list,
+                   several: bool) -> tuple[dict, list[str]]:
+    """One site's figures and files (into ``site.out``): its record for evaluation.json
+    and its section of evaluation.md."""
+    from busi.evaluation.classification import (
+        benign_malignant_auc,
+        compute,
+        inputs_of,
+        markdown_table,
+        model_of,
+        present_classes_view,
+        write_run_reports,
+    )
+    from busi.evaluation.segmentation import patient_intervals, per_image, summarise
+    from busi.models.inputs import classifier_inputs
+    from busi.models.masks import as_stored, predict_probs, read_rule
+    from busi.reporting.plots import (
+        plot_benign_malignant_roc,
+        save_failure_gallery,
+        segmentation_markdown,
+        segmentation_text,
+    )
+
+    ds, names, labels, groups = site.ds, site.names, site.labels, site.groups
+    model_classes = tuple(cfg.data.classes)
+    n_units = len(np.unique(groups))
+    root = site.out.parent if several else site.out  # paths in evaluation.md are under it
+    where = f" Files: `{site.slug}/`." if several else ""
+    counts = ", ".join(f"{k} {names.count(k)}" for k in model_classes if k in names)
+    parts = [f"## {site.name}", "",
+             f"Data `{site.data}`: {len(ds)} images ({counts}) of {n_units} {site.unit_name}. "
+             f"95% intervals resample {site.unit_name}, not images: {site.unit_note}.{where}", ""]
+    record: dict = {"data": str(site.data), "site": site.name,
+                    "cls_run": str(cls) if cls else None, "seg_run": str(seg) if seg else None,
+                    "n_images": len(ds),
+                    "resampled": {"unit": site.unit_name, "n": n_units, "source": site.unit_note},
                     "segmentation": None, "classification": None}
+    c = cfg.model.classifier
+    uses_masks = cls is not None and c.masks != "none" and c.mask_mode != "none"
     masks = ds.masks if cls is not None and c.masks == "ground_truth" else None
+    predicted, dice = None, np.full(len(ds), np.nan)
     if seg is not None:
         rule, tta = read_rule(seg)
         probs = as_stored(predict_probs(unets, ds.images, flip_tta=tta))
@@ -314,38 +414,142 @@ def evaluate_on_data(data: str, cls_run: str | None = None, seg_run: str | None 
         scored = (ds.n_masks > 0) | (np.array(names) == "normal")
         if scored.any():
             scores = per_image(ds.masks[scored], predicted[scored].astype(np.float32), 0.5)
+            dice[scored] = scores["dice"]
+            dice[scored & (ds.masks.reshape(len(ds), -1).max(1) == 0)] = np.nan  # lesion-free
             summary = summarise(scores, labels[scored], model_classes)
+            # No best_epoch / epochs_done: another site's images were not trained on.
             summary.update({"threshold": rule.threshold, "postprocess": rule.postprocess,
-                            "flip_tta": tta, "best_epoch": "-", "epochs_done": "-",
-                            "n_test": int(scored.sum()), "data": str(data),
-                            "intervals": patient_intervals(scores, groups[scored], unit_name)})
-            write_json(out / "segmentation.json", summary)
+                            "flip_tta": tta, "n_test": int(scored.sum()),
+                            "data": str(site.data),
+                            "intervals": patient_intervals(scores, groups[scored],
+                                                           site.unit_name)})
+            write_json(site.out / "segmentation.json", summary)
             record["segmentation"] = summary
             print(segmentation_text(summary))
-            parts += [segmentation_markdown(summary).replace(f"# Segmentation on {data}",
-                                                             "## Segmentation"), ""]
+            parts += [segmentation_markdown(summary).replace(f"# Segmentation on {site.data}",
+                                                             "### Segmentation"), ""]
+    wrong: list[tuple[int, str]] = []
     if cls is not None:
         x = classifier_inputs(ds.images, masks if uses_masks else None, c)
         probs_cls = clf.predict(x.astype("float32"), batch_size=64, verbose=0)
-        write_predictions(out / PREDICTIONS, ds.files, labels, probs_cls, model_classes)
-        r = compute(ds.files, names, [model_classes[int(i)] for i in probs_cls.argmax(1)],
-                    probs_cls, list(model_classes), groups=groups, unit_name=unit_name)
+        write_predictions(site.out / PREDICTIONS, ds.files, labels, probs_cls, model_classes)
+        pred = [model_classes[int(i)] for i in probs_cls.argmax(1)]
+        r = compute(ds.files, names, pred, probs_cls, list(model_classes), groups=groups,
+                    unit_name=site.unit_name)
         r["benign_malignant_auc"] = benign_malignant_auc(names, probs_cls, list(model_classes),
-                                                         groups, unit_name=unit_name)
-        title = f"{model_of(cls)} ({inputs_of(cls)}) -- {cls.name} on {Path(data).name}"
+                                                         groups, unit_name=site.unit_name)
+        title = f"{model_of(cls)} ({inputs_of(cls)}) -- {cls.name} on {site.name}"
         r["title"] = title
+        r = present_classes_view(r)  # no rows for the model's classes the site lacks
         r["text"] = f"{title}\n{r['report_text']}"
-        write_run_reports(out, r, title)
-        table = markdown_table(r, title)
-        print(table)
-        parts.append(table)
+        write_run_reports(site.out, r, title)
+        table = markdown_table(r, title).replace(f"### {title}", "### Classification")
+        print(markdown_table(r, title))
+        parts += [f"Classifier: {title}.", "", table]
+        if r.get("absent_note"):
+            parts += [r["absent_note"], ""]
         record["classification"] = {k: v for k, v in r.items()
                                     if k not in ("text", "report_text")}
-    atomic_write(out / "evaluation.md", "\n".join(parts))
-    write_json(out / "evaluation.json", record)
-    print(f"reports: {out}/evaluation.md, evaluation.json")
-    report_after_run(out)
+        roc = plot_benign_malignant_roc(names, probs_cls, list(model_classes),
+                                        site.out / f"roc_{site.slug}.png",
+                                        f"{site.name}: benign vs malignant",
+                                        r["benign_malignant_auc"])
+        if roc is not None:
+            parts += [f"Benign vs malignant ROC curve: `{roc.relative_to(root)}`.", ""]
+        conf = probs_cls.max(1)
+        wrong = sorted(((i, f"{names[i]} called {pred[i]} {conf[i]:.2f}")
+                        for i in range(len(ds)) if pred[i] != names[i]),
+                       key=lambda t: -conf[t[0]])
+    # The gallery: the most confident wrong calls, then the lowest-Dice lesion scans.
+    chosen = [(i, text + (f", Dice {dice[i]:.2f}" if np.isfinite(dice[i]) else ""))
+              for i, text in wrong[:GALLERY_EACH]]
+    worst = [int(i) for i in np.argsort(np.where(np.isfinite(dice), dice, np.inf), kind="stable")
+             if np.isfinite(dice[i]) and int(i) not in {j for j, _ in chosen}]
+    chosen += [(i, f"{names[i]}, Dice {dice[i]:.2f}") for i in worst[:GALLERY_EACH]]
+    if chosen:
+        idx = [i for i, _ in chosen]
+        gallery = save_failure_gallery(
+            site.out / f"failures_{site.slug}.png", ds.images[idx], ds.masks[idx],
+            None if predicted is None else predicted[idx],
+            [f"{Path(ds.files[i]).name}: {text}" for i, text in chosen],
+            f"{site.name}: wrong calls and lowest Dice")
+        parts += [f"Failure gallery: `{gallery.relative_to(root)}` -- the "
+                  f"{min(len(wrong), GALLERY_EACH)} most confident wrong classifications and "
+                  f"the {min(len(worst), GALLERY_EACH)} lowest lesion Dice scans (green: the "
+                  "true lesion, red: the U-Net's mask).", ""]
+    return record, parts
+
+
+def _internal_figures(cls: Path | None, seg: Path | None) -> dict:
+    """The runs' own test-split figures, from their own files: the classifier's
+    predictions.csv (intervals over its split's duplicate groups, as its report) and the
+    U-Net's metrics.json. A figure a run lacks is None."""
+    from busi.evaluation.classification import benign_malignant_auc, compute, split_groups
+    from busi.runs import read_predictions
+
+    out: dict = {"classification": None, "dice": None, "n_lesion_images": None}
+    if cls is not None and (cls / PREDICTIONS).is_file():
+        files, y_true, y_pred, probs, classes = read_predictions(cls / PREDICTIONS)
+        groups = split_groups(cls, files)
+        r = compute(files, y_true, y_pred, probs, classes, groups=groups)
+        r["benign_malignant_auc"] = benign_malignant_auc(
+            y_true, probs, classes, groups, unit_name="duplicate groups")
+        r["n_units"] = len(np.unique(groups)) if groups is not None else len(files)
+        r["unit_name"] = "duplicate groups" if groups is not None else "images"
+        out["classification"] = {k: v for k, v in r.items() if k != "report_text"}
+    if seg is not None and (seg / "metrics.json").is_file():
+        le = read_json(seg / "metrics.json").get("lesion_images", {})
+        if "dice" in le:
+            out["dice"], out["n_lesion_images"] = le["dice"]["mean"], le["dice"]["n"]
     return out
+
+
+def _sites_table(internal: dict, records: list[dict], classes: tuple[str, ...]) -> list[str]:
+    """The sites side by side (one row each) under the runs' own test-split row (Markdown):
+    images and resampled units, accuracy, macro-F1, per-class recall, benign-vs-malignant
+    AUC and lesion Dice, each with its 95% interval."""
+
+    def ci(value: float | None, interval: list[float] | None, digits: int = 3) -> str:
+        if value is None or not np.isfinite(value):
+            return "n/a"
+        return f"{value:.{digits}f}" + ("" if interval is None else
+                                        f" ({interval[0]:.2f}-{interval[1]:.2f})")
+
+    def cls_cells(r: dict | None) -> list[str]:
+        if r is None:
+            return ["n/a"] * (3 + len(classes))
+        rec = r["ci95"].get("recall", {})
+        recall = [ci(r["report"][k]["recall"], rec.get(k), 2) if k in r["present"]
+                  else "not in data" for k in classes]
+        bm = r.get("benign_malignant_auc") or {}
+        return [ci(r["accuracy"], r["ci95"]["accuracy"]), ci(r["macro_f1"], r["ci95"]["macro_f1"]),
+                *recall, ci(bm.get("auc"), bm.get("ci95"))]
+
+    # The class order of the reports' own tables (their r["labels"]), so columns read alike.
+    shown = [r for r in (internal["classification"], *(x["classification"] for x in records)) if r]
+    classes = tuple(shown[0].get("labels_all", shown[0]["labels"])) if shown else classes
+    head = ["", "images / units", "accuracy (95% CI)", "macro-F1 (95% CI)",
+            *[f"recall {k} (95% CI)" for k in classes], "benign vs malignant AUC (95% CI)",
+            "lesion Dice (95% CI)"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    ic = internal["classification"]
+    n = (f"{ic['n']} / {ic['n_units']} {ic['unit_name']}" if ic else
+         f"{internal['n_lesion_images']} lesion images" if internal["dice"] is not None else "n/a")
+    lines.append(f"| internal test split (the runs' own) | {n} | "
+                 + " | ".join([*cls_cells(ic), ci(internal["dice"], None)]) + " |")
+    for rec in records:
+        s = rec["segmentation"]
+        dice = (ci(s["lesion_images"]["dice"]["mean"], s["intervals"]["ci95"]["dice"])
+                if s and s["lesion_images"]["dice"]["n"] else "n/a")
+        units = f"{rec['n_images']} / {rec['resampled']['n']} {rec['resampled']['unit']}"
+        lines.append(f"| {rec['site']} | {units} | "
+                     + " | ".join([*cls_cells(rec["classification"]), dice]) + " |")
+    lines += ["", "Each site's intervals resample its patients (or near-duplicate groups where "
+                  "it names none); the internal row's resample its test split's duplicate "
+                  "groups, as the run's own report. Recall \"not in data\": the site has no "
+                  "scan of that class. Lesion Dice: scans with a mask file; internal Dice is "
+                  "the U-Net run's own test figure (no interval)."]
+    return lines
 
 
 def resampling_groups(data: str, ds, near_distance: int) -> tuple[np.ndarray, str, str]:

@@ -621,3 +621,32 @@ def worst_cases_markdown(rows: list[dict], n_dice: int = 10, n_wrong: int = 20) 
         lines += ["", f"Lowest-Dice lesion images ({len(scored)}):", "", *head,
                   *map(cells, scored)]
     return "\n".join(lines) + "\n"
+
+
+def present_classes_view(r: dict) -> dict:
+    """A report of another site's data (``busi evaluate --data``) without rows for the
+    model's classes the data lacks: on benign/malignant-only data a ``normal`` row of
+    support 0 and an all-zero confusion row say nothing and read as a result.
+
+    The full matrix stays in ``confusion_matrix_all`` (over ``labels_all``); a scan called
+    an absent class (a benign lesion called normal) is an error of its true class, which
+    ``absent_note`` states in words since the matrix has no column for it.
+    """
+    absent = [c for c in r["labels"] if c not in r["present"]]
+    if not absent:
+        return r
+    keep = [r["labels"].index(c) for c in r["present"]]
+    cm = np.array(r["confusion_matrix"])
+    called = {c: {t: int(cm[r["labels"].index(t), r["labels"].index(c)]) for t in r["present"]
+                  if cm[r["labels"].index(t), r["labels"].index(c)]} for c in absent}
+    several = len(absent) > 1
+    note = (f"The model's class{'es' if several else ''} {', '.join(absent)} "
+            f"{'are' if several else 'is'} not in this data and get{'' if several else 's'} "
+            "no row.")
+    calls = [f"{n} {t} called {c}" for c, by in called.items() for t, n in by.items()]
+    if calls:
+        note += f" Scans called an absent class (errors of their true class): {', '.join(calls)}."
+    return {**r, "labels": list(r["present"]),
+            "confusion_matrix": cm[np.ix_(keep, keep)].tolist(),
+            "labels_all": r["labels"], "confusion_matrix_all": r["confusion_matrix"],
+            "predicted_absent": called, "absent_note": note}

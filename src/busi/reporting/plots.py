@@ -325,3 +325,62 @@ def plot_roc(predictions_csv: Path, out: Path, title: str) -> Path | None:
     ax.legend(fontsize="small", loc="lower right")
     fig.text(0.01, 0.005, f"benign vs malignant score: {BM_SCORE}", fontsize=6, color="#555")
     return save_figure(fig, out)
+
+
+# --------------------------------------------------------------------------- external sites
+
+
+def plot_benign_malignant_roc(y_true: list[str], probs: np.ndarray, classes: list[str],
+                              out: Path, title: str, auc: dict | None = None) -> Path | None:
+    """One site's benign-vs-malignant ROC curve (``busi evaluate --data``): the clinical
+    question on another hospital's lesions, scored as ``benign_malignant_auc`` scores it
+    (the malignant share of the two lesion probabilities), with its AUC and patient
+    interval in the legend. None when the site lacks benign or malignant scans."""
+    from sklearn.metrics import RocCurveDisplay
+
+    if "benign" not in classes or "malignant" not in classes:
+        return None
+    t = np.asarray(y_true)
+    sel = (t == "benign") | (t == "malignant")
+    y = t[sel] == "malignant"
+    if not 0 < y.sum() < len(y):
+        return None
+    pb = probs[sel, classes.index("benign")].astype(np.float64)
+    pm = probs[sel, classes.index("malignant")].astype(np.float64)
+    score = np.divide(pm, pb + pm, out=np.full_like(pm, 0.5), where=(pb + pm) > 0)
+    label = f"{int(y.sum())} malignant vs {int((~y).sum())} benign"
+    if auc and auc.get("ci95"):
+        title += (f"\nAUC 95% CI {auc['ci95'][0]:.2f}-{auc['ci95'][1]:.2f} "
+                  f"({auc['n_units']} {auc.get('unit_name', 'images')} resampled)")
+    fig, ax = plt.subplots(figsize=(4.6, 4.2), dpi=120)
+    RocCurveDisplay.from_predictions(y, score, name=label, ax=ax, plot_chance_level=True)
+    ax.set_xlabel("1 - specificity (benign called malignant)")
+    ax.set_ylabel("sensitivity (malignant found)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="lower right", fontsize=7)
+    return save_figure(fig, out)
+
+
+def save_failure_gallery(out: Path, images: np.ndarray, truths: np.ndarray,
+                         predicted: np.ndarray | None, captions: list[str], title: str,
+                         cols: int = 4) -> Path:
+    """A grid of scans with the true lesion outlined in green and the U-Net's mask in red
+    (when there is one), each captioned with what went wrong: a site's failures are seen,
+    not only counted. Each tile keeps the image's aspect ratio."""
+    n = len(images)
+    cols = max(1, min(cols, n))
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.7 * cols, 2.9 * rows), dpi=100,
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for k, ax in enumerate(axes.flat[:n]):
+        ax.imshow(images[k], cmap="gray", vmin=0, vmax=255, aspect="equal")
+        for mask, colour in ((truths[k], "lime"),
+                             (None if predicted is None else predicted[k], "red")):
+            if mask is not None and np.any(mask):
+                ax.contour(np.asarray(mask) > 0, levels=[0.5], colors=colour, linewidths=1)
+        ax.set_title(captions[k], fontsize=6.5, wrap=True)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return save_figure(fig, out)
