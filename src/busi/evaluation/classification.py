@@ -22,6 +22,7 @@ from sklearn.metrics import (
 )
 
 from busi.errors import BusiError
+from busi.evaluation.segmentation import N_BOOTSTRAP, dice
 from busi.runs import (
     CONFIG,
     PREDICTIONS,
@@ -37,7 +38,6 @@ PAPER = {  # Tables 1-3 of the paper: accuracy and macro-F1 on its 78 test image
     "mobilenet": {"accuracy": 0.88, "macro_f1": 0.88},
     "vgg19": {"accuracy": 0.91, "macro_f1": 0.91},
 }
-N_BOOTSTRAP = 2000
 
 
 def bootstrap_ci(y_true: np.ndarray, y_pred: np.ndarray, groups: np.ndarray | None = None,
@@ -550,8 +550,6 @@ def write_per_image(path: Path, files: list[str], y_true: list[str], y_pred: lis
     """
     import csv
     import io
-
-    from busi.evaluation.segmentation import dice
 
     truth, predicted = np.asarray(truth) > 0, np.asarray(predicted) > 0
     grid = f"{truth.shape[2]}x{truth.shape[1]}"
