@@ -186,9 +186,22 @@ def test_train_cls_without_a_segmentation_run_says_which_command(
     assert "busi train-seg" in capsys.readouterr().err
 
 
+def test_weights_unet_is_refused_for_vgg19_before_any_run_folder(
+        work: Path, seg_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """cpu.yaml's `weights: unet` fits only MobileNet: VGG19 is one clear error (exit 2, the
+    fix says weights=none) and leaves no run folder; the CNN ignores `weights` (cls_run)."""
+    assert run(work, "train-cls", "--model", "vgg19", "--seg-run", str(seg_run),
+               "--set", f"outputs.root={tmp_path}", "--set", "model.classifier.weights=unet") == 2
+    err = capsys.readouterr().err
+    assert "is for the mobilenet classifier" in err and "weights=none" in err
+    assert not (tmp_path / "cls").exists()
+
+
 @pytest.fixture(scope="module")
 def cls_run(work: Path, seg_run: Path) -> Path:
-    assert run(work, "train-cls", "--model", "cnn", "--seg-run", str(seg_run)) == 0
+    # weights: unet, as configs/cpu.yaml sets it: the CNN has no base, so it does not apply
+    assert run(work, "train-cls", "--model", "cnn", "--seg-run", str(seg_run),
+               "--set", "model.classifier.weights=unet") == 0
     (run_dir,) = list((work / "outputs" / "cls" / "cnn").iterdir())
     return run_dir
 

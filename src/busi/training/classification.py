@@ -119,7 +119,9 @@ def train_classifier(cfg: Config, *, seg_run: str | None = None, resume: str | N
             seg_run = saved
     c = cfg.model.classifier
     seg_path = None
-    from_unet = c.weights == "unet"
+    # The CNN has no pretrained base: `weights` does not apply to it (as with imagenet), so
+    # configs/cpu.yaml's `weights: unet` still trains `--model cnn` (README).
+    from_unet = c.weights == "unet" and c.name != "cnn"
     if c.masks == "predicted" and c.mask_mode != "none" or seg_run or from_unet:
         seg_path = resolve_seg_run(seg_run, cfg.outputs.root)
     encoder = None
@@ -128,7 +130,8 @@ def train_classifier(cfg: Config, *, seg_run: str | None = None, resume: str | N
             raise BusiError(f"'model.classifier.weights: unet' is for the mobilenet classifier "
                             f"(the U-Net's encoder is a MobileNet), not {c.name}",
                             where="model.classifier.weights",
-                            fix="train-cls --model mobilenet, or another weights value")
+                            fix="train-cls --model mobilenet, or another weights value, e.g. "
+                                "--set model.classifier.weights=none")
         encoder = unet_encoder(load_model(seg_path / "best.keras"), str(seg_path))
     ds = dataset_from_config(cfg)
     if own:
