@@ -249,6 +249,13 @@ def atomic_write(path: str | Path, data: str | bytes) -> Path:
     return path
 
 
+def cv_arms(meta: dict[str, Any]) -> dict[str, list[str]]:
+    """A CV's arms (``cv.json``), each with its classifier overrides; an arm without recorded
+    overrides (a bare model name, or a CV made before arms) only sets the classifier's name."""
+    return {m: meta.get("arms", {}).get(m, [f"model.classifier.name={m}"])
+            for m in meta["models"]}
+
+
 def write_json(path: str | Path, obj: Any) -> Path:
     """Strict JSON (RFC 8259): an undefined figure (NaN, e.g. the HD95 of a missed lesion)
     is written as null, which every JSON reader accepts -- Python's default ``NaN`` is not

@@ -41,6 +41,7 @@ from busi.runs import (
     SPLIT,
     atomic_write,
     check_kind,
+    cv_arms,
     find_classifier_runs,
     new_run_dir,
     newest_run,
@@ -148,8 +149,7 @@ def run_cv(cfg: Config, *, folds: int = 5, models: tuple[str, ...] = ("cnn",),
                             fix="pass a folder under outputs/cv/")
         meta = json.loads((cv_dir / "cv.json").read_text())
         cfg, folds = read_config(cv_dir), meta["folds"]
-        known = {m: meta.get("arms", {}).get(m, [f"model.classifier.name={m}"])
-                 for m in meta["models"]}
+        known = cv_arms(meta)
         for name, overrides in wanted.items():
             if name in known and known[name] != overrides:
                 raise BusiError(f"this CV already has an arm {name!r} with other settings "
@@ -631,9 +631,7 @@ def rerun(run_dir: str | Path) -> Path:
                             fix="restore cv.json, or start a new cross-validation with busi cv")
         print(f"busi rerun: cross-validation {run_dir} ({meta['folds']} folds, "
               f"{', '.join(meta['models'])})")
-        arms = {m: meta.get("arms", {}).get(m, [f"model.classifier.name={m}"])
-                for m in meta["models"]}
-        return run_cv(cfg, folds=meta["folds"], models=(), arms=arms)
+        return run_cv(cfg, folds=meta["folds"], models=(), arms=cv_arms(meta))
     from busi.training.loop import check_same_data
 
     split = read_split(run_dir)

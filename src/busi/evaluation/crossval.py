@@ -28,6 +28,7 @@ from busi.evaluation.segmentation import fmt_stat
 from busi.runs import (
     PREDICTIONS,
     atomic_write,
+    cv_arms,
     newest_run,
     read_json,
     read_predictions,
@@ -193,10 +194,8 @@ def aggregate(cv_dir: str | Path) -> dict:
                           + " | ".join(f"{row['recall'].get(c, float('nan')):.2f}"
                                        for c in labels) + " |")
         detail += ["", markdown_table(r, f"{m}: pooled out-of-fold report", summary=False), ""]
-    arms = meta.get("arms", {})
-    result["arms"] = {m: arms.get(m, [f"model.classifier.name={m}"]) for m in models}
-    legend = [f"- `{m}`: " + " ".join(f"`{o}`" for o in arms.get(
-        m, [f"model.classifier.name={m}"])) for m in models]
+    result["arms"] = cv_arms(meta)
+    legend = [f"- `{m}`: " + " ".join(f"`{o}`" for o in result["arms"][m]) for m in models]
     if models:
         lines += ["## Classification", "", "Arms (overrides of the CV's config.yaml):", "",
                   *legend, "", *summary, "",
