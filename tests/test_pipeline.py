@@ -667,6 +667,12 @@ def test_evaluate_trained_runs_on_other_data_without_retraining(
     assert "| internal test split (the runs' own) |" in md
     assert list(out.glob("roc_*other_site.csv.png"))
     assert list(out.glob("failures_*.png"))
+    # each call joined to its mask, and the summary's count of lesions the U-Net missed
+    with open(out / "per_image.csv") as fh:
+        joined = list(csv.DictReader(fh))
+    assert len(joined) == 8 and sum(r["true_lesion_px"] != "0" for r in joined) == 6
+    missed = sum(r["unet_missed"] == "1" for r in joined)
+    assert f"| Lesion images the U-Net missed (empty predicted mask) | {missed} of 6 |" in md
 
 
 def test_evaluate_on_data_with_an_unknown_class_folder_is_a_clear_error(

@@ -370,12 +370,15 @@ def _evaluate_site(site: _Site, cfg, cls: Path | None, seg: Path | None, clf, un
     """One site's figures and files (into ``site.out``): its record for evaluation.json
     and its section of evaluation.md."""
     from busi.evaluation.classification import (
-        benign_malignant_auc,
+        PER_IMAGE,
         compute,
         inputs_of,
         markdown_table,
+        missed_lesions,
         model_of,
         present_classes_view,
+        read_per_image,
+        write_per_image,
         write_run_reports,
     )
     from busi.evaluation.segmentation import patient_intervals, per_image, summarise
@@ -436,8 +439,10 @@ def _evaluate_site(site: _Site, cfg, cls: Path | None, seg: Path | None, clf, un
         pred = [model_classes[int(i)] for i in probs_cls.argmax(1)]
         r = compute(ds.files, names, pred, probs_cls, list(model_classes), groups=groups,
                     unit_name=site.unit_name)
-        r["benign_malignant_auc"] = benign_malignant_auc(names, probs_cls, list(model_classes),
-                                                         groups, unit_name=site.unit_name)
+        if predicted is not None:  # each image's call joined to its mask; missed lesions
+            write_per_image(site.out / PER_IMAGE, ds.files, names, pred, probs_cls.max(1),
+                            ds.masks, predicted)
+            r["unet_missed"] = missed_lesions(read_per_image(site.out / PER_IMAGE))
         title = f"{model_of(cls)} ({inputs_of(cls)}) -- {cls.name} on {site.name}"
         r["title"] = title
         r = present_classes_view(r)  # no rows for the model's classes the site lacks
@@ -484,7 +489,7 @@ def _internal_figures(cls: Path | None, seg: Path | None) -> dict:
     """The runs' own test-split figures, from their own files: the classifier's
     predictions.csv (intervals over its split's duplicate groups, as its report) and the
     U-Net's metrics.json. A figure a run lacks is None."""
-    from busi.evaluation.classification import benign_malignant_auc, compute, split_groups
+    from busi.evaluation.classification import compute, split_groups
     from busi.runs import read_predictions
 
     out: dict = {"classification": None, "dice": None, "n_lesion_images": None}
@@ -492,8 +497,6 @@ def _internal_figures(cls: Path | None, seg: Path | None) -> dict:
         files, y_true, y_pred, probs, classes = read_predictions(cls / PREDICTIONS)
         groups = split_groups(cls, files)
         r = compute(files, y_true, y_pred, probs, classes, groups=groups)
-        r["benign_malignant_auc"] = benign_malignant_auc(
-            y_true, probs, classes, groups, unit_name="duplicate groups")
         r["n_units"] = len(np.unique(groups)) if groups is not None else len(files)
         r["unit_name"] = "duplicate groups" if groups is not None else "images"
         out["classification"] = {k: v for k, v in r.items() if k != "report_text"}

@@ -220,9 +220,10 @@ def predict_command(inputs: list[str], seg_run: str | None = None, cls_run: str 
         atomic_write(out_dir / f"{stem}_overlay.png", buf.tobytes())
         if explain:
             heat, _ = gradcam(predictor.clf, x, np.array([int(np.argmax(p))]), parts=parts)
+            # The scan's own aspect ratio, and the U-Net's mask outlined beside the heatmap.
             save_panels(out_dir, [f"{stem}.png"], resize_image(gray, predictor.size)[None], x, heat,
-                        None,
-                        [classes[int(np.argmax(p))]], np.array([float(p.max())]))
+                        None, [classes[int(np.argmax(p))]], np.array([float(p.max())]),
+                        shapes=np.array([gray.shape[:2]]), unet=mask[None])
         rows.append({"file": str(path), "pred": classes[int(np.argmax(p))],
                      **{f"p_{k}": round(float(v), 6) for k, v in zip(classes, p, strict=True)},
                      "lesion_pixels": int(mask.sum()), "output_stem": stem,
