@@ -53,6 +53,33 @@ def test_manifest_is_written_once_and_reused(synth_root: Path, tmp_path: Path) -
     assert other.path != first.path
 
 
+def test_a_run_finds_its_manifest_from_any_folder(synth_root: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run records its manifest as given (``outputs/splits/...``, relative to where busi
+    ran); a classifier trained from another folder on that U-Net still reads it, and a
+    manifest really gone is named with the fix, not 'delete it'."""
+    from busi.data.split import read_manifest
+    from busi.errors import BusiError
+    from busi.runs import read_split, write_split
+
+    project = tmp_path / "project"
+    monkeypatch.chdir(project.parent)
+    cfg = SplitConfig(manifest_dir="project/outputs/splits")
+    manifest = get_manifest(dataset(synth_root, tmp_path), cfg, seed=0)
+    run_dir = project / "outputs" / "seg" / "run1"
+    run_dir.mkdir(parents=True)
+    write_split(run_dir, {"manifest": f"outputs/splits/{manifest.path.name}", "fold": None})
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    found = read_split(run_dir)["manifest"]
+    assert read_manifest(found).files == manifest.files
+    Path(found).unlink()
+    with pytest.raises(BusiError) as err:
+        read_manifest(read_split(run_dir)["manifest"])
+    assert "gone" in str(err.value) and "delete" not in str(err.value)
+
+
 def test_duplicates_are_grouped_even_across_classes(data_copy: Path, tmp_path: Path) -> None:
     ds = dataset(with_duplicates(data_copy), tmp_path)
     groups = duplicate_groups(ds, max_distance=6)

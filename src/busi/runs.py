@@ -321,8 +321,30 @@ def read_config(run_dir: Path) -> Config:
 
 
 def read_split(run_dir: Path) -> dict[str, Any]:
-    """A run's split.json (manifest, fold, segmentation run, data fingerprint)."""
-    return read_json(Path(run_dir) / SPLIT)
+    """A run's split.json (manifest, fold, segmentation run, data fingerprint).
+
+    Its ``manifest`` and ``seg_run`` paths are as they were given when the run was made,
+    usually relative to the folder busi ran in (``outputs/splits/...``). Read from another
+    folder, such a path is found again beside the run: under the first folder above the run
+    that holds it, so a run works from wherever it is used (or after its project is moved).
+    """
+    record = read_json(Path(run_dir) / SPLIT)
+    for key in ("manifest", "seg_run"):
+        if isinstance(record.get(key), str):
+            record[key] = str(_beside(Path(run_dir), record[key]))
+    return record
+
+
+def _beside(run_dir: Path, stored: str) -> Path:
+    """``stored`` as it is (when it exists), else under the nearest folder above ``run_dir``
+    that holds it; unchanged when none does (the reader's error then names it)."""
+    path = Path(stored)
+    if path.is_absolute() or path.exists():
+        return path
+    for above in run_dir.resolve().parents:
+        if (above / path).exists():
+            return above / path
+    return path
 
 
 def write_split(run_dir: Path, record: dict[str, Any]) -> Path:

@@ -270,6 +270,10 @@ def read_manifest(path: str | Path, val_size: float = 0.1, seed: int = 0) -> Man
     try:
         with open(path, newline="", encoding="utf-8") as fh:
             rows = list(csv.DictReader(fh))
+    except FileNotFoundError:
+        raise BusiError("the split manifest this run used is gone", where=str(path),
+                        fix="restore it (manifests live in <outputs>/splits/), or train a new "
+                            "run") from None
     except OSError as exc:
         raise BusiError(f"cannot read split manifest: {exc.strerror}", where=str(path),
                         fix="delete it so that a new one is written") from None
