@@ -396,6 +396,15 @@ def test_evaluate_prints_the_per_class_table(work: Path, cls_run: Path, seg_run:
     md = evaluation.read_text()
     assert md.index("Sensitivity: malignant") < md.index("## Segmentation") \
         < md.index("Per class")
+    # busi issue 15: the paper's CNN row for row beside its Table 1, our figures with intervals
+    beside = md[md.index("#### cnn beside the paper's Table 1"):]
+    report = json.loads((cls_run / "classification_report.json").read_text())
+    acc, (lo, hi) = report["accuracy"], report["ci95"]["accuracy"]
+    assert f"| Accuracy | | | | | {acc:.2f} ({lo:.2f}-{hi:.2f}) | 0.82 | {report['n']} | 78 |" \
+        in beside
+    benign = report["report"]["benign"]
+    assert f"| Benign | {benign['precision']:.2f}" in beside and "| 0.87 |" in beside
+    assert "base weights: from scratch (no pretrained base)" in beside
 
 
 def test_ground_truth_and_no_mask_ablations_run(work: Path, seg_run: Path) -> None:

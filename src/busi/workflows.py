@@ -205,6 +205,7 @@ def evaluate_command(runs: list[str] | None = None, seg_run: str | None = None,
         comparison_markdown,
         evaluate_run,
         markdown_table,
+        paper_table_markdown,
         summary_markdown,
     )
     from busi.reporting.report import report_after_run
@@ -226,6 +227,14 @@ def evaluate_command(runs: list[str] | None = None, seg_run: str | None = None,
     for r in results:
         print(r["text"], end="\n\n")
         parts.append(markdown_table(r, r["title"], summary=False))
+    beside = [t for t in (paper_table_markdown(r, d) for r, d in zip(results, run_dirs,
+                                                                     strict=True)) if t]
+    if beside:  # the paper's own models, row for row against its Tables 1-3
+        text = "\n".join(beside)
+        print("Beside the paper:\n" + text)
+        parts += ["## Beside the paper (its Tables 1-3, on its own 78 test images)", "",
+                  "The paper's test images are another draw of 78 from BUSI: a difference "
+                  "inside our interval is not a difference.", "", text]
     table = comparison_markdown(results, run_dirs)
     print("Side by side:\n" + table)
     parts += ["## Side by side", "", table]

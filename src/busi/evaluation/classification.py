@@ -38,6 +38,21 @@ PAPER = {  # Tables 1-3 of the paper: accuracy and macro-F1 on its 78 test image
     "mobilenet": {"accuracy": 0.88, "macro_f1": 0.88},
     "vgg19": {"accuracy": 0.91, "macro_f1": 0.91},
 }
+# The paper's Tables 1-3 whole: (precision, recall, F1, support) of each row, as printed.
+PAPER_TABLES = {
+    "cnn": ("Table 1", {
+        "benign": (0.87, 0.79, 0.82, 42), "malignant": (0.83, 0.75, 0.79, 20),
+        "normal": (0.73, 1.0, 0.84, 16), "accuracy": (None, None, 0.82, 78),
+        "macro avg": (0.81, 0.85, 0.82, 78), "weighted avg": (0.83, 0.82, 0.82, 78)}),
+    "vgg19": ("Table 2", {
+        "benign": (0.91, 0.93, 0.92, 42), "malignant": (1.0, 0.8, 0.89, 20),
+        "normal": (0.84, 1.0, 0.91, 16), "accuracy": (None, None, 0.91, 78),
+        "macro avg": (0.92, 0.91, 0.91, 78), "weighted avg": (0.92, 0.91, 0.91, 78)}),
+    "mobilenet": ("Table 3", {
+        "benign": (0.88, 0.9, 0.89, 42), "malignant": (0.94, 0.75, 0.83, 20),
+        "normal": (0.84, 1.0, 0.91, 16), "accuracy": (None, None, 0.88, 78),
+        "macro avg": (0.89, 0.88, 0.88, 78), "weighted avg": (0.89, 0.88, 0.88, 78)}),
+}
 
 
 def bootstrap_ci(y_true: np.ndarray, y_pred: np.ndarray, groups: np.ndarray | None = None,
@@ -83,13 +98,25 @@ def bootstrap_ci(y_true: np.ndarray, y_pred: np.ndarray, groups: np.ndarray | No
                 np.add.at(weights[b], drawn, 1)
     cms = (weights @ counts).reshape(n, k, k)
     acc, f1 = accuracy_macro_f1(cms)
-    # Recall of each class in the data: a resample without that class has none (NaN, left out).
+    # Each class in the data: a resample without that class (or, for precision, without a
+    # call of it) has no value (NaN, left out).
+    tp = cms[:, np.arange(k), np.arange(k)]
     with np.errstate(invalid="ignore", divide="ignore"):
-        recall = cms[:, np.arange(k), np.arange(k)] / cms.sum(-1)
-    return {"accuracy": np.percentile(acc, [2.5, 97.5]).round(4).tolist(),
-            "macro_f1": np.percentile(f1, [2.5, 97.5]).round(4).tolist(),
-            "recall": {c: np.nanpercentile(recall[:, code[c]], [2.5, 97.5]).round(4).tolist()
-                       for c in names if c in set(t.tolist())}}
+        per_class = {"recall": tp / cms.sum(-1), "precision": tp / cms.sum(-2),
+                     "f1": 2 * tp / (cms.sum(-1) + cms.sum(-2))}
+    present = [c for c in names if c in set(t.tolist())]
+    out = {"accuracy": np.percentile(acc, [2.5, 97.5]).round(4).tolist(),
+           "macro_f1": np.percentile(f1, [2.5, 97.5]).round(4).tolist()}
+    for key, values in per_class.items():
+        out[key] = {c: _nan_interval(values[:, code[c]]) for c in present}
+    return out
+
+
+def _nan_interval(values: np.ndarray) -> list[float] | None:
+    """The 95% percentile interval of the finite values; None when there are none (a class
+    never called has no precision in any resample)."""
+    finite = values[np.isfinite(values)]
+    return np.percentile(finite, [2.5, 97.5]).round(4).tolist() if len(finite) else None
 
 
 def accuracy_macro_f1(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -529,6 +556,72 @@ def comparison_markdown(results: list[dict], runs: list[Path]) -> str:
     methods = sorted({r.get("ci95_method", "bootstrap") for r in results})
     lines += ["", "macro-F1: averaged over the classes present in each run's test data "
                   "(n/a: a class not in the data). 95% CI: " + "; ".join(methods) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def weights_of(run_dir: Path) -> str:
+    """Where a classifier's base started, in words, e.g. 'from scratch' for VGG19 here
+    (no ImageNet weights reachable): a paper comparison must say so."""
+    cfg = run_dir / CONFIG
+    if not cfg.is_file():
+        return "?"
+    import yaml
+
+    c = yaml.safe_load(cfg.read_text())["model"]["classifier"]
+    w = str(c.get("weights") or "none")
+    if c["name"] == "cnn":
+        return "from scratch (no pretrained base)"
+    if w in ("none", ""):
+        return "from scratch (no pretrained weights)"
+    if w == "unet":
+        return "the U-Net's MobileNet encoder"
+    if w == "imagenet":
+        return "ImageNet (Keras download)"
+    return f"ImageNet ({Path(w).name})" if "imagenet" in w.lower() else f"file {Path(w).name}"
+
+
+def paper_table_markdown(r: dict, run_dir: Path) -> str | None:
+    """One run beside the paper's table for its model (Tables 1-3), row for row: each of
+    our figures with its 95% interval and the paper's next to it. None for a model the
+    paper did not train. The paper lists benign, normal, malignant; this table keeps busi's
+    one class order (benign, malignant, normal) -- the rows are the same."""
+    m = model_of(run_dir)
+    if m not in PAPER_TABLES:
+        return None
+    table, paper = PAPER_TABLES[m]
+    ci = r["ci95"]
+
+    def cell(value: float | None, interval: list[float] | None = None) -> str:
+        if value is None:
+            return ""
+        return f"{value:.2f}" + ("" if interval is None else f" ({_ci_text(interval)})")
+
+    def ref(value: float | None) -> str:
+        return "" if value is None else f"{value:g}"
+
+    lines = [f"#### {m} beside the paper's {table} -- {run_dir.name}", "",
+             f"Inputs: {inputs_of(run_dir)}; base weights: {weights_of(run_dir)}. "
+             "Ours, with 95% intervals (" + r.get("ci95_method", "bootstrap") + "), then the "
+             "paper's figure.", "",
+             "| | precision | paper | recall | paper | F1-score | paper | support | paper |",
+             "|---|---|---:|---|---:|---|---:|---:|---:|"]
+    for c in r["labels"]:
+        if c not in r["present"]:
+            continue
+        row, theirs = r["report"][c], paper.get(c, (None,) * 4)
+        lines.append(
+            f"| {c.capitalize()} | {cell(row['precision'], ci.get('precision', {}).get(c))} | "
+            f"{ref(theirs[0])} | {cell(row['recall'], ci.get('recall', {}).get(c))} | "
+            f"{ref(theirs[1])} | {cell(row['f1-score'], ci.get('f1', {}).get(c))} | "
+            f"{ref(theirs[2])} | {int(row['support'])} | {ref(theirs[3])} |")
+    lines.append(f"| Accuracy | | | | | {cell(r['accuracy'], ci['accuracy'])} | "
+                 f"{ref(paper['accuracy'][2])} | {r['n']} | {ref(paper['accuracy'][3])} |")
+    for key, label in (("macro avg", "Macro avg."), ("weighted avg", "Weighted avg.")):
+        row, theirs = r["report"][key], paper[key]
+        f1 = cell(row["f1-score"], ci["macro_f1"] if key == "macro avg" else None)
+        lines.append(f"| {label} | {cell(row['precision'])} | {ref(theirs[0])} | "
+                     f"{cell(row['recall'])} | {ref(theirs[1])} | {f1} | {ref(theirs[2])} | "
+                     f"{int(row['support'])} | {ref(theirs[3])} |")
     return "\n".join(lines) + "\n"
 
 
