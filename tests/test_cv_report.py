@@ -105,6 +105,18 @@ def test_report_is_self_contained_and_has_every_section(cv_run: Path) -> None:
     assert links and all((cv_run / link).is_file() for link in links)
 
 
+def test_a_cvs_list_of_arms_is_a_list_in_the_html_report() -> None:
+    """cv_results.md lists each arm's overrides one per line; report.html ran them together
+    into one paragraph (seen in Chromium on the real BUSI CV)."""
+    from busi.reporting.report import _md_to_html
+
+    html = _md_to_html("Arms:\n\n- `cnn`: `model.classifier.name=cnn`\n"
+                       "- `mnet`: `model.classifier.name=mobilenet`\n\nAfter.")
+    assert ("<ul><li><code>cnn</code>: <code>model.classifier.name=cnn</code></li>"
+            "<li><code>mnet</code>: <code>model.classifier.name=mobilenet</code></li></ul>") in html
+    assert html.endswith("<p>After.</p>")
+
+
 def test_cv_results_and_report_lead_with_each_arms_clinical_summary(cv_run: Path) -> None:
     """Pooled cancer sensitivity / specificity and the U-Net's misses come before every
     table; the pooled per-image table joins all folds; config and environment come last."""

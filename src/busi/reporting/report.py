@@ -61,7 +61,8 @@ def _inline(text: str) -> str:
 
 
 def _md_to_html(text: str) -> str:
-    """The Markdown the project writes itself: headings, pipe tables, paragraphs."""
+    """The Markdown the project writes itself: headings, pipe tables, ``- `` lists,
+    paragraphs."""
     out, para, lines = [], [], text.splitlines()
 
     def flush() -> None:
@@ -91,6 +92,14 @@ def _md_to_html(text: str) -> str:
                     f'<td class="{"num" if _numeric(c) else "txt"}">{_inline(c)}</td>'
                     for c in r) + "</tr>")
             out.append("<table>" + "".join(cells) + "</table>")
+        elif line.startswith("- "):  # a list (a CV's arms), one item per line
+            flush()
+            items = []
+            while i < len(lines) and lines[i].startswith("- "):
+                items.append(f"<li>{_inline(lines[i][2:].strip())}</li>")
+                i += 1
+            i -= 1
+            out.append("<ul>" + "".join(items) + "</ul>")
         elif not line.strip():
             flush()
         else:
