@@ -317,8 +317,8 @@ def test_one_class_order_in_every_table_and_figure(cls_run: Path,
     assert any(t.startswith("benign vs malignant (AUC") for t in legend)
 
 
-def test_history_plot_shows_validation_dice_not_only_loss(seg_run: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_history_plot_shows_validation_dice_not_only_loss(
+        seg_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from busi.reporting import plots
 
     figs = []
@@ -326,6 +326,13 @@ def test_history_plot_shows_validation_dice_not_only_loss(seg_run: Path,
     plots.plot_history(seg_run / "history.csv", seg_run / "unused.png", "U-Net")
     labels = [line.get_label() for ax in figs[0].axes for line in ax.get_lines()]
     assert "validation Dice" in labels and "validation loss" in labels
+    # a first validation loss of 65 (the real cpu.yaml U-Net) must not flatten the rest
+    spiked = tmp_path / "history.csv"
+    spiked.write_text("epoch,loss,val_loss\n" + "".join(
+        f"{e},{0.6 - e / 100},{v}\n" for e, v in enumerate([65.4, 6.1, 1.2, 0.9, 0.8, 0.7])))
+    plots.plot_history(spiked, tmp_path / "unused.png", "U-Net")
+    assert figs[1].axes[0].get_yscale() == "log" and "log" in figs[1].axes[0].get_ylabel()
+    assert figs[0].axes[0].get_yscale() == "linear"
 
 
 def test_per_image_csv_joins_the_unets_dice_to_each_prediction(cls_run: Path,

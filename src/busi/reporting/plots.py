@@ -28,6 +28,15 @@ def read_history(path: Path) -> dict[str, list[float]]:
 HISTORY_METRICS = (("dice", "Dice"), ("iou", "IoU"), ("accuracy", "accuracy"))
 
 
+def loss_scale(values: list[float]) -> str:
+    """'log' when a few epochs dwarf the rest (a first validation loss of 65 against 0.5
+    after it flattens every later epoch into the axis), else 'linear'."""
+    v = np.asarray([x for x in values if np.isfinite(x)], dtype=float)
+    if len(v) < 3 or v.min() <= 0:
+        return "linear"
+    return "log" if v.max() / np.median(v) > 10 else "linear"
+
+
 def plot_history(history_csv: Path, out: Path, title: str) -> Path | None:
     """Training and validation loss per epoch, like the paper's Figs. 7 and 10-12, and beside
     it every other figure the history holds (Dice, IoU, accuracy): a validation Dice that
@@ -50,7 +59,9 @@ def plot_history(history_csv: Path, out: Path, title: str) -> Path | None:
         ax.axvline(epochs[best], color="gray", ls=":", lw=1,
                    label=f"best val_loss (epoch {epochs[best]})")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("loss")
+    scale = loss_scale([*h["loss"], *h.get("val_loss", [])])
+    ax.set_yscale(scale)
+    ax.set_ylabel("loss" + (" (log scale)" if scale == "log" else ""))
     ax.set_title(title)
     ax.legend()
     if others:

@@ -30,6 +30,7 @@ from busi.runs import (
     atomic_write,
     list_runs,
     read_json,
+    read_split,
     run_kind,
 )
 
@@ -362,7 +363,7 @@ def build_blocks(run: Path) -> tuple[str, list[Block]]:
     environment at the end."""
     kind = run_kind(run)
     state = _json(run / STATE)
-    split = _json(run / SPLIT)
+    split = read_split(run) if (run / SPLIT).is_file() else {}
     when = time.strftime("%Y-%m-%d %H:%M")
     if kind == "seg":
         metrics = _json(run / "metrics.json")
@@ -475,7 +476,7 @@ def _cv_blocks(run: Path, when: str) -> tuple[str, list[Block]]:
                 curves.append((runs[-1] / "loss_curve.png", f"fold {k} {m}"))
     blocks += _loss_blocks(curves)
     if first is not None:
-        sp = _json(first / SPLIT)
+        sp = read_split(first) if (first / SPLIT).is_file() else {}
         blocks += _split_blocks(sp.get("manifest", ""), None, cfg["split"]["val_size"],
                                 cfg["runtime"]["seed"])
     blocks += _config_blocks(run)
