@@ -117,6 +117,21 @@ def test_a_cvs_list_of_arms_is_a_list_in_the_html_report() -> None:
     assert html.endswith("<p>After.</p>")
 
 
+def test_a_wide_failure_gallery_gets_the_pages_full_width(tmp_path: Path) -> None:
+    """A 12-scan gallery squeezed to 520 px (seen in Chromium on BUS-UCLM) cannot be read;
+    narrow figures (curves, panels) still sit two to a row."""
+    import cv2
+
+    from busi.reporting.report import render_html
+
+    for name, width in (("gallery.png", 1400), ("curve.png", 600)):
+        cv2.imwrite(str(tmp_path / name), np.zeros((50, width, 3), np.uint8))
+    page = render_html("t", [("img", tmp_path / "gallery.png", "gallery"),
+                             ("img", tmp_path / "curve.png", "curve")])
+    assert page.count('<figure class="wide">') == 1
+    assert page.index('<figure class="wide">') < page.index("gallery") < page.index("<figure>")
+
+
 def test_cv_results_and_report_lead_with_each_arms_clinical_summary(cv_run: Path) -> None:
     """Pooled cancer sensitivity / specificity and the U-Net's misses come before every
     table; the pooled per-image table joins all folds; config and environment come last."""

@@ -335,6 +335,23 @@ def test_history_plot_shows_validation_dice_not_only_loss(
     assert figs[0].axes[0].get_yscale() == "linear"
 
 
+def test_failure_gallery_tiles_keep_each_scans_aspect_and_captions_do_not_collide(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from busi.reporting import plots
+
+    figs = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, out: figs.append(fig) or out)
+    grid = np.zeros((2, 32, 32), np.uint8)
+    masks = np.zeros((2, 32, 32), np.uint8)
+    masks[:, 10:20, 10:20] = 1
+    plots.save_failure_gallery(tmp_path / "g.png", grid, masks, masks,
+                               ["a.png: malignant called normal 0.99", "b.png: benign, Dice 0.10"],
+                               "site", shapes=np.array([[100, 300], [400, 200]]))
+    tiles = [ax for ax in figs[0].axes if ax.images]
+    assert [ax.images[0].get_extent() for ax in tiles] == [[0, 300, 100, 0], [0, 200, 400, 0]]
+    assert tiles[0].get_title() == "a.png\nmalignant called normal 0.99"
+
+
 def test_per_image_csv_joins_the_unets_dice_to_each_prediction(cls_run: Path,
                                                                seg_run: Path) -> None:
     with open(cls_run / "predictions.csv") as fh:

@@ -486,7 +486,7 @@ def _evaluate_site(site: _Site, cfg, cls: Path | None, seg: Path | None, clf, un
             site.out / f"failures_{site.slug}.png", ds.images[idx], ds.masks[idx],
             None if predicted is None else predicted[idx],
             [f"{Path(ds.files[i]).name}: {text}" for i, text in chosen],
-            f"{site.name}: wrong calls and lowest Dice")
+            f"{site.name}: wrong calls and lowest Dice", shapes=ds.shapes[idx])
         parts += [f"Failure gallery: `{gallery.relative_to(root)}` -- the "
                   f"{min(len(wrong), GALLERY_EACH)} most confident wrong classifications and "
                   f"the {min(len(worst), GALLERY_EACH)} lowest lesion Dice scans (green: the "

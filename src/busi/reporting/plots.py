@@ -374,24 +374,31 @@ def plot_benign_malignant_roc(y_true: list[str], probs: np.ndarray, classes: lis
 
 def save_failure_gallery(out: Path, images: np.ndarray, truths: np.ndarray,
                          predicted: np.ndarray | None, captions: list[str], title: str,
-                         cols: int = 4) -> Path:
+                         cols: int = 4, shapes: np.ndarray | None = None) -> Path:
     """A grid of scans with the true lesion outlined in green and the U-Net's mask in red
     (when there is one), each captioned with what went wrong: a site's failures are seen,
-    not only counted. Each tile keeps the image's aspect ratio."""
+    not only counted. Each tile is drawn at its scan's own aspect ratio (``shapes``: the
+    original (height, width) of each; the model's square grid otherwise). A caption is
+    ``"file: what went wrong"``, set on two lines so neighbours' captions never run
+    together."""
     n = len(images)
     cols = max(1, min(cols, n))
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.7 * cols, 2.9 * rows), dpi=100,
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), dpi=110,
                              squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for k, ax in enumerate(axes.flat[:n]):
-        ax.imshow(images[k], cmap="gray", vmin=0, vmax=255, aspect="equal")
+        h, w = images[k].shape[:2] if shapes is None else (int(shapes[k][0]), int(shapes[k][1]))
+        extent = (0, w, h, 0)  # the grid stretched back to the scan's own proportions
+        ax.imshow(images[k], cmap="gray", vmin=0, vmax=255, extent=extent, aspect="equal")
         for mask, colour in ((truths[k], "lime"),
                              (None if predicted is None else predicted[k], "red")):
             if mask is not None and np.any(mask):
-                ax.contour(np.asarray(mask) > 0, levels=[0.5], colors=colour, linewidths=1)
-        ax.set_title(captions[k], fontsize=6.5, wrap=True)
-    fig.suptitle(title, fontsize=9)
+                ax.contour(np.asarray(mask) > 0, levels=[0.5], colors=colour, linewidths=1,
+                           extent=extent, origin="upper")
+        name, _, what = captions[k].partition(": ")
+        ax.set_title(f"{name}\n{what}" if what else name, fontsize=7.5)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return save_figure(fig, out)

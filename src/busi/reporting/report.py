@@ -43,7 +43,8 @@ h1{border-bottom:2px solid #333;padding-bottom:.2em}h2{border-bottom:1px solid #
 table{border-collapse:collapse;margin:.6em 0 1em}td,th{border:1px solid #bbb;padding:.25em .6em}
 th{background:#f0f0f0}td.num{text-align:right;font-variant-numeric:tabular-nums}
 figure{display:inline-block;margin:.4em .6em .8em 0;vertical-align:top}
-figure img{max-width:520px;border:1px solid #ddd}figcaption{font-size:.85em;color:#555}
+figure img{max-width:520px;border:1px solid #ddd}figure.wide{display:block}
+figure.wide img{max-width:100%}figcaption{font-size:.85em;color:#555}
 pre{background:#f6f6f6;padding:.6em;overflow-x:auto;font-size:.85em}
 .muted{color:#666;font-size:.9em}
 """
@@ -115,6 +116,16 @@ def _numeric(cell: str) -> bool:
         "-", "").replace("(", "").replace(")", "").isdigit()
 
 
+WIDE_PX = 1000  # a figure wider than this (a failure gallery) gets the page's full width
+
+
+def _png_width(path: Path) -> int:
+    """A PNG's width from its header (bytes 16-20), without decoding it; 0 if unreadable."""
+    with open(path, "rb") as fh:
+        head = fh.read(24)
+    return int.from_bytes(head[16:20], "big") if head[:8] == b"\x89PNG\r\n\x1a\n" else 0
+
+
 def _data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
@@ -138,7 +149,9 @@ def render_html(title: str, blocks: list[Block]) -> str:
             if not gallery:
                 parts.append("<div>")
                 gallery = True
-            parts.append(f"<figure><img src=\"{_data_uri(b[1])}\" alt=\"{html.escape(b[2])}\">"
+            wide = ' class="wide"' if _png_width(b[1]) > WIDE_PX else ""
+            parts.append(f"<figure{wide}><img src=\"{_data_uri(b[1])}\" "
+                         f"alt=\"{html.escape(b[2])}\">"
                          f"<figcaption>{html.escape(b[2])}</figcaption></figure>")
     if gallery:
         parts.append("</div>")
