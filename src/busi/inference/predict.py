@@ -218,18 +218,21 @@ def predict_command(inputs: list[str], seg_run: str | None = None, cls_run: str 
         cv2.drawContours(view, contours, -1, (0, 0, 255), 2)
         ok, buf = cv2.imencode(".png", view)
         atomic_write(out_dir / f"{stem}_overlay.png", buf.tobytes())
+        flags = flags_of(mask, p, min_confidence)
         if explain:
             heat, _ = gradcam(predictor.clf, x, np.array([int(np.argmax(p))]), parts=parts)
             # The scan's own aspect ratio, and the U-Net's mask outlined beside the heatmap.
             save_panels(out_dir, [f"{stem}.png"], resize_image(gray, predictor.size)[None], x, heat,
                         None, [classes[int(np.argmax(p))]], np.array([float(p.max())]),
-                        shapes=np.array([gray.shape[:2]]), unet=mask[None])
+                        shapes=np.array([gray.shape[:2]]), unet=mask[None],
+                        notes=["flagged: " + "; ".join(FLAGS[f] for f in flags)] if flags
+                        else None)
         rows.append({"file": str(path), "pred": classes[int(np.argmax(p))],
                      **{f"p_{k}": round(float(v), 6) for k, v in zip(classes, p, strict=True)},
                      "lesion_pixels": int(mask.sum()), "output_stem": stem,
                      "lesion_pixels_grid": grid,
                      "lesion_fraction": round(float(mask.mean()), 6),
-                     "flags": ";".join(flags_of(mask, p, min_confidence)),
+                     "flags": ";".join(flags),
                      "cls_run": str(cls), "seg_run": str(seg)})
     # New columns after the old ones, so a script that reads columns by position still works.
     header = ["file", "pred", *[f"p_{k}" for k in classes], "lesion_pixels", "output_stem",
