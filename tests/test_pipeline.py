@@ -114,10 +114,15 @@ def test_interrupted_training_resumes_as_the_same_run(work: Path, monkeypatch: p
     assert run(work, "train-seg", f"--set=outputs.root={out_root}", *settings) == 130
     (run_dir,) = list((out_root / "seg").iterdir())
     assert "--resume" in capsys.readouterr().err
-    assert json.loads((run_dir / "state.json").read_text())["epochs_done"] == 1
+    cut = json.loads((run_dir / "state.json").read_text())
+    assert cut["epochs_done"] == 1 and cut["train_seconds"] > 0
     assert not list(run_dir.glob(".*tmp*")), "no half-written files"
     monkeypatch.setattr(train.RunCheckpoint, "on_epoch_end", real)
     assert main(["train-seg", "--resume", str(run_dir)]) == 0
+    # the training time of a resumed run counts its first session's epoch too
+    done = json.loads((run_dir / "state.json").read_text())
+    resumed = json.loads((run_dir / "metrics.json").read_text())["train_seconds"]
+    assert done["train_seconds"] == resumed > cut["train_seconds"]
     (whole,) = list((work / "whole" / "seg").iterdir())
     assert [r["epoch"] for r in history(run_dir)] == [0, 1, 2]
     for want, row in zip(history(whole), history(run_dir), strict=True):

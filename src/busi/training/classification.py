@@ -202,16 +202,16 @@ def train_classifier(cfg: Config, *, seg_run: str | None = None, resume: str | N
     if int(state.get("epochs_done", 0)) < t.epochs:
         state, wall = fit_stage(model, train, val, stage1, run_dir, state, hint, class_weight)
     else:
-        wall = 0.0
+        wall = float(state.get("train_seconds", 0.0))
     if c.freeze_base and c.fine_tune_epochs and int(state.get("epochs_done", 0)) < total_epochs:
         with runtime.model_scope():
             model = load_model(run_dir / "last.keras", fix=restart_fix(run_dir))
             _set_trainable_top_blocks(model, c.fine_tune_blocks)
             model.compile(optimizer=optimizer(t.optimizer, c.fine_tune_learning_rate),
                           loss=t.loss, metrics=["accuracy"])
-        state, wall2 = fit_stage(model, train, val, replace(t, epochs=total_epochs), run_dir, state,
-                            hint, class_weight)
-        wall += wall2
+        # fit_stage counts every committed epoch, both stages and any earlier session
+        state, wall = fit_stage(model, train, val, replace(t, epochs=total_epochs), run_dir,
+                                state, hint, class_weight)
     runtime.end_distribution()
     best = load_model(run_dir / "best.keras")
     probs = best.predict(x[idx["test"]].astype("float32"), batch_size=64, verbose=0)

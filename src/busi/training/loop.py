@@ -76,13 +76,18 @@ class RunCheckpoint(keras.callbacks.Callback):
 
     def __init__(self, run_dir: Path, monitor: str = "val_loss", best: float = math.inf,
                  best_epoch: int = -1, tracked: dict[str, Any] | None = None,
-                 saved: dict[str, Any] | None = None, stage: int = 0):
+                 saved: dict[str, Any] | None = None, stage: int = 0,
+                 seconds_before: float = 0.0):
         super().__init__()
         self.run_dir, self.monitor = run_dir, monitor
         self.best, self.best_epoch = best, best_epoch
         self.tracked, self.saved, self.stage = tracked or {}, saved or {}, stage
+        # Training time of the epochs committed before this fit (earlier sessions, an
+        # earlier stage): a run resumed three times reports all of its time, not the last.
+        self.seconds_before, self.t0 = seconds_before, time.perf_counter()
 
     def on_train_begin(self, logs: dict[str, float] | None = None) -> None:
+        self.t0 = time.perf_counter()
         for name, callback in self.tracked.items():
             for key, value in self.saved.get(name, {}).items():
                 setattr(callback, key, value)
@@ -113,7 +118,9 @@ class RunCheckpoint(keras.callbacks.Callback):
         write_state(self.run_dir,
                    {"epochs_done": epoch + 1, "best": self.best, "best_epoch": self.best_epoch,
                     "finished": False, "seed_states": seeds,
-                    "callbacks": self._callback_state()})
+                    "callbacks": self._callback_state(),
+                    "train_seconds": round(self.seconds_before + time.perf_counter() - self.t0,
+                                           1)})
 
 
 def optimizer(name: str, lr: float):
@@ -159,7 +166,8 @@ def _callbacks(run_dir: Path, train_cfg, state: dict[str, Any]) -> list:
     cbs.append(RunCheckpoint(run_dir, best=state.get("best", math.inf),
                              best_epoch=state.get("best_epoch", -1), tracked=tracked,
                              saved=saved if saved.get("for_epochs") == train_cfg.epochs else {},
-                             stage=train_cfg.epochs))
+                             stage=train_cfg.epochs,
+                             seconds_before=float(state.get("train_seconds", 0.0))))
     return cbs
 
 
@@ -205,13 +213,16 @@ def fit_stage(model, train: Batches, val: Batches, train_cfg, run_dir: Path,
               state: dict[str, Any], resume_hint: str,
               class_weight: dict[int, float] | None = None):
     """One ``model.fit`` stage, continued from ``state`` (a resume) and committed to state.json,
-    so that an interrupt at any point continues the same run and not a different one."""
+    so that an interrupt at any point continues the same run and not a different one.
+
+    Returns the committed state and the run's training seconds so far: every committed
+    epoch of every session and stage (``train_seconds`` in state.json), not this call's."""
     initial = int(state.get("epochs_done", 0))
     if state.get("fit_done_for") == train_cfg.epochs and (run_dir / "best.keras").is_file():
-        return state, 0.0  # this stage ended (all epochs, or early stopping) before the interrupt
+        # this stage ended (all epochs, or early stopping) before the interrupt
+        return state, float(state.get("train_seconds", 0.0))
     if initial and state.get("seed_states"):
         _restore_seed_states(model, state["seed_states"])
-    t0 = time.perf_counter()
     try:
         fit(model, train, validation_data=val, epochs=train_cfg.epochs, initial_epoch=initial,
             callbacks=_callbacks(run_dir, train_cfg, state), class_weight=class_weight,
@@ -220,7 +231,6 @@ def fit_stage(model, train: Batches, val: Batches, train_cfg, run_dir: Path,
         print(f"\nbusi: interrupted. Completed epochs are saved; continue with:\n  {resume_hint}",
               file=sys.stderr)
         raise
-    wall = time.perf_counter() - t0
     final = json.loads((run_dir / STATE).read_text()) if (run_dir / STATE).is_file() \
         else {"epochs_done": initial, "best": math.inf, "best_epoch": -1}
     if not (run_dir / "best.keras").is_file():
@@ -230,7 +240,7 @@ def fit_stage(model, train: Batches, val: Batches, train_cfg, run_dir: Path,
     # train an early-stopped model on to its epoch limit.
     final = {**final, "fit_done_for": train_cfg.epochs}
     write_state(run_dir, final)
-    return final, wall
+    return final, float(final.get("train_seconds", 0.0))
 
 
 def finish_state(run_dir: Path, state: dict[str, Any], **extra: Any) -> None:
