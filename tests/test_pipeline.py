@@ -436,6 +436,30 @@ def test_evaluate_prints_the_per_class_table(work: Path, cls_run: Path, seg_run:
     assert "base weights: from scratch (no pretrained base)" in beside
 
 
+def test_evaluate_puts_two_unets_side_by_side_with_a_paired_difference(
+        work: Path, seg_run: Path, cls_run: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """busi issue 15: the paper's U-Net next to cpu.yaml's on the same test images. The
+    same run twice: two identical rows and a paired difference of exactly zero."""
+    metrics = json.loads((seg_run / "metrics.json").read_text())
+    assert main(["evaluate", str(cls_run), "--seg-run", str(seg_run), "--seg-run", str(seg_run),
+                 "--outputs", str(tmp_path)]) == 0
+    (md,) = (tmp_path / "eval").glob("*/evaluation.md")
+    text = md.read_text()
+    rows = [ln for ln in text.splitlines() if ln.startswith(f"| {seg_run.name} (")]
+    assert len(rows) == 2 and rows[0] == rows[1]
+    n = metrics["lesion_images"]["dice"]["n"]
+    assert f"| {metrics['lesion_images']['dice']['mean']:.3f} (" in rows[0]
+    assert f"{metrics['lesion_images']['hd95_undefined']} of {n}" in rows[0]
+    assert (f"Paired, on the same {n} lesion images: lesion Dice of {seg_run.name} ("
+            in text and "= +0.000 (95% CI +0.000 to +0.000)" in text)
+    assert "plain encoder, base" in rows[0]
+    capsys.readouterr()
+    assert main(["evaluate", "--data", str(work), "--seg-run", str(seg_run),
+                 "--seg-run", str(seg_run), "--outputs", str(tmp_path)]) == 2
+    assert "one --seg-run" in capsys.readouterr().err
+
+
 def test_ground_truth_and_no_mask_ablations_run(work: Path, seg_run: Path) -> None:
     for masks in ("ground_truth", "none"):
         assert run(work, "train-cls", "--model", "cnn", "--seg-run", str(seg_run),

@@ -56,13 +56,15 @@ def load_config(path: str | Path = "paper", overrides: list[str] | None = None) 
     return load(find_config(str(path)), overrides or ())
 
 
-def evaluate(runs: list[str] | None = None, seg_run: str | None = None,
+def evaluate(runs: list[str] | None = None, seg_run: str | list[str] | None = None,
              outputs_root: str = "outputs") -> Path:
     """``busi evaluate`` from Python: classifier runs side by side (the newest split's by
-    default) in a new ``outputs/eval/<run>/``; returns that folder."""
+    default) in a new ``outputs/eval/<run>/``, with one U-Net's test figures or several
+    U-Nets side by side (``seg_run``); returns that folder."""
     from busi.workflows import evaluate_command
 
-    return evaluate_command(runs, seg_run=seg_run, outputs_root=outputs_root)
+    segs = [seg_run] if isinstance(seg_run, str) else seg_run
+    return evaluate_command(runs, seg_runs=segs, outputs_root=outputs_root)
 
 
 def __getattr__(name: str) -> Any:

@@ -193,15 +193,21 @@ def cmd_train_cls(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from busi.workflows import evaluate_command, evaluate_on_data
 
+    seg_runs = args.seg_run or []
     if args.data:
+        if len(seg_runs) > 1:
+            raise BusiError("with --data, one --seg-run segments the images",
+                            fix="give --seg-run once (or leave it out for the classifier's own "
+                                "U-Net); several U-Nets side by side is `busi evaluate "
+                                "--seg-run A --seg-run B` on their own test split")
         if args.runs:
             raise BusiError("with --data, name the classifier with --cls-run, not as a run folder",
                             fix="busi evaluate " + " ".join(f"--data {d}" for d in args.data)
                                 + f" --cls-run {args.runs[0]}")
-        evaluate_on_data(args.data, cls_run=args.cls_run, seg_run=args.seg_run,
-                         outputs_root=args.outputs)
+        evaluate_on_data(args.data, cls_run=args.cls_run,
+                         seg_run=seg_runs[0] if seg_runs else None, outputs_root=args.outputs)
         return 0
-    evaluate_command(runs=args.runs, seg_run=args.seg_run, outputs_root=args.outputs)
+    evaluate_command(runs=args.runs, seg_runs=seg_runs, outputs_root=args.outputs)
     return 0
 
 
@@ -333,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
             busi evaluate                                 # every classifier run of the latest split
             busi evaluate outputs/cls/vgg19/20261124-120000
             busi evaluate --seg-run outputs/seg/20261124-101500
+            # two U-Nets side by side on the same test images (e.g. paper.yaml vs cpu.yaml):
+            busi evaluate --seg-run outputs/seg/A-paper --seg-run outputs/seg/B-cpu
             # trained models on another hospital's images (BUSI layout, or a CSV manifest
             # image,mask,label[,patient]; 95% intervals resample its patients, not images):
             busi evaluate --data other_site.csv --cls-run outputs/cls/cnn/B   # + its own U-Net
@@ -341,8 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
             busi evaluate --data site_a.csv --data site_b/ --cls-run outputs/cls/cnn/B
         """))
     p.add_argument("runs", nargs="*", metavar="RUN_DIR", help="classifier run folders")
-    p.add_argument("--seg-run", metavar="RUN_DIR",
-                   help="also report this U-Net's Dice/IoU/HD95; with --data, the U-Net that "
+    p.add_argument("--seg-run", metavar="RUN_DIR", action="append",
+                   help="also report this U-Net's Dice/IoU/HD95 (repeat it: U-Nets side by "
+                        "side, each on its own test split); with --data, the U-Net that "
                         "segments the images (default: the classifier's own), and without "
                         "--cls-run the U-Net alone is measured (no classifier)")
     p.add_argument("--data", metavar="PATH", action="append",

@@ -197,10 +197,11 @@ def run_cv(cfg: Config, *, folds: int = 5, models: tuple[str, ...] = ("cnn",),
 # ---------------------------------------------------------------------- evaluate
 
 
-def evaluate_command(runs: list[str] | None = None, seg_run: str | None = None,
+def evaluate_command(runs: list[str] | None = None, seg_runs: list[str] | None = None,
                      outputs_root: str = "outputs") -> Path:
     """``busi evaluate``: finished classifier runs side by side (the newest split's by default),
-    into a new ``outputs/eval/<run>/`` -- evaluating never modifies a run's own folder."""
+    into a new ``outputs/eval/<run>/`` -- evaluating never modifies a run's own folder.
+    ``seg_runs``: U-Nets whose test figures are reported too, side by side when several."""
     from busi.evaluation.classification import (
         comparison_markdown,
         evaluate_run,
@@ -210,20 +211,26 @@ def evaluate_command(runs: list[str] | None = None, seg_run: str | None = None,
     )
     from busi.reporting.report import report_after_run
 
-    if seg_run:
-        seg = require_run(seg_run, "seg", option="--seg-run", needs=("metrics.md",)) / "metrics.md"
+    segs = [require_run(r, "seg", option="--seg-run", needs=("metrics.md",))
+            for r in seg_runs or []]
     run_dirs = ([require_run(r, "cls", option="`busi evaluate`", needs=(PREDICTIONS,))
                  for r in runs] if runs else find_classifier_runs(outputs_root))
     print("busi evaluate: classifier run(s) " + ", ".join(map(str, run_dirs))
-          + (f"; U-Net run {seg.parent}" if seg_run else ""))
+          + (f"; U-Net run(s) {', '.join(map(str, segs))}" if segs else ""))
     results = [evaluate_run(r) for r in run_dirs]
     out = new_run_dir(Path(outputs_root) / EVAL_DIR)
     parts = [f"# Evaluation, {time.strftime('%Y-%m-%d %H:%M')}", "", "## Summary", ""]
     for r in results:  # the clinician's figures of each run first; the tables follow
         parts += [f"### {r['title']}", "", summary_markdown(r)]
-    if seg_run:
-        print(seg.read_text())
-        parts += [seg.read_text().replace("# Segmentation", "## Segmentation"), ""]
+    if len(segs) > 1:
+        table = _unets_table(segs)
+        print("U-Nets side by side:\n" + "\n".join(table))
+        parts += ["## U-Nets side by side", "", *table, ""]
+    for seg in segs:
+        text = (seg / "metrics.md").read_text()
+        print(text)
+        heading = "## Segmentation" + (f" ({seg.name})" if len(segs) > 1 else "")
+        parts += [text.replace("# Segmentation", heading, 1), ""]
     for r in results:
         print(r["text"], end="\n\n")
         parts.append(markdown_table(r, r["title"], summary=False))
@@ -245,6 +252,43 @@ def evaluate_command(runs: list[str] | None = None, seg_run: str | None = None,
     print(f"reports: {out}/evaluation.md (and classification_report.* in each run folder)")
     report_after_run(out)
     return out
+
+
+def _unet_said(seg: Path) -> str:
+    """A U-Net run's design in a few words, e.g. 'plain encoder, base 64, mse, lr 5e-05'."""
+    try:
+        cfg = read_config(seg)
+    except BusiError:
+        return "?"
+    u, t = cfg.model.unet, cfg.training.seg
+    return f"{u.encoder} encoder, base {u.base_filters}, {t.loss}, lr {t.learning_rate:g}"
+
+
+def _unets_table(segs: list[Path]) -> list[str]:
+    """U-Net runs side by side (:func:`unets_side_by_side`), from their own files; intervals
+    resample the first run's duplicate groups. A file has a lesion if its ground truth has
+    pixels (``lesion_px``) or, in runs older than that field, if it is not labelled normal
+    in the run's split manifest."""
+    from busi.data.split import read_manifest
+    from busi.evaluation.classification import split_groups
+    from busi.evaluation.segmentation import unets_side_by_side
+
+    scores = [read_json(s / "test_scores.json") for s in segs]
+    label: dict[str, str] = {}
+    for s in segs:
+        try:
+            m = read_manifest(read_split(s)["manifest"])
+            label.update(zip(m.files, m.labels, strict=True))
+        except (BusiError, KeyError):
+            pass
+    lesion = {f: (v["lesion_px"] > 0 if "lesion_px" in v else label.get(f, "normal") != "normal")
+              for sc in scores for f, v in sc.items()}
+    files = list(scores[0])
+    groups = split_groups(segs[0], files)
+    return unets_side_by_side([f"{s.name} ({_unet_said(s)})" for s in segs],
+                              [read_json(s / "metrics.json") for s in segs], scores, lesion,
+                              None if groups is None else dict(zip(files, groups.tolist(),
+                                                                   strict=True)))
 
 
 def evaluate_on_data(data: str | Path | list[str | Path], cls_run: str | None = None,
@@ -706,7 +750,7 @@ def run_demo(workdir: Path = Path("outputs/demo"), per_class: int = 40,
                                                       f"model.classifier.name={name}"])
         runs.append(str(train_classifier(model_cfg, seg_run=str(seg))))
     print("[4/5] evaluation")
-    out = evaluate_command(runs, seg_run=str(seg), outputs_root=str(workdir))
+    out = evaluate_command(runs, seg_runs=[str(seg)], outputs_root=str(workdir))
     print("note: the demo trains VGG19 and MobileNet from scratch for a few epochs on 64x64 "
           "images (no ImageNet download), so near-chance scores for them are expected here; "
           "the CNN is the one to read. Real-data figures: docs/RESULTS.md")

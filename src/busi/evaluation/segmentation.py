@@ -179,3 +179,66 @@ def fmt_stat(stat: dict) -> str:
     if stat.get("mean") is None:  # strict JSON: null where no image had the figure
         return "n/a"
     return f"{stat['mean']:.3f} ± {stat['std']:.3f}"
+
+
+def unets_side_by_side(names: list[str], metrics: list[dict], scores: list[dict[str, dict]],
+                       lesion: dict[str, bool], groups: dict[str, int] | None = None
+                       ) -> list[str]:
+    """U-Net runs side by side on their test splits (Markdown lines): lesion Dice and IoU with
+    95% intervals, HD95 both ways, missed lesions, normal scans predicted empty, training
+    time; then, when they share test images, the paired difference in lesion Dice of the
+    first run against each other one, over the lesion images both scored.
+
+    ``metrics`` are the runs' metrics.json, ``scores`` their test_scores.json (per file:
+    dice, iou, hd95); ``lesion`` says which files have a lesion. ``groups`` maps a file to
+    its duplicate group so an interval resamples groups, not images (None: images).
+    Paired, because two models on the same images differ far less in their difference than
+    two separate intervals suggest: the hard images are hard for both.
+    """
+
+    def values(s: dict[str, dict], key: str, files: list[str]) -> np.ndarray:
+        return np.array([np.nan if s[f].get(key) is None else s[f][key] for f in files])
+
+    def unit_of(files: list[str]) -> np.ndarray:
+        return np.array([groups.get(f, f) if groups else f for f in files], dtype=object)
+
+    def with_ci(mean: float | None, ci: list[float] | None) -> str:
+        if mean is None or not np.isfinite(mean):
+            return "n/a"
+        return f"{mean:.3f}" + ("" if ci is None else f" ({ci[0]:.3f}-{ci[1]:.3f})")
+
+    lines = ["| U-Net run | test images | lesion Dice (95% CI) | IoU (95% CI) | HD95, misses "
+             "counted (px) | HD95, detected (px) | missed lesions | normal scans predicted "
+             "empty | training time |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, m, s in zip(names, metrics, scores, strict=True):
+        found = [f for f in s if lesion.get(f)]
+        units = unit_of(found)
+        le = m["lesion_images"]
+        cells = [with_ci(le["dice"]["mean"], group_mean_ci(values(s, "dice", found), units)),
+                 with_ci(le["iou"]["mean"], group_mean_ci(values(s, "iou", found), units)),
+                 _fmt_px(le.get("hd95_all", {}).get("mean")), _fmt_px(le["hd95"].get("mean")),
+                 f"{le['hd95_undefined']} of {le['dice']['n']}"]
+        empty = m["lesion_free_images"].get("fraction_predicted_empty")
+        cells.append("n/a" if empty is None else
+                     f"{empty:.2f} of {m['lesion_free_images']['n']}")
+        seconds = m.get("train_seconds")
+        cells.append("n/a" if seconds is None else f"{seconds / 60:.0f} min")
+        lines.append(f"| {name} | {m.get('n_test', len(s))} | " + " | ".join(cells) + " |")
+    first = names[0]
+    for name, s in zip(names[1:], scores[1:], strict=True):
+        shared = [f for f in scores[0] if f in s and lesion.get(f)]
+        if set(scores[0]) != set(s):
+            lines += ["", f"{first} and {name} were tested on different images: their figures "
+                          "are not a paired comparison."]
+            continue
+        diff = values(scores[0], "dice", shared) - values(s, "dice", shared)
+        ci = group_mean_ci(diff, unit_of(shared))
+        lines += ["", f"Paired, on the same {len(shared)} lesion images: lesion Dice of {first} "
+                      f"minus {name} = {float(np.mean(diff)):+.3f}"
+                      + ("" if ci is None else f" (95% CI {ci[0]:+.3f} to {ci[1]:+.3f})")
+                      + f"; 95% intervals resample {'duplicate groups' if groups else 'images'}."]
+    return lines
+
+
+def _fmt_px(value: float | None) -> str:
+    return "n/a" if value is None or not np.isfinite(value) else f"{value:.1f}"
