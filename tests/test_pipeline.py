@@ -412,7 +412,14 @@ def test_a_unet_report_leaves_out_classifier_settings(seg_run: Path) -> None:
 
 
 def test_evaluate_prints_the_per_class_table(work: Path, cls_run: Path, seg_run: Path,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+                                             capsys: pytest.CaptureFixture[str],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from busi.evaluation import classification
+
+    # the tiny synthetic set stands in for BUSI's 780 images, which alone go beside the paper
+    split = json.loads((cls_run / "split.json").read_text())
+    monkeypatch.setattr(classification, "PAPER_DATA_IMAGES",
+                        split["train"] + split["val"] + split["test"])
     before = {p: p.stat().st_mtime_ns for p in cls_run.rglob("*")}
     assert main(["evaluate", "--outputs", str(work / "outputs"), "--seg-run", str(seg_run)]) == 0
     assert {p: p.stat().st_mtime_ns for p in cls_run.rglob("*")} == before, \
@@ -434,6 +441,10 @@ def test_evaluate_prints_the_per_class_table(work: Path, cls_run: Path, seg_run:
     benign = report["report"]["benign"]
     assert f"| Benign | {benign['precision']:.2f}" in beside and "| 0.87 |" in beside
     assert "base weights: from scratch (no pretrained base)" in beside
+    # other data (the demo's synthetic scans, a user's own) is not put beside the paper
+    monkeypatch.setattr(classification, "PAPER_DATA_IMAGES", 780)
+    assert main(["evaluate", "--outputs", str(work / "outputs")]) == 0
+    assert "Beside the paper" not in capsys.readouterr().out
 
 
 def test_evaluate_puts_two_unets_side_by_side_with_a_paired_difference(

@@ -580,13 +580,27 @@ def weights_of(run_dir: Path) -> str:
     return f"ImageNet ({Path(w).name})" if "imagenet" in w.lower() else f"file {Path(w).name}"
 
 
+PAPER_DATA_IMAGES = 780  # BUSI: 437 benign, 210 malignant, 133 normal
+
+
+def on_paper_data(run_dir: Path) -> bool:
+    """Whether a run's split covers the paper's data -- all 780 BUSI images -- so that its
+    figures may stand beside the paper's (not the demo's synthetic scans or a user's own)."""
+    try:
+        split = read_split(run_dir)
+        return sum(int(split[k]) for k in ("train", "val", "test")) == PAPER_DATA_IMAGES
+    except (BusiError, KeyError, TypeError, ValueError):
+        return False
+
+
 def paper_table_markdown(r: dict, run_dir: Path) -> str | None:
     """One run beside the paper's table for its model (Tables 1-3), row for row: each of
     our figures with its 95% interval and the paper's next to it. None for a model the
-    paper did not train. The paper lists benign, normal, malignant; this table keeps busi's
-    one class order (benign, malignant, normal) -- the rows are the same."""
+    paper did not train, or a run on other data than BUSI's 780 images. The paper lists
+    benign, normal, malignant; this table keeps busi's one class order (benign, malignant,
+    normal) -- the rows are the same."""
     m = model_of(run_dir)
-    if m not in PAPER_TABLES:
+    if m not in PAPER_TABLES or not on_paper_data(run_dir):
         return None
     table, paper = PAPER_TABLES[m]
     ci = r["ci95"]
