@@ -58,6 +58,19 @@ def test_missing_data_folder_exits_2_without_traceback(tmp_path: Path) -> None:
     assert "no/such/folder" in proc.stderr and "fix:" in proc.stderr
 
 
+@pytest.mark.parametrize("command", [["cv", "--models", "none"], ["cv", "--model", "cnn"],
+                                     ["train-seg"]])
+def test_training_on_a_missing_data_folder_leaves_no_run_folder(
+        command: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`busi cv` made outputs/cv/<run> (config, cv.json) before it looked at the data."""
+    monkeypatch.chdir(tmp_path)
+    assert main([*command, "--data", "no/such/folder"]) == 2
+    assert "no/such/folder" in capsys.readouterr().err
+    assert not (tmp_path / "outputs").exists() or not any(
+        p.is_file() for p in (tmp_path / "outputs").rglob("*") if "cache" not in p.parts)
+
+
 def test_synth_writes_a_dataset_and_refuses_to_overwrite(tmp_path: Path,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "s"

@@ -166,6 +166,9 @@ def run_cv(cfg: Config, *, folds: int = 5, models: tuple[str, ...] = ("cnn",),
         cfg = cv_config(cfg, folds)
         arms = wanted
         _check_arms(cfg, arms)
+        from busi.training.loop import load_data
+
+        load_data(cfg)  # missing or bad data, an impossible split: refused before the folder
         cv_dir = new_run_dir(Path(cfg.outputs.root) / CV_DIR, cfg.outputs.run_name)
         write_config(cv_dir, cfg)
         write_json(cv_dir / "cv.json", {"folds": folds, "models": list(arms), "arms": arms})
