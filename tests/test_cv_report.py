@@ -249,7 +249,31 @@ def test_pooled_report_follows_a_changed_fold_and_its_interval_resamples_folds(
     assert result["pooled"]["accuracy"] == pytest.approx(correct / len(pooled))
     assert "two-level" in result["pooled"]["ci95_method"]
     assert "duplicate groups" in result["pooled"]["ci95_method"]
-    assert "Pooled 95% intervals: cnn: two-level" in (cv / "cv_results.md").read_text()
+    assert "Pooled 95% intervals (every arm: two-level" in (cv / "cv_results.md").read_text()
+
+
+def test_arms_of_one_cv_say_their_operating_point_and_intervals_once(cv_run: Path,
+                                                                     tmp_path: Path) -> None:
+    """Four arms repeated the same operating point and interval paragraph four times each
+    (seen in Chromium on the real BUSI CV): said once for all arms, each arm its summary."""
+    import shutil
+
+    from busi.evaluation.crossval import aggregate
+
+    cv = tmp_path / cv_run.name
+    shutil.copytree(cv_run, cv)
+    for fold in cv.glob("fold*"):  # a second arm: the same classifier runs under another name
+        shutil.copytree(fold / "cls" / "cnn", fold / "cls" / "twin")
+    meta = json.loads((cv / "cv.json").read_text())
+    meta["models"], meta["arms"] = ["cnn", "twin"], {"cnn": ["model.classifier.name=cnn"],
+                                                     "twin": ["model.classifier.name=cnn"]}
+    (cv / "cv.json").write_text(json.dumps(meta))
+    aggregate(cv)
+    md = (cv / "cv_results.md").read_text()
+    assert md.count("pooled out-of-fold** (") == 2
+    assert md.count("Operating point:") == 1 and md.count("Pooled 95% intervals (every arm:") == 2
+    assert md.index("**twin, pooled out-of-fold**") < md.index("Operating point:") \
+        < md.index("## Segmentation")
 
 
 def test_an_arm_added_to_a_cv_trains_on_its_folds_and_unets(cv_run: Path, tmp_path: Path,

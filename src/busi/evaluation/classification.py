@@ -277,10 +277,13 @@ def _ci_text(ci: list[float] | None, digits: int = 2) -> str:
     return "n/a" if ci is None else f"{ci[0]:.{digits}f}-{ci[1]:.{digits}f}"
 
 
-def summary_markdown(r: dict) -> str:
+def summary_markdown(r: dict, notes: bool = True) -> str:
     """The lead of every classification report, what a clinician reads first: the cancer
     figures (sensitivity, specificity, benign-vs-malignant ROC AUC) with intervals, each
-    class's recall, and how many lesions the U-Net missed -- the tables follow."""
+    class's recall, and how many lesions the U-Net missed -- the tables follow.
+
+    ``notes=False`` leaves out the operating point and interval method under the table,
+    for the second and later summaries of one page that share them (a CV's arms)."""
     lines = [f"**Summary** ({r['n']} images). Malignant is the positive class.", "",
              "| figure | value | 95% CI |", "|---|---:|---:|"]
     ss = r.get("sensitivity_specificity")
@@ -310,8 +313,9 @@ def summary_markdown(r: dict) -> str:
     if miss:
         lines.append(f"| Lesion images the U-Net missed (empty predicted mask) | "
                      f"{miss['missed']} of {miss['lesion_images']} | |")
-    lines += ["", "Operating point: " + OPERATING_POINT + "." if ss else "",
-              f"95% intervals: {r.get('ci95_method', 'bootstrap')}.", ""]
+    if notes:
+        lines += ["", "Operating point: " + OPERATING_POINT + "." if ss else "",
+                  f"95% intervals: {r.get('ci95_method', 'bootstrap')}.", ""]
     return "\n".join(ln for ln in lines if ln is not None) + "\n"
 
 

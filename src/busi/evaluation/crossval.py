@@ -14,6 +14,7 @@ import numpy as np
 
 from busi.errors import BusiError
 from busi.evaluation.classification import (
+    OPERATING_POINT,
     PER_IMAGE,
     class_order,
     compute,
@@ -126,7 +127,7 @@ def aggregate(cv_dir: str | Path) -> dict:
                "(95% CI) | pooled macro-F1 (95% CI) | pooled ROC AUC | "
                + " | ".join(f"recall {c}" for c in classes_all) + " |",
                "|---|---:|---:|---:|---:|---:|" + "---:|" * len(classes_all)]
-    methods: list[str] = []
+    methods: list[tuple[str, str]] = []
     lead: list[str] = []  # the clinician's summary of each arm, placed first
     result["classification"] = {}
     detail = []
@@ -160,8 +161,10 @@ def aggregate(cv_dir: str | Path) -> dict:
                                "lesion_dice": "" if row["lesion_dice"] is None
                                else f"{row['lesion_dice']:.4f}"} for row in rows_all])
             atomic_write(pdir / PER_IMAGE, buf.getvalue())
-        lead.append(summary_markdown(r).replace("**Summary**", f"**{m}, pooled out-of-fold**"))
-        methods.append(f"{m}: {r['ci95_method']}")
+        # One operating point and one resampling for all arms (same folds): said once, below.
+        lead.append(summary_markdown(r, notes=False).replace(
+            "**Summary**", f"**{m}, pooled out-of-fold**"))
+        methods.append((m, r["ci95_method"]))
         title = f"{m}: pooled out-of-fold predictions, {folds} folds"
         r["title"], r["text"] = title, f"{title}\n{r['report_text']}"
         # Derived from the folds' predictions: rewritten (file by file, atomically) on every
@@ -196,10 +199,14 @@ def aggregate(cv_dir: str | Path) -> dict:
         detail += ["", markdown_table(r, f"{m}: pooled out-of-fold report", summary=False), ""]
     result["arms"] = cv_arms(meta)
     legend = [f"- `{m}`: " + " ".join(f"`{o}`" for o in result["arms"][m]) for m in models]
+    # The arms share folds and groups, so their interval methods read the same: said once.
+    said = ("every arm: " + methods[0][1] if len({t for _, t in methods}) == 1
+            else "; ".join(f"{m}: {t}" for m, t in methods)) if methods else ""
+    if lead:
+        lead += [f"Operating point: {OPERATING_POINT}. Pooled 95% intervals ({said}).", ""]
     if models:
         lines += ["## Classification", "", "Arms (overrides of the CV's config.yaml):", "",
-                  *legend, "", *summary, "",
-                  "Pooled 95% intervals: " + "; ".join(methods) + ".", "", *detail]
+                  *legend, "", *summary, "", f"Pooled 95% intervals ({said}).", "", *detail]
     else:
         lines += ["No classifier in this CV (`--models none`): segmentation only."]
     if lead:  # the clinician's figures first, before the segmentation and per-fold tables
