@@ -33,11 +33,6 @@ from busi.runs import (
     write_json,
 )
 
-PAPER = {  # Tables 1-3 of the paper: accuracy and macro-F1 on its 78 test images
-    "cnn": {"accuracy": 0.82, "macro_f1": 0.82},
-    "mobilenet": {"accuracy": 0.88, "macro_f1": 0.88},
-    "vgg19": {"accuracy": 0.91, "macro_f1": 0.91},
-}
 # The paper's Tables 1-3 whole: (precision, recall, F1, support) of each row, as printed.
 PAPER_TABLES = {
     "cnn": ("Table 1", {
@@ -53,6 +48,11 @@ PAPER_TABLES = {
         "normal": (0.84, 1.0, 0.91, 16), "accuracy": (None, None, 0.88, 78),
         "macro avg": (0.89, 0.88, 0.88, 78), "weighted avg": (0.89, 0.88, 0.88, 78)}),
 }
+
+
+# Accuracy and macro-F1 of each model on its 78 test images, read from the tables above.
+PAPER = {m: {"accuracy": t["accuracy"][2], "macro_f1": t["macro avg"][2]}
+         for m, (_, t) in PAPER_TABLES.items()}
 
 
 def bootstrap_ci(y_true: np.ndarray, y_pred: np.ndarray, groups: np.ndarray | None = None,
@@ -478,14 +478,21 @@ def plot_confusion(r: dict, out: Path, title: str) -> None:
     save_figure(fig, out)
 
 
-def inputs_of(run_dir: Path) -> str:
-    """What the classifier was shown, e.g. 'predicted masks, multiply' or 'whole image'."""
+def _classifier_settings(run_dir: Path) -> dict | None:
+    """The ``model.classifier`` section of a run's saved config.yaml; None without one."""
     cfg = run_dir / CONFIG
     if not cfg.is_file():
-        return "?"
+        return None
     import yaml
 
-    c = yaml.safe_load(cfg.read_text())["model"]["classifier"]
+    return yaml.safe_load(cfg.read_text())["model"]["classifier"]
+
+
+def inputs_of(run_dir: Path) -> str:
+    """What the classifier was shown, e.g. 'predicted masks, multiply' or 'whole image'."""
+    c = _classifier_settings(run_dir)
+    if c is None:
+        return "?"
     if c["masks"] == "none" or c["mask_mode"] == "none":
         return "whole image"
     grown = f" (+{c['mask_dilation']} px)" if c.get("mask_dilation") else ""
@@ -566,12 +573,9 @@ def comparison_markdown(results: list[dict], runs: list[Path]) -> str:
 def weights_of(run_dir: Path) -> str:
     """Where a classifier's base started, in words, e.g. 'from scratch' for VGG19 here
     (no ImageNet weights reachable): a paper comparison must say so."""
-    cfg = run_dir / CONFIG
-    if not cfg.is_file():
+    c = _classifier_settings(run_dir)
+    if c is None:
         return "?"
-    import yaml
-
-    c = yaml.safe_load(cfg.read_text())["model"]["classifier"]
     w = str(c.get("weights") or "none")
     if c["name"] == "cnn":
         return "from scratch (no pretrained base)"
@@ -659,20 +663,34 @@ def write_per_image(path: Path, files: list[str], y_true: list[str], y_pred: lis
     ``unet_missed`` is 1 for a lesion image whose predicted mask is empty. Written beside
     predictions.csv, which keeps its columns for every reader of it.
     """
+    truth, predicted = np.asarray(truth) > 0, np.asarray(predicted) > 0
+    grid = f"{truth.shape[2]}x{truth.shape[1]}"
+    rows = []
+    for i, f in enumerate(files):
+        t_px, p_px = int(truth[i].sum()), int(predicted[i].sum())
+        rows.append({"file": f, "true": y_true[i], "pred": y_pred[i],
+                     "confidence": float(confidence[i]), "correct": y_true[i] == y_pred[i],
+                     "lesion_dice": dice(truth[i], predicted[i]) if t_px else None,
+                     "true_lesion_px": t_px, "pred_lesion_px": p_px,
+                     "unet_missed": t_px > 0 and p_px == 0, "grid": grid})
+    return write_per_image_rows(path, rows)
+
+
+def write_per_image_rows(path: Path, rows: list[dict]) -> Path:
+    """``per_image.csv`` from rows as :func:`read_per_image` returns them (a CV pools its
+    folds' rows): the one place that says how each column is written."""
     import csv
     import io
 
-    truth, predicted = np.asarray(truth) > 0, np.asarray(predicted) > 0
-    grid = f"{truth.shape[2]}x{truth.shape[1]}"
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(PER_IMAGE_COLUMNS)
-    for i, f in enumerate(files):
-        t_px, p_px = int(truth[i].sum()), int(predicted[i].sum())
-        writer.writerow([f, y_true[i], y_pred[i], f"{float(confidence[i]):.4f}",
-                         int(y_true[i] == y_pred[i]),
-                         f"{dice(truth[i], predicted[i]):.4f}" if t_px else "", t_px, p_px,
-                         int(t_px > 0 and p_px == 0), grid])
+    for r in rows:
+        writer.writerow([r["file"], r["true"], r["pred"], f"{float(r['confidence']):.4f}",
+                         int(r["correct"]),
+                         "" if r["lesion_dice"] is None else f"{r['lesion_dice']:.4f}",
+                         r["true_lesion_px"], r["pred_lesion_px"], int(r["unet_missed"]),
+                         r["grid"]])
     return atomic_write(path, buf.getvalue())
 
 

@@ -23,6 +23,7 @@ from busi.evaluation.classification import (
     read_per_image,
     split_groups,
     summary_markdown,
+    write_per_image_rows,
     write_run_reports,
 )
 from busi.evaluation.segmentation import fmt_stat
@@ -150,17 +151,7 @@ def aggregate(cv_dir: str | Path) -> dict:
                     if all(per_image[m]) else None)
         r["unet_missed"] = missed_lesions(rows_all)
         if rows_all:  # the folds' per-image tables, pooled like their predictions
-            import csv
-            import io
-
-            buf = io.StringIO()
-            writer = csv.DictWriter(buf, list(rows_all[0]), lineterminator="\n")
-            writer.writeheader()
-            writer.writerows([{**row, "correct": int(row["correct"]),
-                               "unet_missed": int(row["unet_missed"]),
-                               "lesion_dice": "" if row["lesion_dice"] is None
-                               else f"{row['lesion_dice']:.4f}"} for row in rows_all])
-            atomic_write(pdir / PER_IMAGE, buf.getvalue())
+            write_per_image_rows(pdir / PER_IMAGE, rows_all)
         # One operating point and one resampling for all arms (same folds): said once, below.
         lead.append(summary_markdown(r, notes=False).replace(
             "**Summary**", f"**{m}, pooled out-of-fold**"))
