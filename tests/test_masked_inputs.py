@@ -79,3 +79,22 @@ def test_channel_mode_gives_the_whole_scan_and_the_mask_as_a_second_channel() ->
     assert none.shape == (1, 64, 64, 2) and none[..., 1].max() == 0
     gray = classifier_inputs(image, mask, ClassifierConfig(mask_mode="multiply"))
     np.testing.assert_array_equal(gray, masked_inputs(image, mask, "multiply")[..., None])
+
+
+def test_a_u_net_that_found_no_lesion_is_said_before_the_classifier_trains_on_black_images(
+) -> None:
+    """train-cls warns when most lesion images' masks are empty under ``multiply``: the
+    classifier would see one black image for every class. Normal images (empty by right)
+    do not count, and a U-Net that found most lesions is not warned about."""
+    from busi.models.inputs import empty_mask_warning
+
+    classes = ("benign", "malignant", "normal")
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    masks = np.zeros((6, 8, 8), np.uint8)
+    said = empty_mask_warning(masks, labels, classes, "multiply")
+    assert said is not None and "empty for 4 of 4 lesion images" in said
+    masks[0, 2, 2] = masks[2, 3, 3] = masks[3, 4, 4] = 1  # 3 of 4 lesions found
+    assert empty_mask_warning(masks, labels, classes, "multiply") is None
+    masks[:] = 0
+    assert empty_mask_warning(masks, labels, classes, "channel") is None  # scan stays in view
+    assert empty_mask_warning(None, labels, classes, "multiply") is None  # no masks used

@@ -304,6 +304,16 @@ def test_json_files_are_strict_json_with_null_for_undefined(tmp_path: Path) -> N
         "hd95": None, "a": [1.0, None], "n": 0.5}
 
 
+def test_a_figure_no_image_had_reads_n_a_in_tables_not_nan() -> None:
+    """A U-Net that detected no lesion has no HD95 over detected lesions: its tables say
+    n/a, in memory (NaN) as after a JSON round trip (null)."""
+    from busi.evaluation.segmentation import fmt_stat
+
+    assert fmt_stat({"mean": float("nan"), "std": float("nan")}) == "n/a"
+    assert fmt_stat({"mean": None, "std": None}) == "n/a"
+    assert fmt_stat({"mean": 0.8123, "std": 0.1}) == "0.812 ± 0.100"
+
+
 def test_overlay_and_gradcam_panels_keep_the_scans_aspect_ratio(tmp_path: Path) -> None:
     """A 100x200 scan on the model's 32x32 grid is drawn twice as wide as high; Grad-CAM is
     drawn over the scan, not over the masked input, with a colour bar."""

@@ -176,7 +176,10 @@ def tune_threshold(truth: np.ndarray, prob: np.ndarray, candidates: np.ndarray |
 
 def fmt_stat(stat: dict) -> str:
     """'0.812 ± 0.104': a summary statistic as every table prints it, so they all read alike."""
-    if stat.get("mean") is None:  # strict JSON: null where no image had the figure
+    mean = stat.get("mean")
+    # None (strict JSON's null) or NaN (in memory): no image had the figure, e.g. HD95 over
+    # detected lesions when the U-Net detected none
+    if mean is None or not np.isfinite(mean):
         return "n/a"
     return f"{stat['mean']:.3f} ± {stat['std']:.3f}"
 

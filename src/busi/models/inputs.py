@@ -64,6 +64,29 @@ def masked_inputs(images: np.ndarray, masks: np.ndarray | None, mode: str,
     return out
 
 
+def empty_mask_warning(masks: np.ndarray | None, labels: np.ndarray,
+                       classes: tuple[str, ...] | list[str], mode: str) -> str | None:
+    """Say so when most lesion images' masks are empty and ``multiply`` blanks them.
+
+    With ``multiply`` an empty mask is a black image. A U-Net that found no lesion in most
+    lesion images (the paper's MSE U-Net can end so) then hands the classifier the same
+    black input for every class, and its figures measure little more than the class
+    frequencies: said before training starts, not discovered in the report afterwards.
+    """
+    if masks is None or mode != "multiply":
+        return None
+    lesion = np.array([classes[k] != "normal" for k in labels], dtype=bool)
+    n_lesion = int(lesion.sum())
+    n_empty = int((~masks[lesion].reshape(n_lesion, -1).any(axis=1)).sum()) if n_lesion else 0
+    if not n_lesion or n_empty * 2 < n_lesion:
+        return None
+    return (f"the U-Net's masks are empty for {n_empty} of {n_lesion} lesion images: with "
+            "mask_mode 'multiply' those are black images, the same for every class, so the "
+            "classifier can learn little more than how often each class occurs. Check the "
+            "U-Net (Dice and missed lesions in its report.html) before reading these figures; "
+            "mask_mode 'channel' keeps the scan beside the mask")
+
+
 def input_channels(c) -> int:
     """Channels of the classifier's input for a classifier config: 2 (scan, mask) for
     ``mask_mode: channel``, else 1 (the gray, possibly masked or cropped, image)."""

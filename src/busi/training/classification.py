@@ -22,7 +22,12 @@ from busi.data.split import get_manifest, read_manifest
 from busi.errors import BusiError
 from busi.evaluation.classification import evaluate_run
 from busi.models.classifiers import build_classifier
-from busi.models.inputs import classifier_inputs, classifier_masks, input_channels
+from busi.models.inputs import (
+    classifier_inputs,
+    classifier_masks,
+    empty_mask_warning,
+    input_channels,
+)
 from busi.models.saving import load_model
 from busi.models.weights import copy_encoder_weights, unet_encoder
 from busi.reporting import plots
@@ -151,6 +156,10 @@ def train_classifier(cfg: Config, *, seg_run: str | None = None, resume: str | N
     idx = {k: ds.index(v) for k, v in parts.items()}
     masks = classifier_masks(cfg, ds, seg_path)
     x = classifier_inputs(ds.images, masks, c)
+    blank = empty_mask_warning(None if masks is None else masks[idx["train"]],
+                               ds.labels[idx["train"]], ds.classes, c.mask_mode)
+    if blank:
+        print(f"busi: warning: {blank}", file=sys.stderr)
     cfg, run_dir, state = start_run(cfg, f"{CLS_DIR}/{name or c.name}", resume,
                                       config_source)
     precision = runtime.setup(cfg.runtime.seed, cfg.runtime.precision, cfg.runtime.deterministic)
