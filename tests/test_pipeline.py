@@ -340,6 +340,26 @@ def test_history_plot_shows_validation_dice_not_only_loss(
     assert figs[0].axes[0].get_yscale() == "linear"
 
 
+def test_an_mse_u_nets_loss_curve_shows_the_loss_of_predicting_background_everywhere(
+        seg_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A validation MSE that settles on the all-background line (the paper's U-Net on BUSI)
+    has learned nothing else: the curve draws that line at the mean of the 0/1 masks."""
+    from busi.reporting import plots
+    from busi.training.segmentation import background_loss
+
+    masks = np.zeros((4, 8, 8), np.uint8)
+    masks[0, :2, :] = 1  # 16 of 256 pixels
+    value, label = background_loss("mse", masks)
+    assert value == pytest.approx(16 / 256) and "all-background" in label
+    assert background_loss("bce_dice", masks) is None  # the line is an MSE's
+    figs = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, out: figs.append(fig) or out)
+    plots.plot_history(seg_run / "history.csv", seg_run / "unused.png", "U-Net",
+                       baseline=(value, label))
+    (line,) = [ln for ln in figs[0].axes[0].get_lines() if ln.get_label() == label]
+    assert list(line.get_ydata()) == [value, value]
+
+
 def test_failure_gallery_tiles_keep_each_scans_aspect_and_captions_do_not_collide(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from busi.reporting import plots

@@ -37,10 +37,16 @@ def loss_scale(values: list[float]) -> str:
     return "log" if v.max() / np.median(v) > 10 else "linear"
 
 
-def plot_history(history_csv: Path, out: Path, title: str) -> Path | None:
+def plot_history(history_csv: Path, out: Path, title: str,
+                 baseline: tuple[float, str] | None = None) -> Path | None:
     """Training and validation loss per epoch, like the paper's Figs. 7 and 10-12, and beside
     it every other figure the history holds (Dice, IoU, accuracy): a validation Dice that
-    stalls while the loss still falls is only visible there."""
+    stalls while the loss still falls is only visible there.
+
+    ``baseline`` (value, label) draws the loss a trivial model scores, e.g. the MSE of an
+    all-background mask: a validation loss that settles on it has learned nothing else,
+    which a falling curve alone does not show.
+    """
     if not Path(history_csv).is_file():
         return None
     h = read_history(history_csv)
@@ -58,6 +64,8 @@ def plot_history(history_csv: Path, out: Path, title: str) -> Path | None:
         best = int(np.argmin(h["val_loss"]))
         ax.axvline(epochs[best], color="gray", ls=":", lw=1,
                    label=f"best val_loss (epoch {epochs[best]})")
+    if baseline is not None:
+        ax.axhline(baseline[0], color="black", ls="--", lw=1, label=baseline[1])
     ax.set_xlabel("epoch")
     scale = loss_scale([*h["loss"], *h.get("val_loss", [])])
     ax.set_yscale(scale)

@@ -118,6 +118,14 @@ def _out_of_fold(cfg: Config, ds: Dataset, pool: np.ndarray, run_dir: Path, k: i
     return models
 
 
+def background_loss(loss: str, val_masks: np.ndarray) -> tuple[float, str] | None:
+    """The validation MSE of a U-Net that calls every pixel background (the mean of the 0/1
+    masks), drawn on the loss curve: the paper's MSE U-Net can settle exactly there."""
+    if loss != "mse" or not len(val_masks):
+        return None
+    return float((val_masks > 0).mean()), "val MSE of an all-background mask"
+
+
 def train_segmentation(cfg: Config, *, resume: str | None = None,
                        config_source: str | None = None, fold: int | None = None) -> Path:
     """Train the U-Net on the manifest's train part, evaluate on its test part.
@@ -196,7 +204,8 @@ def train_segmentation(cfg: Config, *, resume: str | None = None,
     write_json(run_dir / "test_scores.json", per_file)
     save_masks(run_dir / "masks.npz", ds.files, probs, source, rule, t.flip_tta, members)
     plots.plot_history(run_dir / "history.csv", run_dir / "loss_curve.png",
-                        title="U-Net: training and validation loss")
+                        title="U-Net: training and validation loss",
+                        baseline=background_loss(t.loss, ds.masks[idx["val"]]))
     plots.save_overlays(run_dir / "overlays", ds, idx["test"], rule.apply(probs), 0.5)
     finish_state(run_dir, final, environment=runtime.environment(),
                   precision=precision)
