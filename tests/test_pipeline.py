@@ -360,6 +360,27 @@ def test_an_mse_u_nets_loss_curve_shows_the_loss_of_predicting_background_everyw
     assert list(line.get_ydata()) == [value, value]
 
 
+def test_a_u_net_stuck_on_background_is_said_during_training_once(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Five epochs of validation Dice 0 in a row give one warning (the paper's U-Net ran six
+    hours so); a Dice above 0 restarts the count, and a run that finds lesions hears nothing."""
+    from busi.training.segmentation import NoLesionWatch
+
+    watch = NoLesionWatch(patience=5, background=0.0726)
+    for epoch, dice in enumerate([0.0, 0.0, 0.01, 0.0, 0.0, 0.0, 0.0]):
+        watch.on_epoch_end(epoch, {"val_dice": dice, "val_loss": 0.0726})
+    assert capsys.readouterr().err == ""  # only four in a row since the 0.01
+    for epoch in (7, 8, 9):
+        watch.on_epoch_end(epoch, {"val_dice": 0.0, "val_loss": 0.0726})
+    said = capsys.readouterr().err
+    assert said.count("warning") == 1 and "0 for 5 epochs (to epoch 8)" in said
+    assert "0.0726 against 0.0726 for an all-background mask" in said
+    learning = NoLesionWatch(patience=5)
+    for epoch in range(10):
+        learning.on_epoch_end(epoch, {"val_dice": 0.3, "val_loss": 0.2})
+    assert capsys.readouterr().err == ""
+
+
 def test_failure_gallery_tiles_keep_each_scans_aspect_and_captions_do_not_collide(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from busi.reporting import plots

@@ -211,10 +211,11 @@ def load_data(cfg: Config) -> tuple[Dataset, Manifest]:
 
 def fit_stage(model, train: Batches, val: Batches, train_cfg, run_dir: Path,
               state: dict[str, Any], resume_hint: str,
-              class_weight: dict[int, float] | None = None):
+              class_weight: dict[int, float] | None = None, extra: list | None = None):
     """One ``model.fit`` stage, continued from ``state`` (a resume) and committed to state.json,
     so that an interrupt at any point continues the same run and not a different one.
 
+    ``extra`` callbacks run before busi's own (which commit the epoch last).
     Returns the committed state and the run's training seconds so far: every committed
     epoch of every session and stage (``train_seconds`` in state.json), not this call's."""
     initial = int(state.get("epochs_done", 0))
@@ -225,7 +226,8 @@ def fit_stage(model, train: Batches, val: Batches, train_cfg, run_dir: Path,
         _restore_seed_states(model, state["seed_states"])
     try:
         fit(model, train, validation_data=val, epochs=train_cfg.epochs, initial_epoch=initial,
-            callbacks=_callbacks(run_dir, train_cfg, state), class_weight=class_weight,
+            callbacks=[*(extra or []), *_callbacks(run_dir, train_cfg, state)],
+            class_weight=class_weight,
             verbose=2)
     except KeyboardInterrupt:
         print(f"\nbusi: interrupted. Completed epochs are saved; continue with:\n  {resume_hint}",

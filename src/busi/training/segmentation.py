@@ -4,6 +4,7 @@ fold for the classifier's training images), tunes the threshold and scores the t
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,43 @@ from busi.training.loop import (
     start_run,
 )
 
+keras = runtime.import_keras()
+
+
+class NoLesionWatch(keras.callbacks.Callback):
+    """Warn, once, when the validation Dice has been 0 for ``patience`` epochs in a row.
+
+    A U-Net that calls every pixel background can run for hours looking busy: its loss
+    still wiggles and its best checkpoint keeps moving. The paper's MSE U-Net did this on
+    BUSI in every run busi made of it (docs/RESULTS.md). Training goes on (it is the
+    user's experiment), but the user learns after a few epochs, not at the end.
+    ``background`` is the validation MSE of an all-background mask (MSE runs only).
+    """
+
+    def __init__(self, patience: int = 5, background: float | None = None) -> None:
+        super().__init__()
+        self.patience, self.background = patience, background
+        self.flat, self.said = 0, False
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        logs = logs or {}
+        if "val_dice" not in logs:
+            return
+        self.flat = self.flat + 1 if float(logs["val_dice"]) <= 1e-6 else 0
+        if self.said or self.flat < self.patience:
+            return
+        self.said = True
+        why = ""
+        if self.background is not None and "val_loss" in logs:
+            why = (f"; val_loss {float(logs['val_loss']):.4f} against {self.background:.4f} "
+                   "for an all-background mask")
+        print(f"busi: warning: validation Dice has been 0 for {self.flat} epochs (to epoch "
+              f"{epoch + 1}){why}: the U-Net predicts no lesion anywhere. An MSE loss through "
+              "a saturated sigmoid has almost no gradient left, and busi's runs of the "
+              "paper's settings never recovered within 100 epochs. Training goes on; Ctrl-C "
+              "keeps every finished epoch. Settings that learn: configs/cpu.yaml (BCE+Dice, "
+              "lr 5e-4, batch 16).", file=sys.stderr)
+
 
 def _unet(cfg: Config):
     return unet_from_config(cfg.model.unet, cfg.data.image_size)
@@ -63,7 +101,9 @@ def fit_unet(cfg: Config, ds: Dataset, train_idx: np.ndarray, val_idx: np.ndarra
                           metrics=segmentation_metrics(t.threshold))
     train = _seg_batches(cfg, ds, train_idx, training=True, seed=cfg.runtime.seed)
     val = _seg_batches(cfg, ds, val_idx, training=False, seed=0)
-    final, wall = fit_stage(model, train, val, t, run_dir, state, resume_hint)
+    floor = background_loss(t.loss, ds.masks[val_idx])
+    watch = NoLesionWatch(background=floor[0] if floor else None)
+    final, wall = fit_stage(model, train, val, t, run_dir, state, resume_hint, extra=[watch])
     runtime.end_distribution()
     return load_model(run_dir / "best.keras"), final, wall
 
