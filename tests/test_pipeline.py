@@ -480,8 +480,18 @@ def test_evaluate_prints_the_per_class_table(work: Path, cls_run: Path, seg_run:
     assert f"| Accuracy | | | | | {acc:.2f} ({lo:.2f}-{hi:.2f}) | 0.82 | {report['n']} | 78 |" \
         in beside
     benign = report["report"]["benign"]
-    assert f"| Benign | {benign['precision']:.2f}" in beside and "| 0.87 |" in beside
+    called_benign = np.asarray(report["confusion_matrix"])[:, 0].sum()
+    assert (f"| Benign | {benign['precision']:.2f}" if called_benign
+            else "| Benign | never predicted |") in beside and "| 0.87 |" in beside
     assert "base weights: from scratch (no pretrained base)" in beside
+    # a model that calls everything benign (the paper's CNN on black inputs) has no precision
+    # for the classes it never calls: said, not printed as a measured 0.00
+    k = len(report["labels"])
+    totals = np.asarray(report["confusion_matrix"]).sum(axis=1)
+    everything_benign = {**report, "confusion_matrix": [[int(n)] + [0] * (k - 1) for n in totals]}
+    table = classification.paper_table_markdown(everything_benign, cls_run)
+    assert "| Malignant | never predicted |" in table and "| Normal | never predicted |" in table
+    assert "Never predicted: malignant, normal." in table
     # other data (the demo's synthetic scans, a user's own) is not put beside the paper
     monkeypatch.setattr(classification, "PAPER_DATA_IMAGES", 780)
     assert classification.paper_table_markdown(report, cls_run) is None
@@ -502,6 +512,8 @@ def test_evaluate_puts_two_unets_side_by_side_with_a_paired_difference(
     n = metrics["lesion_images"]["dice"]["n"]
     assert f"| {metrics['lesion_images']['dice']['mean']:.3f} (" in rows[0]
     assert f"{metrics['lesion_images']['hd95_undefined']} of {n}" in rows[0]
+    free = metrics["lesion_free_images"]  # normal scans predicted empty: a count, not a rate
+    assert f"| {round(free['fraction_predicted_empty'] * free['n'])} of {free['n']} |" in rows[0]
     assert (f"Paired, on the same {n} lesion images: lesion Dice of {seg_run.name} ("
             in text and "= +0.000 (95% CI +0.000 to +0.000)" in text)
     assert "plain encoder, base" in rows[0]

@@ -627,12 +627,16 @@ def paper_table_markdown(r: dict, run_dir: Path) -> str | None:
              "paper's figure.", "",
              "| | precision | paper | recall | paper | F1-score | paper | support | paper |",
              "|---|---|---:|---|---:|---|---:|---:|---:|"]
+    called = np.asarray(r["confusion_matrix"]).sum(axis=0)  # predictions of each class
+    never = [c for k, c in enumerate(r["labels"]) if c in r["present"] and not called[k]]
     for c in r["labels"]:
         if c not in r["present"]:
             continue
         row, theirs = r["report"][c], paper.get(c, (None,) * 4)
+        precision = ("never predicted" if c in never
+                     else cell(row["precision"], ci.get("precision", {}).get(c)))
         lines.append(
-            f"| {c.capitalize()} | {cell(row['precision'], ci.get('precision', {}).get(c))} | "
+            f"| {c.capitalize()} | {precision} | "
             f"{ref(theirs[0])} | {cell(row['recall'], ci.get('recall', {}).get(c))} | "
             f"{ref(theirs[1])} | {cell(row['f1-score'], ci.get('f1', {}).get(c))} | "
             f"{ref(theirs[2])} | {int(row['support'])} | {ref(theirs[3])} |")
@@ -644,6 +648,10 @@ def paper_table_markdown(r: dict, run_dir: Path) -> str | None:
         lines.append(f"| {label} | {cell(row['precision'])} | {ref(theirs[0])} | "
                      f"{cell(row['recall'])} | {ref(theirs[1])} | {f1} | {ref(theirs[2])} | "
                      f"{int(row['support'])} | {ref(theirs[3])} |")
+    if never:
+        lines += ["", f"Never predicted: {', '.join(never)}. A class the model never calls has "
+                      "no precision; the averages count it as 0 (scikit-learn's "
+                      "zero_division=0)."]
     return "\n".join(lines) + "\n"
 
 

@@ -222,8 +222,8 @@ def unets_side_by_side(names: list[str], metrics: list[dict], scores: list[dict[
                  _fmt_px(le.get("hd95_all", {}).get("mean")), _fmt_px(le["hd95"].get("mean")),
                  f"{le['hd95_undefined']} of {le['dice']['n']}"]
         empty = m["lesion_free_images"].get("fraction_predicted_empty")
-        cells.append("n/a" if empty is None else
-                     f"{empty:.2f} of {m['lesion_free_images']['n']}")
+        n_free = m["lesion_free_images"]["n"]
+        cells.append("n/a" if empty is None else f"{round(empty * n_free)} of {n_free}")
         seconds = m.get("train_seconds")
         cells.append("n/a" if seconds is None else f"{seconds / 60:.0f} min")
         lines.append(f"| {name} | {m.get('n_test', len(s))} | " + " | ".join(cells) + " |")
