@@ -68,8 +68,8 @@ class NoLesionWatch(keras.callbacks.Callback):
                    "for an all-background mask")
         print(f"busi: warning: validation Dice has been 0 for {self.flat} epochs (to epoch "
               f"{epoch + 1}){why}: the U-Net predicts no lesion anywhere. An MSE loss through "
-              "a saturated sigmoid has almost no gradient left, and busi's runs of the "
-              "paper's settings never recovered within 100 epochs. Training goes on; Ctrl-C "
+              "a saturated sigmoid has almost no gradient left: busi's runs of the paper's "
+              "settings on BUSI never left this state. Training goes on; Ctrl-C "
               "keeps every finished epoch. Settings that learn: configs/cpu.yaml (BCE+Dice, "
               "lr 5e-4, batch 16).", file=sys.stderr)
 
