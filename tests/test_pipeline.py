@@ -379,6 +379,11 @@ def test_a_u_net_stuck_on_background_is_said_during_training_once(
     for epoch in range(10):
         learning.on_epoch_end(epoch, {"val_dice": 0.3, "val_loss": 0.2})
     assert capsys.readouterr().err == ""
+    bce = NoLesionWatch(patience=2)  # not an MSE run: no MSE explanation
+    for epoch in range(2):
+        bce.on_epoch_end(epoch, {"val_dice": 0.0, "val_loss": 0.3})
+    said = capsys.readouterr().err
+    assert "predicts no lesion anywhere" in said and "MSE" not in said
 
 
 def test_failure_gallery_tiles_keep_each_scans_aspect_and_captions_do_not_collide(

@@ -62,16 +62,17 @@ class NoLesionWatch(keras.callbacks.Callback):
         if self.said or self.flat < self.patience:
             return
         self.said = True
-        why = ""
-        if self.background is not None and "val_loss" in logs:
-            why = (f"; val_loss {float(logs['val_loss']):.4f} against {self.background:.4f} "
-                   "for an all-background mask")
+        why, cause = "", ""
+        if self.background is not None:  # an MSE run
+            if "val_loss" in logs:
+                why = (f"; val_loss {float(logs['val_loss']):.4f} against "
+                       f"{self.background:.4f} for an all-background mask")
+            cause = (" An MSE loss through a saturated sigmoid has almost no gradient left: "
+                     "busi's runs of the paper's settings on BUSI never left this state.")
         print(f"busi: warning: validation Dice has been 0 for {self.flat} epochs (to epoch "
-              f"{epoch + 1}){why}: the U-Net predicts no lesion anywhere. An MSE loss through "
-              "a saturated sigmoid has almost no gradient left: busi's runs of the paper's "
-              "settings on BUSI never left this state. Training goes on; Ctrl-C "
-              "keeps every finished epoch. Settings that learn: configs/cpu.yaml (BCE+Dice, "
-              "lr 5e-4, batch 16).", file=sys.stderr)
+              f"{epoch + 1}){why}: the U-Net predicts no lesion anywhere.{cause} Training "
+              "goes on; Ctrl-C keeps every finished epoch. Settings that learn: "
+              "configs/cpu.yaml (BCE+Dice, lr 5e-4, batch 16).", file=sys.stderr)
 
 
 def _unet(cfg: Config):
