@@ -33,11 +33,11 @@ def main() -> int:
     args = ap.parse_args()
     run = Path(args.run)
     cfg = read_config(run)
-    manifest = read_manifest(read_split(run)["manifest"])
+    split = read_split(run)
+    manifest = read_manifest(split["manifest"])
     ds = load_dataset(args.data or cfg.data.root, tuple(cfg.data.classes),
                       tuple(cfg.data.image_size), cache_dir=cfg.data.cache_dir)
-    fold = read_split(run).get("fold")
-    val = ds.index(manifest.partition(fold)["val"])
+    val = ds.index(manifest.partition(split.get("fold"))["val"])
     probs = predict_probs([load_model(run / args.checkpoint)], ds.images[val])
     lesion = ds.masks[val] > 0
     epochs = json.loads((run / "state.json").read_text())["epochs_done"]

@@ -181,7 +181,7 @@ def fmt_stat(stat: dict) -> str:
     # detected lesions when the U-Net detected none
     if mean is None or not np.isfinite(mean):
         return "n/a"
-    return f"{stat['mean']:.3f} ± {stat['std']:.3f}"
+    return f"{mean:.3f} ± {stat['std']:.3f}"
 
 
 def unets_side_by_side(names: list[str], metrics: list[dict], scores: list[dict[str, dict]],
