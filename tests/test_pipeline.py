@@ -528,6 +528,21 @@ def test_evaluate_puts_two_unets_side_by_side_with_a_paired_difference(
     assert "one --seg-run" in capsys.readouterr().err
 
 
+def test_evaluate_compares_unets_before_any_classifier_exists(
+        seg_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's `busi evaluate --seg-run A --seg-run B` on an outputs folder with U-Nets
+    only (the paper's U-Net before its classifiers): the U-Nets, not 'train one first'."""
+    assert main(["evaluate", "--seg-run", str(seg_run), "--seg-run", str(seg_run),
+                 "--outputs", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"busi evaluate: U-Net run(s) {seg_run}, {seg_run}\n")
+    assert "classifier" not in out.splitlines()[0]
+    (md,) = (tmp_path / "eval").glob("*/evaluation.md")
+    text = md.read_text()
+    assert "## U-Nets side by side" in text and "lesion Dice of" in text
+    assert "## Side by side" not in text
+
+
 def test_ground_truth_and_no_mask_ablations_run(work: Path, seg_run: Path) -> None:
     for masks in ("ground_truth", "none"):
         assert run(work, "train-cls", "--model", "cnn", "--seg-run", str(seg_run),

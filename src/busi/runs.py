@@ -542,12 +542,15 @@ def seg_record(seg_path: Path) -> dict[str, Any]:
     return record
 
 
-def find_classifier_runs(outputs_root: str | Path) -> list[Path]:
+def find_classifier_runs(outputs_root: str | Path, required: bool = True) -> list[Path]:
     """Finished classifier runs of the most recent split (the newest run's manifest): what
-    ``busi evaluate`` compares when no run is named."""
+    ``busi evaluate`` compares when no run is named. None is an error only if ``required``
+    (``busi evaluate --seg-run`` also works before any classifier exists)."""
     root = Path(outputs_root) / CLS_DIR
     runs = [r for m in sorted(root.glob("*")) for r in list_runs(m)
             if (r / PREDICTIONS).is_file() and is_finished(r)]
+    if not runs and not required:
+        return []
     if not runs:
         raise BusiError(f"no finished classifier run under {root}",
                         fix="train one first: busi train-cls --model cnn --config <config>")

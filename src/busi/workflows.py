@@ -217,9 +217,11 @@ def evaluate_command(runs: list[str] | None = None, seg_runs: list[str] | None =
     segs = [require_run(r, "seg", option="--seg-run", needs=("metrics.md",))
             for r in seg_runs or []]
     run_dirs = ([require_run(r, "cls", option="`busi evaluate`", needs=(PREDICTIONS,))
-                 for r in runs] if runs else find_classifier_runs(outputs_root))
-    print("busi evaluate: classifier run(s) " + ", ".join(map(str, run_dirs))
-          + (f"; U-Net run(s) {', '.join(map(str, segs))}" if segs else ""))
+                 for r in runs] if runs else find_classifier_runs(outputs_root,
+                                                                  required=not segs))
+    print("busi evaluate: " + "; ".join(
+        [f"classifier run(s) {', '.join(map(str, run_dirs))}"] * bool(run_dirs)
+        + [f"U-Net run(s) {', '.join(map(str, segs))}"] * bool(segs)))
     results = [evaluate_run(r) for r in run_dirs]
     out = new_run_dir(Path(outputs_root) / EVAL_DIR)
     parts = [f"# Evaluation, {time.strftime('%Y-%m-%d %H:%M')}", "", "## Summary", ""]
@@ -245,14 +247,16 @@ def evaluate_command(runs: list[str] | None = None, seg_runs: list[str] | None =
         parts += ["## Beside the paper (its Tables 1-3, on its own 78 test images)", "",
                   "The paper's test images are another draw of 78 from BUSI: a difference "
                   "inside our interval is not a difference.", "", text]
-    table = comparison_markdown(results, run_dirs)
-    print("Side by side:\n" + table)
-    parts += ["## Side by side", "", table]
+    if results:
+        table = comparison_markdown(results, run_dirs)
+        print("Side by side:\n" + table)
+        parts += ["## Side by side", "", table]
     atomic_write(out / "evaluation.md", "\n".join(parts))
     write_json(out / "evaluation.json",
                [{"run": str(d), **{k: v for k, v in r.items() if k not in ("text",)}}
                 for r, d in zip(results, run_dirs, strict=True)])
-    print(f"reports: {out}/evaluation.md (and classification_report.* in each run folder)")
+    print(f"reports: {out}/evaluation.md"
+          + " (and classification_report.* in each run folder)" * bool(run_dirs))
     report_after_run(out)
     return out
 
