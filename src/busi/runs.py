@@ -549,9 +549,9 @@ def find_classifier_runs(outputs_root: str | Path, required: bool = True) -> lis
     root = Path(outputs_root) / CLS_DIR
     runs = [r for m in sorted(root.glob("*")) for r in list_runs(m)
             if (r / PREDICTIONS).is_file() and is_finished(r)]
-    if not runs and not required:
-        return []
     if not runs:
+        if not required:
+            return []
         raise BusiError(f"no finished classifier run under {root}",
                         fix="train one first: busi train-cls --model cnn --config <config>")
     def manifest(r: Path) -> str:

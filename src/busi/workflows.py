@@ -204,7 +204,8 @@ def evaluate_command(runs: list[str] | None = None, seg_runs: list[str] | None =
                      outputs_root: str = "outputs") -> Path:
     """``busi evaluate``: finished classifier runs side by side (the newest split's by default),
     into a new ``outputs/eval/<run>/`` -- evaluating never modifies a run's own folder.
-    ``seg_runs``: U-Nets whose test figures are reported too, side by side when several."""
+    ``seg_runs``: U-Nets whose test figures are reported too, side by side when several; with
+    no classifier run named or found, the U-Nets alone."""
     from busi.evaluation.classification import (
         comparison_markdown,
         evaluate_run,
@@ -219,9 +220,10 @@ def evaluate_command(runs: list[str] | None = None, seg_runs: list[str] | None =
     run_dirs = ([require_run(r, "cls", option="`busi evaluate`", needs=(PREDICTIONS,))
                  for r in runs] if runs else find_classifier_runs(outputs_root,
                                                                   required=not segs))
-    print("busi evaluate: " + "; ".join(
-        [f"classifier run(s) {', '.join(map(str, run_dirs))}"] * bool(run_dirs)
-        + [f"U-Net run(s) {', '.join(map(str, segs))}"] * bool(segs)))
+    said = [f"classifier run(s) {', '.join(map(str, run_dirs))}"] if run_dirs else []
+    if segs:
+        said.append(f"U-Net run(s) {', '.join(map(str, segs))}")
+    print("busi evaluate: " + "; ".join(said))
     results = [evaluate_run(r) for r in run_dirs]
     out = new_run_dir(Path(outputs_root) / EVAL_DIR)
     parts = [f"# Evaluation, {time.strftime('%Y-%m-%d %H:%M')}", "", "## Summary", ""]
@@ -255,8 +257,8 @@ def evaluate_command(runs: list[str] | None = None, seg_runs: list[str] | None =
     write_json(out / "evaluation.json",
                [{"run": str(d), **{k: v for k, v in r.items() if k not in ("text",)}}
                 for r, d in zip(results, run_dirs, strict=True)])
-    print(f"reports: {out}/evaluation.md"
-          + " (and classification_report.* in each run folder)" * bool(run_dirs))
+    each = " (and classification_report.* in each run folder)" if run_dirs else ""
+    print(f"reports: {out}/evaluation.md{each}")
     report_after_run(out)
     return out
 
