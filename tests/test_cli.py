@@ -139,10 +139,11 @@ def test_impossible_sizes_and_counts_are_one_line_before_any_work(
 
 def test_cv_with_models_none_trains_the_unets_only(synth_root: Path, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    import busi.workflows
+    import busi.workflows.cv
+    import busi.workflows.demo
 
     seen = {}
-    monkeypatch.setattr(busi.workflows, "run_cv",
+    monkeypatch.setattr(busi.workflows.cv, "run_cv",
                         lambda cfg, **kw: seen.update(kw))
     assert main(["cv", "--models", "none", "--data", str(synth_root)]) == 0
     assert seen["models"] == ()
@@ -157,14 +158,15 @@ def test_outputs_and_name_flags_mean_the_config_keys_on_every_training_command(
     (--name = --set outputs.run_name), the same on train-seg, train-cls and cv."""
     import busi.training.classification
     import busi.training.segmentation
-    import busi.workflows
+    import busi.workflows.cv
+    import busi.workflows.demo
 
     seen = {}
     monkeypatch.setattr(busi.training.segmentation, "train_segmentation",
                         lambda cfg, **kw: seen.update(cfg=cfg))
     monkeypatch.setattr(busi.training.classification, "train_classifier",
                         lambda cfg, **kw: seen.update(cfg=cfg))
-    monkeypatch.setattr(busi.workflows, "run_cv", lambda cfg, **kw: seen.update(cfg=cfg))
+    monkeypatch.setattr(busi.workflows.cv, "run_cv", lambda cfg, **kw: seen.update(cfg=cfg))
     out = str(tmp_path / "my outputs")
     for command in ("train-seg", "train-cls", "cv"):
         assert main([command, "--outputs", out, "--name", "try-1.b"]) == 0, command
@@ -192,10 +194,12 @@ def test_old_spellings_of_the_outputs_flag_still_work_with_a_note(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
     import busi.inference.predict
-    import busi.workflows
+    import busi.workflows.cv
+    import busi.workflows.demo
 
     seen = {}
-    monkeypatch.setattr(busi.workflows, "run_demo", lambda workdir, **kw: seen.update(w=workdir))
+    monkeypatch.setattr(busi.workflows.demo, "run_demo",
+                        lambda workdir, **kw: seen.update(w=workdir))
     monkeypatch.setattr(busi.inference.predict, "predict_command",
                         lambda inputs, **kw: seen.update(kw))
     assert main(["demo", "--workdir", str(tmp_path / "d")]) == 0

@@ -166,3 +166,24 @@ def test_the_first_backend_import_is_the_quiet_one() -> None:
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "absl" not in proc.stderr and "oneDNN" not in proc.stderr, proc.stderr[-2000:]
+
+
+# Each command's workflow in a module of its own (one 769-line module held them all):
+# command -> (module under busi.workflows, the function the CLI calls).
+WORKFLOWS = {"cv": ("cv", "run_cv"), "evaluate": ("evaluate", "evaluate_command"),
+             "evaluate --data": ("sites", "evaluate_on_data"), "rerun": ("rerun", "rerun"),
+             "demo": ("demo", "run_demo")}
+
+
+@pytest.mark.parametrize("command", sorted(WORKFLOWS))
+def test_each_command_workflow_lives_in_its_own_module(command: str) -> None:
+    module, function = WORKFLOWS[command]
+    path = SRC / "workflows" / f"{module}.py"
+    assert path.is_file(), f"busi {command}: no module {path}"
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    defined = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+    assert function in defined, f"{function} is not defined in {path.name}"
+    others = {f for m, f in WORKFLOWS.values() if m != module}
+    assert not defined & others, f"{path.name} also holds {sorted(defined & others)}"
+    cli = (SRC / "cli.py").read_text(encoding="utf-8")
+    assert f"from busi.workflows.{module} import" in cli

@@ -61,7 +61,7 @@ def evaluate(runs: list[str] | None = None, seg_run: str | list[str] | None = No
     """``busi evaluate`` from Python: classifier runs side by side (the newest split's by
     default) in a new ``outputs/eval/<run>/``, with one U-Net's test figures or several
     U-Nets side by side (``seg_run``); returns that folder."""
-    from busi.workflows import evaluate_command
+    from busi.workflows.evaluate import evaluate_command
 
     segs = [seg_run] if isinstance(seg_run, str) else seg_run
     return evaluate_command(runs, seg_runs=segs, outputs_root=outputs_root)

@@ -191,7 +191,8 @@ def cmd_train_cls(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from busi.workflows import evaluate_command, evaluate_on_data
+    from busi.workflows.evaluate import evaluate_command
+    from busi.workflows.sites import evaluate_on_data
 
     seg_runs = args.seg_run or []
     if args.data:
@@ -212,7 +213,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_cv(args: argparse.Namespace) -> int:
-    from busi.workflows import parse_arm, run_cv
+    from busi.workflows.cv import parse_arm, run_cv
 
     models = tuple(m.strip() for m in (args.models or "").split(",") if m.strip())
     arms = dict(parse_arm(a) for a in args.arm or [])
@@ -230,7 +231,7 @@ def cmd_cv(args: argparse.Namespace) -> int:
 
 
 def cmd_rerun(args: argparse.Namespace) -> int:
-    from busi.workflows import rerun
+    from busi.workflows.rerun import rerun
 
     rerun(args.run_dir)
     return 0
@@ -279,7 +280,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from busi.workflows import run_demo
+    from busi.workflows.demo import run_demo
 
     run_demo(workdir=Path(args.outputs), per_class=args.per_class, overrides=args.overrides)
     return 0

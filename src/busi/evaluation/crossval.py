@@ -1,9 +1,9 @@
 """Cross-validation tables: per-fold figures, mean ± std over folds, and pooled out-of-fold
-reports, from the finished runs of a ``busi cv`` folder (``busi.workflows.run_cv`` trains them).
+reports, from the finished runs of a ``busi cv`` folder (``busi.workflows.cv.run_cv`` trains them).
 
 A 78-image test set moves 1.3 points of accuracy per image, so one split cannot
 separate the paper's models; k folds give every image one out-of-fold prediction. The
-folder layout of a CV run is described in ``busi.workflows``.
+folder layout of a CV run is described in ``busi.workflows.cv``.
 """
 
 from __future__ import annotations
