@@ -272,3 +272,25 @@ def test_the_unets_mobilenet_encoder_starts_the_mobilenet_classifier() -> None:
             np.testing.assert_array_equal(a, b)
     with pytest.raises(BusiError, match="plain encoder"):
         unet_encoder(build_unet((32, 32, 1), base_filters=4, depth=2), "outputs/seg/x")
+
+
+def test_the_unets_mobilenet_encoder_adapts_its_batch_norms_as_documented() -> None:
+    """The design that runs is the documented one: the U-Net's MobileNet encoder re-estimates
+    its batch-norm statistics in ``fit`` (every measured U-Net figure used that), and neither
+    the docstring nor the graph claims they stay frozen (Keras 3's functional ``fit``
+    overrides a nested ``training=False``, which the old docstring relied on)."""
+    import inspect
+
+    from busi.models import unet
+
+    model = unet.build_mobilenet_unet((64, 64, 1), base_filters=4)
+    bn = model.get_layer("mobilenet_encoder").get_layer("conv1_bn")
+    mean0 = keras.ops.convert_to_numpy(bn.moving_mean).copy()
+    rng = np.random.default_rng(0)
+    model.compile(keras.optimizers.Adam(1e-3), "mse")
+    model.fit(rng.uniform(0, 1, (4, 64, 64, 1)).astype("float32"),
+              (rng.uniform(0, 1, (4, 64, 64, 1)) > 0.5).astype("float32"), epochs=1, verbose=0)
+    assert not np.allclose(keras.ops.convert_to_numpy(bn.moving_mean), mean0)
+    doc = inspect.getdoc(unet.build_mobilenet_unet)
+    assert "re-estimate their statistics" in doc and "run in inference mode" not in doc
+    assert "training=False)" not in inspect.getsource(unet.build_mobilenet_unet)

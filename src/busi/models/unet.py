@@ -83,9 +83,15 @@ def build_mobilenet_unet(input_shape: tuple[int, int, int] = (128, 128, 1),
     The gray [0, 1] image becomes the encoder's input inside the model: scaled to
     [-1, 1] (MobileNet's ``preprocess_input``; ``input_norm="per_image"``
     standardises it instead) and repeated to three channels. The encoder's batch
-    norms run in inference mode, as Keras' transfer-learning guide does for
-    fine-tuning: their ImageNet statistics stay, and batches of 16 do not replace
-    them with noisy ones. The decoder (conv-BN-ReLU twice per scale, widths
+    norms are trainable and, during ``fit``, re-estimate their statistics from each
+    batch (moving averages, momentum 0.99): the ImageNet means and variances of
+    photographs are replaced by those of ultrasound scans. That is the design every
+    figure in docs/RESULTS.md was measured with. (An earlier version called the encoder
+    with ``training=False`` and said the statistics stayed frozen; Keras 3's functional
+    ``fit`` overrides that flag for a nested model, so they never were. Freezing them,
+    as :func:`busi.models.classifiers.freeze_batch_norm` does for the classifiers, would
+    change every measured U-Net figure and needs its own cross-validation first.)
+    The decoder (conv-BN-ReLU twice per scale, widths
     ``base_filters * 2**level``) upsamples bilinearly and joins each encoder scale.
     Both sides must be multiples of 32.
     """
@@ -101,7 +107,7 @@ def build_mobilenet_unet(input_shape: tuple[int, int, int] = (128, 128, 1),
         load_weights_file(base, weights, "MobileNet encoder", "model.unet.encoder_weights")
     encoder = keras.Model(base.input, [base.get_layer(n).output for n in MOBILENET_SKIPS],
                           name="mobilenet_encoder")
-    *skips, x = encoder(x, training=False)
+    *skips, x = encoder(x)
     for level in reversed(range(5)):
         x = layers.UpSampling2D(2, interpolation="bilinear", name=f"dec{level + 1}_up")(x)
         if level:
