@@ -14,6 +14,9 @@
     python scripts/bench.py --config cpu --seg-run outputs/seg/<run> \
         --cls-runs outputs/cls/cnn/<run> outputs/cls/vgg19/<run> outputs/cls/mobilenet/<run>
 
+``runtime.precision: auto`` is measured as what it resolves to on this machine (the
+table names it). tests/test_scripts.py runs this on every config in configs/ (tiny sizes).
+
 Prints the command, machine, date and a Markdown table; copy it into docs/PERFORMANCE.md.
 """
 
@@ -92,11 +95,17 @@ def unet_train_flops_per_image(model) -> float:
     return 3.0 * total
 
 
+def compute_dtype(precision: str) -> str:
+    """The dtype layers compute in under ``runtime.precision`` (``auto`` resolved first, as
+    training resolves it: it is a choice made per machine, not a dtype policy)."""
+    keras = runtime.import_keras()
+    return keras.mixed_precision.DTypePolicy(runtime.resolve_precision(precision)).compute_dtype
+
+
 def matmul_gflops(precision: str, n: int = 2048, repeats: int = 10) -> float:
     """Measured dense matmul GFLOP/s of the backend at the compute dtype of ``precision``."""
     keras = runtime.import_keras()
-    dtype = {"float32": "float32", "mixed_bfloat16": "bfloat16",
-             "mixed_float16": "float16"}[precision]
+    dtype = compute_dtype(precision)
     rng = np.random.default_rng(0)
     a = keras.ops.convert_to_tensor(rng.standard_normal((n, n)).astype("float32"), dtype=dtype)
     b = keras.ops.convert_to_tensor(rng.standard_normal((n, n)).astype("float32"), dtype=dtype)
@@ -122,28 +131,40 @@ def predict_latency(seg_run: str, cls_run: str, images: np.ndarray,
     return float(np.percentile(times, 50) * 1e3), float(np.percentile(times, 95) * 1e3)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(DEFAULT_DATA), help="BUSI-layout folder")
     ap.add_argument("--config", default="cpu")
-    ap.add_argument("--precision", help="override runtime.precision")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config value, as busi's --set (repeatable)")
+    ap.add_argument("--precision", help="override runtime.precision (auto: as training "
+                                        "resolves it on this machine)")
     ap.add_argument("--images", type=int, default=256, help="images per timed epoch")
     ap.add_argument("--epochs", type=int, default=2, help="timed epochs (after one warm-up)")
     ap.add_argument("--seconds", type=float, default=4.0, help="time per input-pipeline case")
     ap.add_argument("--seg-run", help="U-Net run for the predict latency")
     ap.add_argument("--cls-runs", nargs="*", default=[], help="classifier runs for latency")
     ap.add_argument("--latency-images", type=int, default=40)
-    args = ap.parse_args()
+    ap.add_argument("--matmul-size", type=int, default=2048, help="side of the matmul measured")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="resolve the config and say what would be measured, measuring nothing")
+    args = ap.parse_args(argv)
 
     keras = runtime.import_keras()
-    cfg = load_config(find_config(args.config),
-                      [f"runtime.precision={args.precision}"] if args.precision else [])
-    prec = cfg.runtime.precision
-    print(f"command: python {' '.join(shlex.quote(a) for a in sys.argv)}")
+    cfg = load_config(find_config(args.config), [*args.overrides, *(
+        [f"runtime.precision={args.precision}"] if args.precision else [])])
+    prec = runtime.resolve_precision(cfg.runtime.precision)  # what training computes in
+    asked = "" if prec == cfg.runtime.precision else f" ({cfg.runtime.precision})"
+    argv = sys.argv[1:] if argv is None else argv
+    print(f"command: python scripts/bench.py {' '.join(shlex.quote(a) for a in argv)}")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
           f"date {time.strftime('%Y-%m-%d')}; Keras {keras.__version__}, backend "
           f"{keras.backend.backend()}; config {args.config} (U-Net base "
-          f"{cfg.model.unet.base_filters}, batch {cfg.training.seg.batch_size}, {prec})")
+          f"{cfg.model.unet.base_filters}, batch {cfg.training.seg.batch_size}, {prec}{asked})")
+    if args.dry_run:
+        print(f"dry run: would time U-Net training in {prec} and a {args.matmul_size}x"
+              f"{args.matmul_size} matmul in {compute_dtype(prec)}; nothing measured")
+        return 0
     images, masks, source = _images(args.data, tuple(cfg.data.image_size))
     print(f"data: {source}")
     rows = []
@@ -158,10 +179,10 @@ def main() -> int:
                      f"{rate:.0f} vs {plain_rate:.1f} img/s", rate / plain_rate, ">= 5"))
     runtime.setup(0, prec)
     flops = unet_train_flops_per_image(_unet(cfg))
-    peak = matmul_gflops(prec)
+    peak = matmul_gflops(prec, args.matmul_size)
     achieved = flops * plain_rate / 1e9
     rows.append((f"U-Net training GFLOP/s ({flops / 1e9:.2f} GFLOP per image) vs "
-                 f"{2048}x2048 matmul GFLOP/s, {prec}",
+                 f"{args.matmul_size}x{args.matmul_size} matmul GFLOP/s, {prec}",
                  f"{achieved:.1f} vs {peak:.1f} GFLOP/s", achieved / peak, "-"))
     keras.mixed_precision.set_dtype_policy("float32")
     for cls_run in args.cls_runs:

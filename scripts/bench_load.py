@@ -23,12 +23,12 @@ from busi.data.loading import load_dataset
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/data/busi/Dataset_BUSI_with_GT"
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(DEFAULT_DATA), help="BUSI-layout folder")
     ap.add_argument("--size", type=int, default=128, help="target side in pixels (default 128)")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats of each case")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if not Path(args.data, "benign").is_dir():
         print(f"bench_load: no BUSI-layout data at {args.data}; pass --data", file=sys.stderr)
         return 2
@@ -44,7 +44,8 @@ def main() -> int:
             load_dataset(args.data, size=size, cache_dir=cache)
             warm.append(time.perf_counter() - t0)
             n = len(ds)
-    print(f"command: python {' '.join(shlex.quote(a) for a in sys.argv)}")
+    argv = sys.argv[1:] if argv is None else argv
+    print(f"command: python scripts/bench_load.py {' '.join(shlex.quote(a) for a in argv)}")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"Python {platform.python_version()}; date {time.strftime('%Y-%m-%d')}")
     print(f"images: {n} at {size[0]}x{size[1]}")

@@ -10,6 +10,7 @@ runs in ``workers`` threads while the model trains, so the ratio that matters is
     python scripts/bench_train.py --data ../shared/data/busi/Dataset_BUSI_with_GT
     python scripts/bench_train.py --configs cpu --precisions float32 mixed_bfloat16
 
+``runtime.precision: auto`` is measured as what it resolves to on this machine.
 Timings belong here, not in tests; copy the output into docs/PERFORMANCE.md.
 """
 
@@ -90,34 +91,49 @@ def bench_model(images, masks, cfg, precision: str, batch: int, steps: int) -> f
     return rate
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(DEFAULT_DATA), help="BUSI-layout folder")
     ap.add_argument("--configs", nargs="+", default=["cpu", "paper"])
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a value of every config, as busi's --set (repeatable)")
     ap.add_argument("--precisions", nargs="+", default=None,
-                    help="override each config's runtime.precision (default: the config's own)")
+                    help="override each config's runtime.precision (default: the config's own; "
+                         "auto: as training resolves it on this machine)")
     ap.add_argument("--steps", type=int, default=5, help="timed training steps per case")
     ap.add_argument("--seconds", type=float, default=5.0, help="time per input-pipeline case")
     ap.add_argument("--workers", type=int, default=2, help="input threads busi trains with")
-    args = ap.parse_args()
+    ap.add_argument("--dry-run", action="store_true",
+                    help="resolve each config and list the cases that would be timed, timing "
+                         "nothing")
+    args = ap.parse_args(argv)
 
-    print(f"command: python {' '.join(shlex.quote(a) for a in sys.argv)}")
+    argv = sys.argv[1:] if argv is None else argv
+    print(f"command: python scripts/bench_train.py {' '.join(shlex.quote(a) for a in argv)}")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
           f"date {time.strftime('%Y-%m-%d')}; Keras backend "
           f"{runtime.import_keras().backend.backend()}")
     rows = []
     for name in args.configs:
-        cfg = load_config(find_config(name))
-        images, masks, source = _images(args.data, tuple(cfg.data.image_size))
+        cfg = load_config(find_config(name), args.overrides)
         batch = cfg.training.seg.batch_size
+        if args.dry_run:
+            for asked in args.precisions or [cfg.runtime.precision]:
+                print(f"dry run: config {name}, U-Net base {cfg.model.unet.base_filters}, "
+                      f"{runtime.resolve_precision(asked)}, batch {batch}")
+            continue
+        images, masks, source = _images(args.data, tuple(cfg.data.image_size))
         inputs = {e: bench_input(images, masks, cfg, e, batch, args.seconds)
                   for e in ("image_data_generator", "layers")}
-        for precision in args.precisions or [cfg.runtime.precision]:
+        for asked in args.precisions or [cfg.runtime.precision]:
+            precision = runtime.resolve_precision(asked)  # the table names what ran
             model = bench_model(images, masks, cfg, precision, batch, args.steps)
             for engine, rate in inputs.items():
                 rows.append((name, cfg.model.unet.base_filters, precision, batch, engine, rate,
                              model, rate * args.workers / model))
         print(f"data: {source}")
+    if args.dry_run:
+        return 0
     print(f"\n| config | U-Net base | precision | batch | augmentation | input img/s (1 thread) "
           f"| model train img/s | input x{args.workers} threads / model |")
     print("|---|---:|---|---:|---|---:|---:|---:|")

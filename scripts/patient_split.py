@@ -20,12 +20,12 @@ import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("manifest", type=Path)
     p.add_argument("--out", type=Path, required=True, help="new folder for train.csv, test.csv")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     with open(args.manifest, newline="", encoding="utf-8-sig") as fh:
         rows = list(csv.DictReader(fh))
     if not rows or "patient" not in rows[0]:

@@ -25,19 +25,28 @@ from busi.models.saving import load_model
 from busi.runs import read_config, read_split
 
 
-def main() -> int:
+def validation_files(run: Path) -> list[str]:
+    """The run's own validation images, as train-seg chose them. A cross-validation fold's
+    validation part is drawn from the fold's training part with the run's seed and
+    val_size (``Manifest.partition``), so both come from the run's config: with seed 0 and
+    the default 0.1 a run of another seed gets other images, some of which it trained on."""
+    cfg = read_config(run)
+    split = read_split(run)
+    manifest = read_manifest(split["manifest"], cfg.split.val_size, cfg.runtime.seed)
+    return manifest.partition(split.get("fold"))["val"]
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", help="a U-Net run folder (outputs/seg/<run>)")
     ap.add_argument("--data", help="the run's data folder (default: its config's data.root)")
     ap.add_argument("--checkpoint", default="last.keras", help="last.keras (default) or best.keras")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     run = Path(args.run)
     cfg = read_config(run)
-    split = read_split(run)
-    manifest = read_manifest(split["manifest"])
     ds = load_dataset(args.data or cfg.data.root, tuple(cfg.data.classes),
                       tuple(cfg.data.image_size), cache_dir=cfg.data.cache_dir)
-    val = ds.index(manifest.partition(split.get("fold"))["val"])
+    val = ds.index(validation_files(run))
     probs = predict_probs([load_model(run / args.checkpoint)], ds.images[val])
     lesion = ds.masks[val] > 0
     epochs = json.loads((run / "state.json").read_text())["epochs_done"]

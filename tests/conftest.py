@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -51,3 +53,14 @@ def mobilenet_weights() -> Path:
         pytest.skip(f"MobileNet ImageNet weights not found at {MOBILENET_WEIGHTS} "
                     "(set BUSI_MOBILENET_WEIGHTS to the file)")
     return MOBILENET_WEIGHTS
+
+
+def load_script(name: str) -> ModuleType:
+    """``scripts/<name>.py`` as a module, so that its functions and main() run in this
+    process (no second start-up of TensorFlow)."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"busi_script_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

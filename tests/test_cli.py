@@ -220,3 +220,99 @@ def test_a_confidence_threshold_outside_0_1_is_exit_2_before_any_work(
                  str(tmp_path / "o")]) == 2
     assert "--min-confidence: must be between 0 and 1, got 1.5" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+# --------------------------------------------------------------------------- paths are not YAML
+
+PATHS = ["scans #2/BUSI", "2024-01-01", "on", "null"]
+
+
+@pytest.fixture
+def captured(monkeypatch: pytest.MonkeyPatch) -> dict:
+    """The config each training command would start with (nothing is trained)."""
+    import busi.training.classification
+    import busi.training.segmentation
+    import busi.workflows.cv
+
+    seen: dict = {}
+    monkeypatch.setattr(busi.training.segmentation, "train_segmentation",
+                        lambda cfg, **kw: seen.update(cfg=cfg))
+    monkeypatch.setattr(busi.training.classification, "train_classifier",
+                        lambda cfg, **kw: seen.update(cfg=cfg))
+    monkeypatch.setattr(busi.workflows.cv, "run_cv", lambda cfg, **kw: seen.update(cfg=cfg))
+    return seen
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_data_path_reaches_the_config_as_typed(captured: dict, path: str) -> None:
+    """--data "scans #2/BUSI" is not `scans`, --data 2024-01-01 not a date, --data on not true:
+    one --data or several, on every command that reads data."""
+    for command in ("train-seg", "train-cls", "cv", "data check", "data split"):
+        argv = command.split()
+        if command.startswith("data"):  # these do the work themselves: read the config only
+            from busi.cli import build_parser, load_cli_config
+
+            args = build_parser().parse_args([*argv, "--data", path])
+            assert load_cli_config(args).data.root == path, command
+            args = build_parser().parse_args([*argv, "--data", path, "--data", "b #3"])
+            assert load_cli_config(args).data.root == [path, "b #3"], command
+            continue
+        assert main([*argv, "--data", path]) == 0, command
+        assert captured["cfg"].data.root == path, command
+        assert main([*argv, "--data", path, "--data", "b #3"]) == 0, command
+        assert captured["cfg"].data.root == [path, "b #3"], command
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_an_outputs_folder_and_a_run_name_reach_the_config_as_typed(
+        captured: dict, path: str) -> None:
+    for command in ("train-seg", "train-cls", "cv"):
+        assert main([command, "--outputs", f"my runs #2/{path}"]) == 0, command
+        assert captured["cfg"].outputs.root == f"my runs #2/{path}", command
+    for name in ("2024-01-01", "on", "123", "1e5"):  # plain names, but YAML reads them as others
+        assert main(["train-seg", "--name", name]) == 0, name
+        assert captured["cfg"].outputs.run_name == name
+
+
+@pytest.mark.parametrize("root", ["my runs #2", "site: A", "on"])
+def test_a_cv_folds_runs_go_to_the_fold_folder_whatever_the_cv_root_is_called(
+        tmp_path: Path, root: str) -> None:
+    """busi cv --outputs "my runs #2" put every fold's runs under `my runs/` (YAML's comment)
+    and then could not find them."""
+    from busi.config import load_config
+    from busi.workflows.cv import _fold_config
+
+    cfg = load_config(None, [("outputs.root", root), ("outputs.run_name", "cv1")])
+    for fold_dir in (tmp_path / root / "cv" / "20260101-000000" / "fold0",
+                     Path(root) / "cv" / "x" / "fold1"):
+        fold = _fold_config(cfg, fold_dir, ["model.classifier.name=vgg19"])
+        assert fold.outputs.root == str(fold_dir)
+        assert fold.outputs.run_name == "" and fold.model.classifier.name == "vgg19"
+
+
+def test_the_demo_keeps_an_outputs_folder_with_a_hash_in_its_name(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import busi.data.check
+    import busi.data.synth
+    import busi.training.segmentation
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def first_step(cfg, **kw):
+        seen["cfg"] = cfg
+        raise Stop
+
+    monkeypatch.setattr(busi.data.synth, "write_dataset", lambda *a, **kw: None)
+    monkeypatch.setattr(busi.data.check, "check_dataset", lambda *a, **kw: None)
+    monkeypatch.setattr(busi.data.check, "format_report", lambda *a, **kw: "")
+    monkeypatch.setattr(busi.training.segmentation, "train_segmentation", first_step)
+    work = tmp_path / "my runs #2"
+    with pytest.raises(Stop):
+        main(["demo", "--outputs", str(work)])
+    cfg = seen["cfg"]
+    assert (cfg.data.root, cfg.outputs.root) == (str(work / "data"), str(work))
+    assert (cfg.data.cache_dir, cfg.split.manifest_dir) == (str(work / "cache"),
+                                                            str(work / "splits"))

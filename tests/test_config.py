@@ -166,3 +166,99 @@ def test_predict_min_confidence_is_a_checked_probability(tmp_path: Path) -> None
         load_config(write(tmp_path, "predict: {min_confidence: 1.5}\n"))
     with pytest.raises(BusiError, match="did you mean 'predict.min_confidence'"):
         load_config(write(tmp_path, "predict: {min_confidense: 0.5}\n"))
+
+
+# --------------------------------------------------------------------------- paths are not YAML
+
+
+@pytest.mark.parametrize("path", ["scans #2/BUSI", "2024-01-01", "on", "null", "[a, b]", "~",
+                                  "1e5", "x: y", "'quoted'"])
+def test_a_key_value_pair_reaches_the_config_as_that_string(path: str) -> None:
+    """A path given as a value is never re-read as YAML: as --set text ``scans #2/BUSI`` would
+    be ``scans`` (a comment), ``2024-01-01`` a date, ``on`` true, ``null`` nothing."""
+    from busi.config import with_overrides
+
+    cfg = load_config(None, [("data.root", path), ("outputs.root", path),
+                             ("data.cache_dir", path)])
+    assert (cfg.data.root, cfg.outputs.root, cfg.data.cache_dir) == (path, path, path)
+    assert load_config(None, [("data.root", [path, "b #3"])]).data.root == [path, "b #3"]
+    assert with_overrides(cfg, [("outputs.root", f"{path}/fold0")]).outputs.root == f"{path}/fold0"
+    # and the --set text form keeps its YAML reading: numbers and lists get their types
+    assert load_config(None, ["training.seg.epochs=5", ("outputs.root", path)]
+                       ).training.seg.epochs == 5
+
+
+def test_a_key_value_pair_is_checked_like_any_other_value() -> None:
+    with pytest.raises(BusiError, match="'training.seg.epochs' must be an integer, got '5'"):
+        load_config(None, [("training.seg.epochs", "5")])
+    with pytest.raises(BusiError, match="unknown key 'data.rot'.*did you mean 'data.root'"):
+        load_config(None, [("data.rot", "x")])
+    with pytest.raises(BusiError, match="'data.root' names no data source"):
+        load_config(None, [("data.root", [])])
+
+
+# ------------------------------------------------------------------ classifier families
+
+
+@pytest.mark.parametrize("model, expected", [
+    # (weights, mask_mode, learning_rate, epochs, early_stopping_patience)
+    ("mobilenet", ("unet", "channel", 1e-4, 20, 6)),   # fine-tuning a pretrained base
+    ("cnn", ("unet", "multiply", 1e-3, 80, 15)),       # the paper's CNN from scratch
+    ("vgg19", ("none", "multiply", 1e-4, 60, 10)),     # no ImageNet file offline
+])
+def test_cpu_yaml_gives_each_classifier_family_its_own_settings(
+        model: str, expected: tuple) -> None:
+    """`busi train-cls --model cnn --config configs/cpu.yaml` (a README command) trained the
+    CNN with MobileNet's fine-tuning schedule and stopped at 0.487 accuracy: each family
+    gets the settings that suit it, and the command line still wins."""
+    cfg = load_config(CONFIGS / "cpu.yaml", [("model.classifier.name", model)])
+    c, t = cfg.model.classifier, cfg.training.cls
+    assert (c.weights, c.mask_mode, t.learning_rate, t.epochs,
+            t.early_stopping_patience) == expected
+    cfg = load_config(CONFIGS / "cpu.yaml", [("model.classifier.name", model),
+                                             "training.cls.epochs=3"])
+    assert cfg.training.cls.epochs == 3
+
+
+def test_switching_family_lays_a_whole_block_over_the_last_one(tmp_path: Path) -> None:
+    """A CV arm or the demo switches family with with_overrides: nothing of one family's
+    block leaks into another, a --set given when the config was read survives the switch,
+    and a run's resolved config.yaml reads back as the same config (rerun)."""
+    from busi.config import with_overrides
+
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {classifier: {name: mobilenet, mask_mode: channel}}\n"
+                    "training: {cls: {learning_rate: 1.0e-4, epochs: 20}}\n"
+                    "classifiers:\n"
+                    "  cnn: {classifier: {mask_mode: multiply},\n"
+                    "        training: {learning_rate: 1.0e-3, early_stopping_patience: 15}}\n")
+    cfg = load_config(path, ["training.cls.epochs=7"])
+    cnn = with_overrides(cfg, ["model.classifier.name=cnn"])
+    assert (cnn.model.classifier.mask_mode, cnn.training.cls.learning_rate,
+            cnn.training.cls.early_stopping_patience, cnn.training.cls.epochs) == (
+        "multiply", 1e-3, 15, 7)
+    back = with_overrides(cnn, ["model.classifier.name=mobilenet"])
+    assert (back.model.classifier.mask_mode, back.training.cls.learning_rate,
+            back.training.cls.early_stopping_patience, back.training.cls.epochs) == (
+        "channel", 1e-4, 0, 7)
+    vgg = with_overrides(cnn, ["model.classifier.name=vgg19"])  # no block: the file's values
+    assert (vgg.model.classifier.mask_mode, vgg.training.cls.learning_rate) == ("channel", 1e-4)
+    saved = tmp_path / "run.yaml"
+    saved.write_text(dump_yaml(cnn))
+    assert load_config(saved) == cnn
+
+
+@pytest.mark.parametrize("block, expected", [
+    ("{resnet: {training: {epochs: 3}}}", "unknown classifier family 'classifiers.resnet'"),
+    ("{cnn: {optimizer: adam}}", "'classifiers.cnn' takes the sections"),
+    ("{cnn: {training: {epoch: 3}}}", "did you mean 'classifiers.cnn.training.epochs'"),
+    ("{cnn: {classifier: {name: vgg19}}}", "'classifiers.cnn.classifier.name' cannot be set"),
+    ("{cnn: {training: {learning_rate: fast}}}", "'classifiers.cnn.training.learning_rate' must"),
+])
+def test_a_bad_classifier_family_block_is_one_message(tmp_path: Path, block: str,
+                                                       expected: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(f"classifiers: {block}\n")
+    with pytest.raises(BusiError, match=None) as err:
+        load_config(path)
+    assert expected in str(err.value) and str(path) in str(err.value)

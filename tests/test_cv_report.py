@@ -82,8 +82,10 @@ def test_cv_tests_every_image_once_and_pools_the_predictions(cv_run: Path,
 
 def test_cv_folds_are_disjoint_and_stratified(cv_run: Path) -> None:
     tests = []
+    unets = json.loads((cv_run / "cv.json").read_text())["unets"]
     for k in range(3):
         (seg,) = list((cv_run / f"fold{k}" / "seg").iterdir())
+        assert unets[f"fold{k}"] == f"fold{k}/seg/{seg.name}"  # the fold's U-Net, recorded
         split = json.loads((seg / "split.json").read_text())
         assert split["fold"] == k
         scores = json.loads((seg / "test_scores.json").read_text())

@@ -42,6 +42,91 @@ def test_a_perfect_classifier_on_data_without_normal_images_scores_macro_f1_one(
     assert "| 1.000 (1.00-1.00) |" in comparison_markdown([r], [run])
 
 
+def _run_folder(path: Path, model: str | None, images: int) -> Path:
+    """A classifier run folder as far as the tables read it: its config (when ``model``) and
+    split counts (``images`` in all)."""
+    import json
+
+    from busi.config import load_config
+    from busi.runs import write_config
+
+    path.mkdir(parents=True)
+    if model:
+        write_config(path, load_config(None, [f"model.classifier.name={model}"]))
+    test = images // 10
+    (path / "split.json").write_text(json.dumps({"train": images - 2 * test, "val": test,
+                                                 "test": test}))
+    return path
+
+
+def test_the_papers_accuracy_stands_only_beside_runs_on_busi(tmp_path: Path) -> None:
+    """busi issue: the side-by-side table printed the paper's accuracy beside runs on the
+    demo's synthetic scans or a user's own data, as if they were comparable."""
+    r = _report(["benign", "malignant", "normal"] * 4, ["benign", "malignant", "normal"] * 4)
+    synthetic = _run_folder(tmp_path / "cls" / "cnn" / "20260101-000000", "cnn", 36)
+    busi = _run_folder(tmp_path / "cls" / "cnn" / "20260101-000001", "cnn", 780)
+    alone = comparison_markdown([r], [synthetic])
+    assert "paper accuracy" not in alone and "0.82" not in alone
+    both = comparison_markdown([r, r], [synthetic, busi]).splitlines()
+    assert both[0].endswith("| paper accuracy |")
+    (row_synthetic,) = [ln for ln in both if f"| {synthetic.name} |" in ln]
+    (row_busi,) = [ln for ln in both if f"| {busi.name} |" in ln]
+    assert row_busi.endswith("| 0.82 |") and row_synthetic.endswith("|  |")
+    assert len(row_synthetic.split("|")) == len(both[0].split("|"))
+
+
+def test_a_runs_model_is_read_from_its_config_not_its_folder(tmp_path: Path) -> None:
+    """busi issue: ``--name ablation`` puts a VGG19 run under outputs/cls/ablation/; its
+    model is the config's, so the paper's Table 2 stands beside it (on BUSI)."""
+    from busi.evaluation.classification import model_of, paper_table_markdown
+
+    named = _run_folder(tmp_path / "cls" / "ablation" / "20260101-000000", "vgg19", 780)
+    assert model_of(named) == "vgg19"
+    r = _report(["benign", "malignant", "normal"] * 4, ["benign", "malignant", "normal"] * 4)
+    assert "#### vgg19 beside the paper's Table 2" in paper_table_markdown(r, named)
+    assert "| vgg19 |" in comparison_markdown([r], [named]) and "| 0.91 |" in \
+        comparison_markdown([r], [named])
+    old = _run_folder(tmp_path / "cls" / "mobilenet" / "20250101-000000", None, 780)
+    assert model_of(old) == "mobilenet", "a folder without config.yaml: its folder's name"
+
+
+def _unet_files(files: list[str], dice: np.ndarray) -> tuple[dict, dict]:
+    """A U-Net run's metrics.json and test_scores.json, as far as the side-by-side reads them."""
+    scores = {f: {"dice": float(d), "iou": float(d) / 2, "hd95": 3.0, "lesion_px": 10}
+              for f, d in zip(files, dice, strict=True)}
+    stat = {"mean": float(np.mean(dice)), "n": len(files)}
+    metrics = {"lesion_images": {"dice": stat, "iou": stat, "hd95": {"mean": 3.0},
+                                 "hd95_all": {"mean": 3.0}, "hd95_undefined": 0},
+               "lesion_free_images": {"n": 0, "fraction_predicted_empty": None},
+               "n_test": len(files)}
+    return metrics, scores
+
+
+def test_unets_tested_on_partly_shared_images_are_paired_on_the_shared_ones() -> None:
+    """busi issue: `busi evaluate --seg-run A --seg-run B` on two runs whose test sets partly
+    overlap ended in "internal error": the second run's files outside the first run's
+    duplicate groups were resampled by name, beside int group ids, and numpy cannot sort the
+    mix. Now: paired on the shared images, with their count; none shared is said."""
+    from busi.evaluation.segmentation import unets_side_by_side
+
+    rng = np.random.default_rng(0)
+    a_files, b_files = [f"a{i}.png" for i in range(20)], [f"a{i}.png" for i in range(10, 30)]
+    a_dice, b_dice = rng.uniform(0.5, 0.9, 20), rng.uniform(0.3, 0.8, 20)
+    (ma, sa), (mb, sb) = _unet_files(a_files, a_dice), _unet_files(b_files, b_dice)
+    lesion = {f: True for f in a_files + b_files}
+    groups = {f: i // 2 for i, f in enumerate(a_files)}  # the first run's groups: ints
+    text = "\n".join(unets_side_by_side(["A", "B"], [ma, mb], [sa, sb], lesion, groups))
+    assert "they share 10 test images (A has 20, B 20)" in text
+    diff = float(np.mean(a_dice[10:] - b_dice[:10]))
+    assert f"Paired, on the 10 lesion images both were tested on: lesion Dice of A minus B = " \
+           f"{diff:+.3f} (95% CI " in text
+    mc, sc = _unet_files([f"c{i}.png" for i in range(5)], rng.uniform(0.3, 0.8, 5))
+    text = "\n".join(unets_side_by_side(["A", "C"], [ma, mc], [sa, sc],
+                                         {**lesion, **dict.fromkeys(sc, True)}, groups))
+    assert "they share 0 test images" in text
+    assert "No lesion image was tested by both A and C: no paired difference." in text
+
+
 def test_a_prediction_of_an_absent_class_is_an_error_of_the_true_class() -> None:
     truth = ["benign"] * 5 + ["malignant"] * 5
     pred = ["normal"] + ["benign"] * 4 + ["malignant"] * 5

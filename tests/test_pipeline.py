@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_script
 
 from busi.cli import main
 from busi.data.split import read_manifest
@@ -50,6 +51,28 @@ def seg_run(work: Path) -> Path:
     assert run(work, "train-seg") == 0
     (run_dir,) = list((work / "outputs" / "seg").iterdir())
     return run_dir
+
+
+@pytest.fixture(scope="module")
+def other_seg_run(work: Path) -> Path:
+    """A second U-Net: another seed, so another split whose test set shares some of
+    seg_run's test images, not all; and one epoch, so other figures."""
+    out_root = work / "seed4"
+    assert run(work, "train-seg", "--set", f"outputs.root={out_root}",
+               "--set", "runtime.seed=4", "--set", "training.seg.epochs=1") == 0
+    (run_dir,) = list((out_root / "seg").iterdir())
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def unseen_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Synthetic scans the runs never saw (another seed): what `evaluate --data` tests use as
+    another site. No image is a pHash near-duplicate of the training set's."""
+    from busi.data.synth import SynthSpec, write_dataset
+
+    root = tmp_path_factory.mktemp("unseen") / "site"
+    write_dataset(root, SynthSpec(per_class=12, seed=1, height=96, width=128))
+    return root
 
 
 def test_train_seg_writes_every_output(seg_run: Path) -> None:
@@ -503,39 +526,52 @@ def test_evaluate_prints_the_per_class_table(work: Path, cls_run: Path, seg_run:
 
 
 def test_evaluate_puts_two_unets_side_by_side_with_a_paired_difference(
-        work: Path, seg_run: Path, cls_run: Path, tmp_path: Path,
+        work: Path, seg_run: Path, other_seg_run: Path, cls_run: Path, tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
-    """busi issue 15: the paper's U-Net next to cpu.yaml's on the same test images. The
-    same run twice: two identical rows and a paired difference of exactly zero."""
-    metrics = json.loads((seg_run / "metrics.json").read_text())
-    assert main(["evaluate", str(cls_run), "--seg-run", str(seg_run), "--seg-run", str(seg_run),
-                 "--outputs", str(tmp_path)]) == 0
+    """busi issue 15: the paper's U-Net next to cpu.yaml's. Two different U-Net runs whose
+    test sets partly overlap (another seed): each row its own run's figures, the paired
+    difference over the lesion images both were tested on, and how many those are -- once
+    a TypeError (a group id beside a file name) ended it in "internal error"."""
+    metrics = [json.loads((s / "metrics.json").read_text()) for s in (seg_run, other_seg_run)]
+    scores = [json.loads((s / "test_scores.json").read_text()) for s in (seg_run, other_seg_run)]
+    both = [f for f in scores[0] if f in scores[1]]
+    shared = [f for f in both if scores[0][f]["lesion_px"] > 0]
+    assert shared and len(both) < len(scores[0]), "the fixtures' test sets overlap in part"
+    assert main(["evaluate", str(cls_run), "--seg-run", str(seg_run),
+                 "--seg-run", str(other_seg_run), "--outputs", str(tmp_path)]) == 0
     (md,) = (tmp_path / "eval").glob("*/evaluation.md")
     text = md.read_text()
-    rows = [ln for ln in text.splitlines() if ln.startswith(f"| {seg_run.name} (")]
-    assert len(rows) == 2 and rows[0] == rows[1]
-    n = metrics["lesion_images"]["dice"]["n"]
-    assert f"| {metrics['lesion_images']['dice']['mean']:.3f} (" in rows[0]
-    assert f"{metrics['lesion_images']['hd95_undefined']} of {n}" in rows[0]
-    free = metrics["lesion_free_images"]  # normal scans predicted empty: a count, not a rate
-    assert f"| {round(free['fraction_predicted_empty'] * free['n'])} of {free['n']} |" in rows[0]
-    assert (f"Paired, on the same {n} lesion images: lesion Dice of {seg_run.name} ("
-            in text and "= +0.000 (95% CI +0.000 to +0.000)" in text)
-    assert "plain encoder, base" in rows[0]
+    for s, m in zip((seg_run, other_seg_run), metrics, strict=True):
+        (row,) = [ln for ln in text.splitlines() if ln.startswith(f"| {s.name} (")]
+        n = m["lesion_images"]["dice"]["n"]
+        assert f"| {m['lesion_images']['dice']['mean']:.3f} (" in row
+        assert f"{m['lesion_images']['hd95_undefined']} of {n}" in row
+        free = m["lesion_free_images"]  # normal scans predicted empty: a count, not a rate
+        assert f"| {round(free['fraction_predicted_empty'] * free['n'])} of {free['n']} |" in row
+        assert "plain encoder, base" in row
+    assert (f"{seg_run.name} and {other_seg_run.name} were tested on partly different images: "
+            f"they share {len(both)} test images ({seg_run.name} has {len(scores[0])}, "
+            f"{other_seg_run.name} {len(scores[1])})" in text
+            and "their rows above are not a paired comparison" in text)
+    diff = np.mean([scores[0][f]["dice"] - scores[1][f]["dice"] for f in shared])
+    assert (f"Paired, on the {len(shared)} lesion images both were tested on: lesion Dice of "
+            f"{seg_run.name} (" in text and f"minus {other_seg_run.name} (" in text)
+    assert f"= {diff:+.3f} (95% CI " in text
     capsys.readouterr()
     assert main(["evaluate", "--data", str(work), "--seg-run", str(seg_run),
-                 "--seg-run", str(seg_run), "--outputs", str(tmp_path)]) == 2
+                 "--seg-run", str(other_seg_run), "--outputs", str(tmp_path)]) == 2
     assert "one --seg-run" in capsys.readouterr().err
 
 
 def test_evaluate_compares_unets_before_any_classifier_exists(
-        seg_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        seg_run: Path, other_seg_run: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
     """The README's `busi evaluate --seg-run A --seg-run B` on an outputs folder with U-Nets
     only (the paper's U-Net before its classifiers): the U-Nets, not 'train one first'."""
-    assert main(["evaluate", "--seg-run", str(seg_run), "--seg-run", str(seg_run),
+    assert main(["evaluate", "--seg-run", str(seg_run), "--seg-run", str(other_seg_run),
                  "--outputs", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert out.startswith(f"busi evaluate: U-Net run(s) {seg_run}, {seg_run}\n")
+    assert out.startswith(f"busi evaluate: U-Net run(s) {seg_run}, {other_seg_run}\n")
     assert "classifier" not in out.splitlines()[0]
     (md,) = (tmp_path / "eval").glob("*/evaluation.md")
     text = md.read_text()
@@ -550,38 +586,86 @@ def test_ground_truth_and_no_mask_ablations_run(work: Path, seg_run: Path) -> No
                    "--set", "training.cls.epochs=1") == 0
 
 
-def test_predict_on_an_unreadable_image_exits_2_naming_it_and_writes_nothing(
-        work: Path, seg_run: Path, cls_run: Path, synth_root: Path, tmp_path: Path,
+def test_predict_skips_unreadable_images_names_them_and_exits_3(
+        seg_run: Path, cls_run: Path, synth_root: Path, tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
-    """busi issue 16: a corrupt scan in the inputs is exit 2 and one line naming it, before
-    any model is loaded or any output written -- never a silent exit 0 without that scan."""
+    """busi issue 10: a batch keeps going. The readable scans are predicted; every unreadable
+    one is named on stderr (one line each) and in skipped.csv / predictions.json of the output
+    folder; the exit code is 3 -- not 0, so a script sees the result set lacks scans."""
     inputs = tmp_path / "scans"
     inputs.mkdir()
     for name in ("benign (1).png", "malignant (1).png"):
         cls = name.split()[0]
         shutil.copy(synth_root / cls / name, inputs / name)
     (inputs / "broken.png").write_bytes(b"not a png")
+    (inputs / "empty.jpg").write_bytes(b"")
+    (inputs / "notes.txt").write_text("not an image, and not an image's name: ignored")
+    common = ["--seg-run", str(seg_run), "--cls-run", str(cls_run)]
     out = tmp_path / "pred"
-    for argv in ([str(inputs)], [str(inputs / "benign (1).png"), str(inputs / "broken.png")]):
-        assert main(["predict", *argv, "--seg-run", str(seg_run), "--cls-run", str(cls_run),
-                     "--out", str(out)]) == 2
-        err = capsys.readouterr().err
-        assert f"{inputs / 'broken.png'}: cannot decode image" in err, err
-        assert "nothing predicted (1 of " in err
-        assert "fix:" in err and len(err.strip().splitlines()) == 1
-        assert not out.exists(), "nothing written"
-    assert main(["predict", str(inputs / "gone.png"), "--seg-run", str(seg_run),
-                 "--cls-run", str(cls_run), "--out", str(out)]) == 2
-    assert "gone.png: not found" in capsys.readouterr().err
-    (inputs / "broken.png").unlink()
-    assert main(["predict", str(inputs), "--seg-run", str(seg_run), "--cls-run", str(cls_run),
-                 "--out", str(out)]) == 0
+    assert main(["predict", str(inputs), *common, "--out", str(out)]) == 3
+    captured = capsys.readouterr()
+    err = captured.err
+    assert f"busi: warning: skipped {inputs / 'broken.png'}: cannot decode image" in err, err
+    assert f"busi: warning: skipped {inputs / 'empty.jpg'}: empty file (0 bytes)" in err, err
+    assert "notes.txt" not in err
+    assert f"2 of 4 image(s) skipped as unreadable, each named above and in {out / 'skipped.csv'}" \
+        f"; exit code 3 -- fix:" in err
+    assert "2 image(s) predicted" in captured.out and "skipped.csv" in captured.out
+    with open(out / "skipped.csv", newline="") as fh:
+        listed = list(csv.DictReader(fh))
+    assert [(r["file"], r["reason"].split(" (")[0]) for r in listed] == [
+        (str(inputs / "broken.png"), "cannot decode image"),
+        (str(inputs / "empty.jpg"), "empty file")]
     result = json.loads((out / "predictions.json").read_text())
-    assert len(result["predictions"]) == 2
+    assert [r["file"] for r in result["skipped"]] == [r["file"] for r in listed]
+    assert [Path(p["file"]).name for p in result["predictions"]] == ["benign (1).png",
+                                                                     "malignant (1).png"]
     p = result["predictions"][0]
     assert p["pred"] in ("benign", "malignant", "normal")
     assert sum(p[f"p_{c}"] for c in ("benign", "malignant", "normal")) == pytest.approx(1, abs=1e-3)
     assert (out / "benign_(1)_mask.png").is_file() and (out / "benign_(1)_overlay.png").is_file()
+    assert not list(out.glob("broken*")) and not list(out.glob("empty*"))
+    with open(out / "predictions.csv", newline="") as fh:
+        assert len(list(csv.DictReader(fh))) == 2
+    # Explicit files are a batch too (a shell glob): the readable one is predicted.
+    out2 = tmp_path / "pred2"
+    assert main(["predict", str(inputs / "benign (1).png"), str(inputs / "broken.png"),
+                 *common, "--out", str(out2)]) == 3
+    assert json.loads((out2 / "predictions.json").read_text())["skipped"][0]["file"] == \
+        str(inputs / "broken.png")
+    capsys.readouterr()
+    # All read: exit 0, no skipped.csv, an empty list in the JSON.
+    (inputs / "broken.png").unlink()
+    (inputs / "empty.jpg").unlink()
+    out3 = tmp_path / "pred3"
+    assert main(["predict", str(inputs), *common, "--out", str(out3)]) == 0
+    assert not (out3 / "skipped.csv").exists()
+    assert json.loads((out3 / "predictions.json").read_text())["skipped"] == []
+    assert "skipped" not in capsys.readouterr().err
+
+
+def test_predict_with_no_readable_input_exits_2_naming_them_and_writes_nothing(
+        seg_run: Path, cls_run: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """busi issue 16 / 10: one unreadable file alone, or a folder of only unreadable ones,
+    is exit 2 and one message naming them, before any model is loaded or output written;
+    so is a path that does not exist."""
+    inputs = tmp_path / "scans"
+    inputs.mkdir()
+    (inputs / "broken.png").write_bytes(b"not a png")
+    (inputs / "empty.png").write_bytes(b"")
+    common = ["--seg-run", str(seg_run), "--cls-run", str(cls_run)]
+    out = tmp_path / "pred"
+    for argv, n in (([str(inputs)], 2), ([str(inputs / "broken.png")], 1)):
+        assert main(["predict", *argv, *common, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"{inputs / 'broken.png'}: cannot decode image" in err, err
+        assert f"nothing predicted ({n} of {n} image(s) cannot be read)" in err
+        assert "fix:" in err and len(err.strip().splitlines()) == 1
+        assert not out.exists(), "nothing written"
+    assert main(["predict", str(inputs / "gone.png"), *common, "--out", str(out)]) == 2
+    assert "gone.png: not found" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_predict_flags_unsure_calls_names_its_runs_and_states_units(
@@ -777,15 +861,16 @@ def test_frozen_base_then_fine_tuning_with_class_weights(work: Path, seg_run: Pa
 
 
 def test_evaluate_trained_runs_on_other_data_without_retraining(
-        work: Path, seg_run: Path, cls_run: Path, synth_root: Path, tmp_path: Path,
+        work: Path, seg_run: Path, cls_run: Path, unseen_root: Path, tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
-    """Another site's images, as a CSV manifest with no normal images and one unmasked image."""
+    """Another site's images, as a CSV manifest with no normal images and one unmasked image:
+    scans the runs never saw (their own training set is refused as another site)."""
     rows = ["image,mask,label"]
     for k in range(1, 5):
         for c in ("benign", "malignant"):
             mask = f"{c}/{c} ({k})_mask.png" if k > 1 else ""
             rows.append(f"{c}/{c} ({k}).png,{mask},{c}")
-    manifest = synth_root / "other_site.csv"
+    manifest = unseen_root / "other_site.csv"
     manifest.write_text("\n".join(rows) + "\n")
     out_root = tmp_path / "out"
     try:
@@ -808,7 +893,10 @@ def test_evaluate_trained_runs_on_other_data_without_retraining(
     assert "Normal" not in (out / "classification_report.md").read_text()
     assert "best_epoch" not in seg
     md = (out / "evaluation.md").read_text()
-    assert f"## {synth_root.name}/other_site.csv" in md and "best epoch" not in md
+    assert f"## {unseen_root.name}/other_site.csv" in md and "best epoch" not in md
+    overlap = json.loads((out / "evaluation.json").read_text())["training_overlap"]
+    assert overlap["checked"] and overlap["images"] == 0 and overlap["shared_patients"] == 0
+    assert "Unseen by the runs: none of its 8 images" in md
     assert "| internal test split (the runs' own) |" in md
     assert list(out.glob("roc_*other_site.csv.png"))
     assert list(out.glob("failures_*.png"))
@@ -846,13 +934,13 @@ def _site_manifest(root: Path, out: Path, per_class: int = 6, normal: bool = Tru
 
 
 def test_evaluate_on_a_second_site_resamples_its_patients(
-        cls_run: Path, synth_root: Path, tmp_path: Path,
+        cls_run: Path, unseen_root: Path, tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
     """busi issue 13: lesion Dice, normal scans predicted empty, benign/malignant AUC and
     per-class recall of another hospital's scans, each with an interval over its patients."""
     from sklearn.metrics import roc_auc_score
 
-    manifest = _site_manifest(synth_root, tmp_path / "site.csv", patients=4)
+    manifest = _site_manifest(unseen_root, tmp_path / "site.csv", patients=4)
     assert main(["evaluate", "--data", str(manifest), "--cls-run", str(cls_run),
                  "--outputs", str(tmp_path / "o")]) == 0
     printed = capsys.readouterr().out
@@ -884,11 +972,11 @@ def test_evaluate_on_a_second_site_resamples_its_patients(
 
 
 def test_evaluate_on_data_with_only_a_seg_run_measures_the_unet_alone(
-        seg_run: Path, synth_root: Path, tmp_path: Path,
+        seg_run: Path, unseen_root: Path, tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
     """A user who trained only a U-Net measures it on another site; the data here has no
     normal images and no patient column (near-duplicate groups stand in, and it says so)."""
-    manifest = _site_manifest(synth_root, tmp_path / "site.csv", normal=False)
+    manifest = _site_manifest(unseen_root, tmp_path / "site.csv", normal=False)
     assert main(["evaluate", "--data", str(manifest), "--seg-run", str(seg_run),
                  "--outputs", str(tmp_path / "o")]) == 0
     printed = capsys.readouterr().out
@@ -906,7 +994,7 @@ def test_evaluate_on_data_with_only_a_seg_run_measures_the_unet_alone(
     assert "predicted empty" not in report and "Precision" not in report
     assert "segmentation only" in printed and "Lesion Dice" in printed
     # a blank patient cell is a clear error, and no evaluation folder is left behind
-    lines = _site_manifest(synth_root, tmp_path / "p.csv", patients=3).read_text().splitlines()
+    lines = _site_manifest(unseen_root, tmp_path / "p.csv", patients=3).read_text().splitlines()
     lines[3] = lines[3].rsplit(",", 1)[0] + ","
     (tmp_path / "p.csv").write_text("\n".join(lines) + "\n")
     assert main(["evaluate", "--data", str(tmp_path / "p.csv"), "--seg-run", str(seg_run),
@@ -916,14 +1004,14 @@ def test_evaluate_on_data_with_only_a_seg_run_measures_the_unet_alone(
 
 
 def test_evaluate_on_several_sites_puts_them_side_by_side(
-        cls_run: Path, seg_run: Path, synth_root: Path, tmp_path: Path,
+        cls_run: Path, seg_run: Path, unseen_root: Path, tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
     """busi issue 16: repeated --data writes one folder and one table, the sites next to the
     classifier run's own test figures, each site with its ROC curve and failure gallery."""
     (tmp_path / "site-a").mkdir()
     (tmp_path / "site-b").mkdir()
-    a = _site_manifest(synth_root, tmp_path / "site-a" / "manifest.csv", patients=4)
-    b = _site_manifest(synth_root, tmp_path / "site-b" / "manifest.csv", normal=False,
+    a = _site_manifest(unseen_root, tmp_path / "site-a" / "manifest.csv", patients=4)
+    b = _site_manifest(unseen_root, tmp_path / "site-b" / "manifest.csv", normal=False,
                        patients=3)
     assert main(["evaluate", "--data", str(a), "--data", str(b), "--cls-run", str(cls_run),
                  "--outputs", str(tmp_path / "o")]) == 0
@@ -968,20 +1056,56 @@ def test_evaluate_on_several_sites_puts_them_side_by_side(
     assert "nope.csv" in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
 
-def _seg_eval():
-    import importlib.util
+def test_evaluate_refuses_the_runs_own_training_images_as_another_site(
+        seg_run: Path, cls_run: Path, synth_root: Path, unseen_root: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """busi issue: `evaluate --data` never compared a site with the runs' training and
+    validation images, so the training data itself came out as a new hospital. The same
+    pixels and a pHash near duplicate (a re-exported scan) are both caught: exit 2 with the
+    counts, nothing written; --allow-overlap evaluates, loudly, the counts in the report."""
+    import cv2
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "seg_eval.py"
-    spec = importlib.util.spec_from_file_location("seg_eval", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    split = json.loads((cls_run / "split.json").read_text())
+    fitted, n = split["train"] + split["val"], split["train"] + split["val"] + split["test"]
+    assert main(["evaluate", "--data", str(synth_root), "--cls-run", str(cls_run),
+                 "--outputs", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "not another site's data" in err and "Traceback" not in err
+    assert (f"{fitted} of its {n} images are training or validation images of the runs "
+            f"({fitted} with the same pixels, 0 near duplicates within pHash distance 6)") in err
+    assert "--allow-overlap" in err and not (tmp_path / "o").exists()
+    # another site's scans with one training scan as it is and one re-exported brighter
+    train = [f for f in read_manifest(split["manifest"]).partition(split["fold"])["train"]
+             if not f.startswith("normal/")][:2]
+    site = _site_manifest(unseen_root, tmp_path / "mixed.csv", per_class=3, normal=False)
+    image = cv2.imread(str(synth_root / train[1]), cv2.IMREAD_GRAYSCALE)
+    cv2.imwrite(str(tmp_path / "resaved.png"), np.clip(image.astype(int) + 4, 0, 255
+                                                        ).astype(np.uint8))
+    rows = []
+    for f, image_path in ((train[0], synth_root / train[0]), (train[1], tmp_path / "resaved.png")):
+        masks = sorted((synth_root / f).parent.glob(f"{Path(f).stem}_mask*.png"))
+        rows.append(f"{image_path},{';'.join(map(str, masks))},{f.split('/')[0]}")
+    site.write_text(site.read_text() + "\n".join(rows) + "\n")
+    argv = ["evaluate", "--data", str(site), "--seg-run", str(seg_run)]
+    assert main([*argv, "--outputs", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert ("2 of its 8 images are training or validation images of the runs (1 with the same "
+            "pixels, 1 near duplicates within pHash distance 6)") in err
+    assert f"is the training image {train[0]}" in err and not (tmp_path / "m").exists()
+    assert main([*argv, "--outputs", str(tmp_path / "m"), "--allow-overlap"]) == 0
+    assert "mixed.csv is NOT unseen data: 2 of its 8 images" in capsys.readouterr().err
+    (out,) = (tmp_path / "m" / "eval").iterdir()
+    overlap = json.loads((out / "evaluation.json").read_text())["training_overlap"]
+    assert (overlap["images"], overlap["exact_duplicates"], overlap["near_duplicates"]) == (2, 1, 1)
+    assert sorted(twin for _, twin in overlap["examples"]) == sorted(train)
+    md = (out / "evaluation.md").read_text()
+    assert "**Not unseen data: 2 of its 8 images" in md and "is not unseen data**" in md
 
 
 def test_seg_eval_measures_a_run_under_other_mask_rules_and_members(
         seg_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The command behind docs/RESULTS.md's validation gains and single-member figures."""
-    seg_eval = _seg_eval()
+    seg_eval = load_script("seg_eval")
     metrics = json.loads((seg_run / "metrics.json").read_text())
     out = tmp_path / "rows.json"
     # the run's own rule and U-Net on its test images: the run's own test figures
@@ -1017,7 +1141,7 @@ def _copy_run(src: Path, dst: Path, **state: object) -> Path:
 
 
 def test_predict_and_evaluate_pair_a_classifier_with_its_own_unet(
-        seg_run: Path, cls_run: Path, synth_root: Path, tmp_path: Path,
+        seg_run: Path, cls_run: Path, synth_root: Path, unseen_root: Path, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """A later U-Net run must not change a classifier's inputs; a run still training is no
     'latest run'; every command says which runs it used."""
@@ -1040,7 +1164,7 @@ def test_predict_and_evaluate_pair_a_classifier_with_its_own_unet(
     err = capsys.readouterr().err
     assert "busi: warning:" in err and "not the U-Net run classifier" in err
     # busi evaluate --data: the same default
-    assert main(["evaluate", "--data", str(synth_root), "--cls-run", str(mine),
+    assert main(["evaluate", "--data", str(unseen_root), "--cls-run", str(mine),
                  "--outputs", str(outputs)]) == 0
     (report,) = (outputs / "eval").glob("*/evaluation.md")
     assert f"segmentation run: {seg_run};" in report.read_text()

@@ -8,7 +8,6 @@ module that owns the work, so the same work is reachable from Python. A
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import textwrap
@@ -25,9 +24,13 @@ def _examples(text: str) -> str:
 
 
 def _add_config_args(p: argparse.ArgumentParser, default: str | None = "paper") -> None:
-    p.add_argument("--config", "-c", default=default,
+    # --config's own default is None, so that a --config the user gave can be told from the
+    # default (a resumed run refuses one: it keeps its own config); load_cli_config falls
+    # back to config_default.
+    p.add_argument("--config", "-c", default=None,
                    help="YAML config: a path, or a name in configs/ (paper, cpu, demo); "
                         f"default: {default}")
+    p.set_defaults(config_default=default)
     p.add_argument("--data", action="append", metavar="PATH",
                    help="data folder in the BUSI layout, or a CSV manifest (image,mask,label"
                         "[,patient]); repeat it to train on several sources together "
@@ -82,12 +85,35 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
                         "outputs.run_name=NAME)")
 
 
-def _check_new_run_args(args: argparse.Namespace) -> None:
-    """--outputs and --name shape a new run; a resumed run keeps its folder and name."""
-    if args.resume and (args.outputs or args.name):
-        flag = "--outputs" if args.outputs else "--name"
-        raise BusiError(f"is for a new run; --resume continues {args.resume} in place",
-                        where=flag, fix=f"drop {flag}, or start a new run without --resume")
+def _check_resume_args(args: argparse.Namespace) -> None:
+    """A flag given with --resume is honoured or refused, never parsed and dropped.
+
+    --outputs and --name shape a new run; a resumed run keeps its folder and name. --config,
+    --data and --model would change what the run trains, which its own config.yaml decides
+    (epochs of two different experiments under one run would be neither). --set is
+    left to the trainer (``busi.training.loop.resumed_config``), which honours the keys that
+    only say how long a run goes on and records them in its config.yaml; a CV's fold runs
+    share the CV's config, so ``cv --resume`` takes none (--models and --arm add arms).
+    """
+    if not args.resume:
+        return
+    for flag, given in (("--outputs", args.outputs), ("--name", args.name)):
+        if given:
+            raise BusiError(f"is for a new run; --resume continues {args.resume} in place",
+                            where=flag, fix=f"drop {flag}, or start a new run without --resume")
+    for flag, given in (("--config", args.config is not None), ("--data", args.data),
+                        ("--model", getattr(args, "model", None))):
+        if given:
+            raise BusiError(f"cannot change a resumed run: {args.resume} keeps the config, "
+                            "data and model it started with (its config.yaml)", where=flag,
+                            fix=f"drop {flag} to continue the run as it was, or start a new "
+                                "run without --resume")
+    if args.command == "cv" and args.overrides:
+        raise BusiError(f"cannot change a resumed CV: its folds share {args.resume}'s "
+                        "config.yaml", where=f"--set {args.overrides[0]}",
+                        fix="drop --set to continue the CV as it was; to compare another "
+                            "classifier setting on its folds add an arm: --arm "
+                            "'NAME: KEY=VALUE ...'")
 
 
 def _count(text: str) -> int:
@@ -102,22 +128,35 @@ def _count(text: str) -> int:
 
 
 def load_cli_config(args: argparse.Namespace):
-    """Config from --config, then --set, then --outputs/--name/--data (the most specific
-    wins)."""
-    from busi.config import find_config, load_config
+    """Config from --config, then --set, then --outputs/--name/--data/--model (the most
+    specific wins).
 
-    overrides = list(args.overrides)
+    The flags' values go in as (key, value) pairs, never as ``--set`` text: YAML would read
+    ``--data "scans #2/BUSI"`` as ``scans``, ``2024-01-01`` as a date and ``on`` as true.
+    """
+    from busi.config import Override, find_config, load_config
+
+    overrides: list[Override] = list(args.overrides)
     if getattr(args, "outputs", None):  # --outputs and --name: --set spelled as a flag
-        overrides.append(f"outputs.root={json.dumps(args.outputs)}")
+        overrides.append(("outputs.root", args.outputs))
     if getattr(args, "name", None):
-        overrides.append(f"outputs.run_name={args.name}")
+        overrides.append(("outputs.run_name", args.name))
+    if getattr(args, "model", None):
+        overrides.append(("model.classifier.name", args.model))
     data = getattr(args, "data", None) or []
-    if len(data) == 1:
-        overrides.append(f"data.root={data[0]}")
-    elif data:  # JSON is YAML: paths with spaces, commas or colons stay one string each
-        overrides.append(f"data.root={json.dumps(data)}")
-    path = find_config(args.config) if args.config else None
+    if data:  # one source is a string, several a list: data.root's two forms
+        overrides.append(("data.root", data[0] if len(data) == 1 else list(data)))
+    config = args.config if args.config is not None else getattr(args, "config_default", None)
+    path = find_config(config) if config else None
     return load_config(path, overrides)
+
+
+def _resumed_config(args: argparse.Namespace, kind: str):
+    """The config of the run --resume continues: its own, with the --set keys a resume may
+    change applied and recorded in its config.yaml (``busi.training.loop.resumed_config``)."""
+    from busi.training.loop import resumed_config
+
+    return resumed_config(args.resume, kind, args.overrides, command=args.command)
 
 
 # --------------------------------------------------------------------------- commands
@@ -173,8 +212,8 @@ def cmd_data_split(args: argparse.Namespace) -> int:
 def cmd_train_seg(args: argparse.Namespace) -> int:
     from busi.training.segmentation import train_segmentation
 
-    _check_new_run_args(args)
-    cfg = load_cli_config(args)
+    _check_resume_args(args)
+    cfg = _resumed_config(args, "seg") if args.resume else load_cli_config(args)
     train_segmentation(cfg, resume=args.resume, config_source=args.config)
     return 0
 
@@ -182,10 +221,8 @@ def cmd_train_seg(args: argparse.Namespace) -> int:
 def cmd_train_cls(args: argparse.Namespace) -> int:
     from busi.training.classification import train_classifier
 
-    _check_new_run_args(args)
-    if args.model:
-        args.overrides.append(f"model.classifier.name={args.model}")
-    cfg = load_cli_config(args)
+    _check_resume_args(args)
+    cfg = _resumed_config(args, "cls") if args.resume else load_cli_config(args)
     train_classifier(cfg, seg_run=args.seg_run, resume=args.resume, config_source=args.config)
     return 0
 
@@ -206,7 +243,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                             fix="busi evaluate " + " ".join(f"--data {d}" for d in args.data)
                                 + f" --cls-run {args.runs[0]}")
         evaluate_on_data(args.data, cls_run=args.cls_run,
-                         seg_run=seg_runs[0] if seg_runs else None, outputs_root=args.outputs)
+                         seg_run=seg_runs[0] if seg_runs else None, outputs_root=args.outputs,
+                         allow_overlap=args.allow_overlap)
         return 0
     evaluate_command(runs=args.runs, seg_runs=seg_runs, outputs_root=args.outputs)
     return 0
@@ -224,7 +262,7 @@ def cmd_cv(args: argparse.Namespace) -> int:
                         fix="name one or more, e.g. --models cnn,vgg19,mobilenet, or "
                             "--models none for the U-Nets only")
     models = () if models == ("none",) else models
-    _check_new_run_args(args)
+    _check_resume_args(args)
     cfg = None if args.resume else load_cli_config(args)
     run_cv(cfg, folds=args.folds, models=models, resume=args.resume, arms=arms)
     return 0
@@ -257,12 +295,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from busi.inference.predict import predict_command
+    from busi.inference.predict import EXIT_SKIPPED, predict_command
 
-    predict_command(args.inputs, seg_run=args.seg_run, cls_run=args.cls_run, out=args.out,
-                    outputs_root=args.outputs, explain=args.explain,
-                    min_confidence=args.min_confidence)
-    return 0
+    done = predict_command(args.inputs, seg_run=args.seg_run, cls_run=args.cls_run,
+                           out=args.out, outputs_root=args.outputs, explain=args.explain,
+                           min_confidence=args.min_confidence)
+    # 3: the readable images were predicted, some others skipped (named, in skipped.csv).
+    return EXIT_SKIPPED if getattr(done, "skipped", None) else 0
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
@@ -311,11 +350,15 @@ def build_parser() -> argparse.ArgumentParser:
             busi train-seg --config configs/paper.yaml --data data/Dataset_BUSI_with_GT
             busi train-seg --config cpu --set training.seg.epochs=5
             busi train-seg --config cpu --outputs runs --name baseline  # runs/seg/<time>-baseline
-            busi train-seg --config cpu --resume outputs/seg/20261124-101500
+            busi train-seg --resume outputs/seg/20261124-101500   # continue it
+            busi train-seg --resume outputs/seg/20261124-101500 --set training.seg.epochs=150
         """))
     _add_config_args(p)
     _add_training_args(p)
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue an interrupted run with its own config; only --set "
+                        "training.seg.epochs (to extend or end it) and the *_patience keys "
+                        "may change, recorded in its config.yaml")
     p.set_defaults(func=cmd_train_seg)
 
     p = sub.add_parser("train-cls", help="train a classifier on images masked by the U-Net",
@@ -331,7 +374,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="segmentation run whose predicted masks to use (default: the latest "
                         "finished one)")
     _add_training_args(p)
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue an interrupted run with its own config; only --set "
+                        "training.cls.epochs, model.classifier.fine_tune_epochs (to extend "
+                        "or end it) and the *_patience keys may change, recorded in its "
+                        "config.yaml")
     p.set_defaults(func=cmd_train_cls)
 
     p = sub.add_parser("evaluate", help="per-class precision/recall/F1 tables of classifier runs "
@@ -367,6 +414,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cls-run", metavar="RUN_DIR",
                    help="with --data: the classifier run (default: the newest finished, "
                         "unless --seg-run alone asks for segmentation only)")
+    p.add_argument("--allow-overlap", action="store_true",
+                   help="with --data: evaluate a site even though some of its images are the "
+                        "runs' own training or validation images (same pixels or pHash near "
+                        "duplicates; refused without this flag); the report states how many")
     _add_outputs_arg(p, "outputs")
     p.set_defaults(func=cmd_evaluate)
 
@@ -381,7 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
             busi cv --resume outputs/cv/20261125-101500      # continue a killed CV
         """))
     _add_config_args(p)
-    p.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
+    p.add_argument("--folds", type=int, default=None,
+                   help="number of folds (default 5; a resumed CV keeps its own)")
     p.add_argument("--models", default=None,
                    help="comma-separated classifiers to train per fold (default: cnn; "
                         "none: segmentation only); with --resume, classifiers to add to the "
@@ -391,7 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "training.cls.* or augmentation.* (repeatable; trained after --models "
                         "on the same folds and U-Nets)")
     _add_training_args(p)
-    p.add_argument("--resume", metavar="CV_DIR", help="continue an interrupted CV run")
+    p.add_argument("--resume", metavar="CV_DIR",
+                   help="continue an interrupted CV run with its own config and folds "
+                        "(--models/--arm add arms; --config, --data, --set are refused)")
     p.set_defaults(func=cmd_cv)
 
     p = sub.add_parser("runs", help="list runs: kind, model, finished or not, headline "
@@ -439,7 +493,12 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=fmt, description=(
                            "Mask and class probabilities for new images, each flagged when the "
                            "segmenter found no\nlesion or the call is unsure. busi is a "
-                           "research tool, not a diagnostic device."), epilog=_examples("""
+                           "research tool, not a diagnostic device.\n\n"
+                           "An unreadable image among others is skipped, named on stderr and "
+                           "in skipped.csv of the\noutput folder. Exit status: 0 all "
+                           "predicted; 3 some skipped, the rest predicted; 2 nothing\n"
+                           "predicted (bad arguments, or no input readable) and nothing "
+                           "written."), epilog=_examples("""
             busi predict scan1.png scans/ --seg-run outputs/seg/A --cls-run outputs/cls/cnn/B
             busi predict scan1.png --explain        # + Grad-CAM heatmap of the classifier
             busi predict scans/ --min-confidence 0.8  # flag calls under 80%

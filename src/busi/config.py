@@ -16,8 +16,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+import sys
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -241,6 +243,11 @@ class Config:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     outputs: OutputsConfig = field(default_factory=OutputsConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
+    # Per classifier family: ``{cnn: {classifier: {...}, training: {...}}}``, values of
+    # model.classifier and training.cls that suit that family, laid over the file's own
+    # sections whenever that family is trained (resolve_families). A from-scratch CNN and
+    # a pretrained MobileNet want different schedules; one config serves both.
+    classifiers: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- validation
@@ -303,6 +310,10 @@ def _convert(value: Any, tp: Any, key: str, where: str, meta: dict[str, Any],
             except BusiError:
                 continue
         raise fail(_describe(tp))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise fail("a mapping")
+        return value  # its contents are checked where they are used (resolve_families)
     if origin is list:
         (inner,) = typing.get_args(tp)
         if not isinstance(value, list):
@@ -404,6 +415,23 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return raw
 
 
+# One override: ``"KEY=VALUE"`` as ``--set`` writes it (VALUE read as YAML), or a
+# ``(KEY, value)`` pair whose value is taken as it is (a path the user gave).
+Override = str | tuple[str, Any]
+
+
+def _nest(key: str, value: Any) -> dict[str, Any]:
+    """``("training.seg.epochs", 5)`` as ``{"training": {"seg": {"epochs": 5}}}``."""
+    node: dict[str, Any] = {}
+    cur = node
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        cur[part] = {}
+        cur = cur[part]
+    cur[parts[-1]] = value
+    return node
+
+
 def parse_override(text: str) -> dict[str, Any]:
     """Turn ``training.seg.epochs=5`` into ``{"training": {"seg": {"epochs": 5}}}``.
 
@@ -418,19 +446,115 @@ def parse_override(text: str) -> dict[str, Any]:
         parsed = yaml.safe_load(value) if value.strip() else ""
     except yaml.YAMLError:
         parsed = value
-    node: dict[str, Any] = {}
-    cur = node
-    parts = key.strip().split(".")
-    for part in parts[:-1]:
-        cur[part] = {}
-        cur = cur[part]
-    cur[parts[-1]] = parsed
-    return node
+    return _nest(key, parsed)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+def _override_layer(override: Override) -> tuple[dict[str, Any], str]:
+    """One override as a nested mapping, and how an error names it.
+
+    A ``(key, value)`` pair is never read as YAML: a path the user gave (``--data``,
+    ``--outputs``, a CV's fold folder) reaches the config as that string, where YAML would
+    read ``scans #2`` as ``scans`` (a comment), ``2024-01-01`` as a date and ``on`` as true.
+    It is still type-checked like any other value.
+    """
+    if isinstance(override, str):
+        return parse_override(override), f"--set {override}"
+    key, value = override
+    if not isinstance(key, str) or not key.strip():
+        raise BusiError(f"an override needs a key, got {override!r}",
+                        fix="pass (KEY, value), e.g. ('data.root', 'data/BUSI')")
+    return _nest(key, value), f"{key.strip()}={value}"
+
+
+def _apply_overrides(raw: dict[str, Any], overrides: Sequence[Override]) -> tuple[
+        dict[str, Any], list[str]]:
+    """``raw`` with each override laid over it, each validated on its own first so an error
+    names the override that caused it; returns the merged mapping and the overrides' names."""
+    names = []
+    for override in overrides:
+        extra, name = _override_layer(override)
+        _build(Config, extra, name)
+        raw = _merge(raw, extra)
+        names.append(name)
+    return raw, names
+
+
+# classifiers.<family>.<section> -> the config section it is laid over.
+FAMILY_SECTIONS = {"classifier": ("model", "classifier", ClassifierConfig),
+                   "training": ("training", "cls", ClsTrainConfig)}
+
+
+def _family_layer(block: dict[str, Any]) -> dict[str, Any]:
+    """A family's block as a config layer: ``classifier`` -> model.classifier, ``training``
+    -> training.cls."""
+    layer: dict[str, Any] = {}
+    for sec, (top, sub, _) in FAMILY_SECTIONS.items():
+        if block.get(sec):
+            layer = _merge(layer, {top: {sub: dict(block[sec])}})
+    return layer
+
+
+def _check_families(families: Any, where: str) -> dict[str, dict[str, dict[str, Any]]]:
+    """``classifiers:`` checked like any section: known families, known sections and keys,
+    typed values; ``name`` cannot be set inside a family (the family *is* the name)."""
+    known = typing.get_args(typing.get_type_hints(ClassifierConfig)["name"])
+    if not isinstance(families, dict):
+        raise BusiError(f"'classifiers' must be a mapping of {', '.join(known)}, got "
+                        f"{families!r}", where=where)
+    for name, block in families.items():
+        if name not in known:
+            raise BusiError(f"unknown classifier family 'classifiers.{name}'", where=where,
+                            fix=f"use one of {', '.join(known)}")
+        if not isinstance(block, dict) or set(block) - set(FAMILY_SECTIONS):
+            raise BusiError(f"'classifiers.{name}' takes the sections "
+                            f"{' and '.join(FAMILY_SECTIONS)}, got {block!r}", where=where,
+                            fix=f"e.g. classifiers: {{{name}: {{training: {{epochs: 80}}}}}}")
+        for sec, (_, _, cls) in FAMILY_SECTIONS.items():
+            part = block.get(sec) or {}
+            if "name" in part:
+                raise BusiError(f"'classifiers.{name}.{sec}.name' cannot be set",
+                                where=where, fix="the family's key is its name; remove it")
+            _convert(part, cls, f"classifiers.{name}.{sec}", where, {})
+    return families
+
+
+def resolve_families(base: dict[str, Any], over: dict[str, Any], where: str) -> dict[str, Any]:
+    """``base`` (defaults and file) <- the trained family's block <- ``over`` (the command's
+    overrides), as one raw mapping.
+
+    The family's block sits between the file and the command line: ``--set
+    training.cls.epochs=5`` still wins. Every family's block is stored *filled*: each
+    sets every key any family sets, with the value it resolves to under this command
+    (overrides included). So switching family later (a CV arm, the demo's three models:
+    ``with_overrides(cfg, ['model.classifier.name=cnn'])``) lays a complete block over
+    the previous family's values, and nothing of one family leaks into another.
+    """
+    merged = _merge(base, over)
+    families = _check_families(merged.get("classifiers") or {}, where)
+    if not families:
+        return merged
+    keys = {sec: sorted({k for b in families.values() for k in (b.get(sec) or {})})
+            for sec in FAMILY_SECTIONS}
+
+    def full(name: str) -> dict[str, Any]:
+        return _merge(_merge(base, _family_layer(families.get(name, {}))), over)
+
+    # Every family, also one the file gives no block: its filled block holds the file's own
+    # values, so switching back to it undoes another family's block.
+    known = typing.get_args(typing.get_type_hints(ClassifierConfig)["name"])
+    filled: dict[str, dict[str, dict[str, Any]]] = {}
+    for name in known:
+        cfg = _build(Config, {**full(name), "classifiers": {}}, where)
+        filled[name] = {sec: {k: getattr(getattr(getattr(cfg, top), sub), k) for k in keys[sec]}
+                        for sec, (top, sub, _) in FAMILY_SECTIONS.items() if keys[sec]}
+    name = _build(Config, {**merged, "classifiers": {}}, where).model.classifier.name
+    return {**full(name), "classifiers": filled}
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[Override] = (),
                 ) -> Config:
-    """Defaults <- YAML file <- ``--set`` overrides, validated at each layer.
+    """Defaults <- YAML file <- overrides (``--set`` text, or typed ``(key, value)`` pairs),
+    validated at each layer.
 
     Each layer is validated on its own first so an error names the layer that
     caused it (the file, or the ``--set`` argument).
@@ -440,13 +564,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         path = Path(path)
         raw = _read_yaml(path)
         _build(Config, raw, str(path))
-    for text in overrides:
-        extra = parse_override(text)
-        _build(Config, extra, f"--set {text}")
-        raw = _merge(raw, extra)
-    where = " ".join(([str(path)] if path else []) + [f"--set {o}" for o in overrides]) \
-        or "defaults"
-    return check_consistency(_build(Config, raw, where), where)
+    over, names = _apply_overrides({}, overrides)
+    where = " ".join(([str(path)] if path else []) + names) or "defaults"
+    return check_consistency(_build(Config, resolve_families(raw, over, where), where), where)
 
 
 def check_consistency(cfg: Config, where: str) -> Config:
@@ -497,13 +617,11 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def with_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
-    """A copy of ``cfg`` with ``--set``-style overrides applied (and validated)."""
-    raw = to_dict(cfg)
-    for text in overrides:
-        extra = parse_override(text)
-        _build(Config, extra, f"--set {text}")
-        raw = _merge(raw, extra)
+def with_overrides(cfg: Config, overrides: Sequence[Override]) -> Config:
+    """A copy of ``cfg`` with overrides applied (and validated): ``--set``-style text, or
+    ``(key, value)`` pairs for values that must not be read as YAML (paths)."""
+    over, _ = _apply_overrides({}, overrides)
+    raw = resolve_families(to_dict(cfg), over, "--set")
     return check_consistency(_build(Config, raw, "--set"), "--set")
 
 
@@ -512,14 +630,34 @@ def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
 
 
+_NAMES_SAID: set[str] = set()  # bare config names already said on stderr in this process
+
+
 def find_config(name_or_path: str) -> Path:
-    """Accept a path, or a bare name (``paper``) looked up in ./configs and the package."""
+    """Accept a path, or a bare name (``cpu``) of a config file.
+
+    A bare name is ``configs/<name>.yaml`` under the working directory when there is
+    one (a checkout's own configs, or a user's edited copies), else the copy packaged
+    with busi, ``busi/configs/<name>.yaml``. In the source tree that folder is a link to
+    the top-level ``configs/``, so there is one set of files to edit; a built wheel
+    carries them as they were when it was built. When ``./configs/<name>.yaml`` is not
+    the packaged file of that name, stderr says which one was read (once per name): two
+    files of one name that differ are the case a reader must be told about. Every run's
+    ``config.yaml`` records the settings that were read either way.
+    """
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") or p.exists():
         return p
-    for candidate in (Path("configs") / f"{name_or_path}.yaml",
-                      Path(__file__).parent / "configs" / f"{name_or_path}.yaml"):
+    packaged = Path(__file__).parent / "configs" / f"{name_or_path}.yaml"
+    for candidate in (Path("configs") / f"{name_or_path}.yaml", packaged):
         if candidate.is_file():
+            differs = (candidate is not packaged and packaged.is_file()
+                       and candidate.read_bytes() != packaged.read_bytes())
+            if differs and name_or_path not in _NAMES_SAID:
+                _NAMES_SAID.add(name_or_path)
+                print(f"busi: config {name_or_path!r} is {candidate.resolve()} (not the same "
+                      f"as busi's packaged {packaged.resolve()})", file=sys.stderr)
             return candidate
+    names = ", ".join(sorted(f.stem for f in packaged.parent.glob("*.yaml"))) or "paper, cpu, demo"
     raise BusiError(f"no config named {name_or_path!r}", where="--config",
-                    fix="pass a YAML path, or one of: paper, cpu, demo")
+                    fix=f"pass a YAML path, or one of: {names}")

@@ -99,6 +99,74 @@ def is_finished(run_dir: str | Path) -> bool:
         return False
 
 
+# cv.json's record of each fold's U-Net run ({"fold0": "fold0/seg/<run>"}, relative to the
+# CV folder, so it survives a moved or copied CV): the U-Net whose masks the fold's
+# classifiers are trained and scored on.
+CV_UNETS = "unets"
+
+
+def cv_fold_unet(cv_dir: str | Path, k: int, meta: dict[str, Any] | None = None,
+                 ) -> tuple[Path | None, bool]:
+    """Fold ``k``'s U-Net run of a CV, and whether it finished.
+
+    The run cv.json records (:data:`CV_UNETS`, written once the CV has it). A CV recorded
+    before that: the oldest finished run in ``fold<k>/seg/`` -- the one the CV trained;
+    a newer one came from elsewhere (an old ``busi rerun`` wrote there) -- else the
+    newest unfinished one (the U-Net the CV was training when it stopped), else none.
+    """
+    cv_dir = Path(cv_dir)
+    meta = read_json(cv_dir / "cv.json") if meta is None else meta
+    recorded = (meta.get(CV_UNETS) or {}).get(f"fold{k}")
+    if recorded:
+        seg = cv_dir / recorded
+        if not seg.is_dir():
+            raise BusiError(f"fold {k}'s U-Net run {recorded} (recorded in cv.json) is gone",
+                            where=str(cv_dir),
+                            fix=f"restore {seg} (the fold's classifiers learnt from its "
+                                "masks), or start a new CV")
+        return seg, is_finished(seg)
+    runs = list_runs(cv_dir / f"fold{k}" / SEG_DIR)
+    done = [r for r in runs if is_finished(r)]
+    if done:
+        return done[0], True
+    return (runs[-1], False) if runs else (None, False)
+
+
+def trained_on(cls_run: str | Path, seg: str | Path) -> bool:
+    """Whether classifier run ``cls_run`` learnt from U-Net run ``seg`` (``seg_run`` in its
+    split.json): the same folder, or -- a CV folder moved or copied -- a U-Net of the same
+    name at the same place in a CV (``fold<k>/seg/<run>``). An unreadable record: no."""
+    try:
+        own = read_split(Path(cls_run)).get("seg_run")
+    except (BusiError, AttributeError):
+        return False
+    if not isinstance(own, str):
+        return False
+    return same_path(own, seg) or Path(own).parts[-3:] == Path(seg).parts[-3:]
+
+
+def cv_fold_classifier(cv_dir: str | Path, k: int, arm: str, seg: Path | None,
+                       ) -> tuple[Path | None, bool, int]:
+    """Arm ``arm``'s classifier run of fold ``k`` trained on the fold's U-Net ``seg``:
+    the newest finished one, else the newest unfinished one (what a resumed CV continues),
+    else None; whether it finished; and how many of the arm's runs in that fold learnt from
+    another U-Net (never mixed into the CV's tables)."""
+    runs = list_runs(Path(cv_dir) / f"fold{k}" / CLS_DIR / arm)
+    paired = [r for r in runs if seg is not None and trained_on(r, seg)]
+    done = [r for r in paired if is_finished(r)]
+    run = done[-1] if done else paired[-1] if paired else None
+    return run, bool(done), len(runs) - len(paired)
+
+
+def cv_of(run_dir: str | Path) -> Path | None:
+    """The CV folder a fold run lies in (``<cv>/fold<k>/seg/<run>``,
+    ``<cv>/fold<k>/cls/<arm>/<run>``), or None for a run outside any CV."""
+    for above in list(Path(run_dir).resolve().parents)[:4]:
+        if (above / "cv.json").is_file():
+            return above
+    return None
+
+
 def read_json(path: str | Path, *, fix: str = "use a complete run folder, or retrain it") -> Any:
     """A JSON file of a run folder, or a BusiError naming it (missing, unreadable, corrupt)."""
     path = Path(path)
@@ -307,10 +375,20 @@ def save_figure(fig, out: Path) -> Path:
 
 
 def write_config(run_dir: Path, cfg: Config) -> Path:
-    """The resolved config a run used: ``busi rerun`` and ``--resume`` read it back."""
+    """The resolved config a run used: ``busi rerun`` and ``--resume`` read it back.
+
+    ``runtime.precision: auto`` is written as the precision it resolved to here (a
+    comment says ``auto`` was asked): ``auto`` itself could resolve to another
+    precision on the machine a rerun or resume runs on.
+    """
+    from busi import runtime
     from busi.config import dump_yaml
 
-    return atomic_write(Path(run_dir) / CONFIG, dump_yaml(cfg))
+    resolved = runtime.resolve_config(cfg)
+    note = "" if resolved is cfg else (
+        f"# runtime.precision was auto; it resolved to {resolved.runtime.precision} on the "
+        f"machine this run started on,\n# and busi rerun / --resume train in that.\n")
+    return atomic_write(Path(run_dir) / CONFIG, note + dump_yaml(resolved))
 
 
 def read_config(run_dir: Path) -> Config:
@@ -638,9 +716,15 @@ def describe_run(kind: str, run_dir: str | Path) -> dict[str, Any]:
         arms = list(meta.get("models", [])) if isinstance(meta, dict) else []
         folds = meta.get("folds", 0) if isinstance(meta, dict) else 0
         row["model"] = "U-Nets" + "".join(f", {a}" for a in arms)
-        complete = sum(newest_run(run_dir / f"fold{k}" / SEG_DIR)[1]
-                       and all(newest_run(run_dir / f"fold{k}" / CLS_DIR / a)[1] for a in arms)
-                       for k in range(folds))
+
+        def fold_done(k: int) -> bool:  # its U-Net, and each arm's run on that U-Net
+            try:
+                seg, done = cv_fold_unet(run_dir, k, meta)
+            except BusiError:
+                return False
+            return done and all(cv_fold_classifier(run_dir, k, a, seg)[1] for a in arms)
+
+        complete = sum(fold_done(k) for k in range(folds))
         row["finished"] = bool(folds) and complete == folds
         row["status"] = (f"finished, {folds} folds" if row["finished"]
                          else f"not finished ({complete} of {folds or '?'} folds done)")

@@ -78,9 +78,36 @@ def resolve_precision(precision: str) -> str:
     if precision != "auto":
         return precision
     keras = import_keras()
-    # The backend's default devices: GPUs where there are any (on every backend), else CPU.
-    gpu = any(d.lower().startswith("gpu") for d in keras.distribution.list_devices())
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        # Physical, not logical: listing logical devices would fix TensorFlow's device set
+        # before runtime.cpu_devices splits the CPU (a CV resolves before its first fold).
+        gpu = bool(tf.config.list_physical_devices("GPU"))
+    else:
+        # The backend's default devices: GPUs where there are any, else CPU.
+        gpu = any(d.lower().startswith("gpu") for d in keras.distribution.list_devices())
     return "mixed_bfloat16" if gpu or cpu_has_bf16() else "float32"
+
+
+def resolve_config(cfg):
+    """``cfg`` with ``runtime.precision: auto`` replaced by what it resolves to here.
+
+    A run folder records this, not ``auto``: ``busi rerun`` and ``--resume`` read
+    the run's config.yaml back, and on another machine ``auto`` may resolve to
+    another precision, which would make the rerun a different run.
+    """
+    import dataclasses
+
+    rt = cfg.runtime
+    if rt.precision != "auto":
+        return cfg
+    if rt.distribution == "data_parallel":
+        # Resolving lists the devices, and with several JAX processes nothing may touch
+        # a device before they are connected (a CV writes its config before any fold).
+        _connect_processes(rt)
+    return dataclasses.replace(
+        cfg, runtime=dataclasses.replace(rt, precision=resolve_precision(rt.precision)))
 
 
 def setup(seed: int, precision: str = "float32", deterministic: bool = False) -> str:
@@ -199,23 +226,9 @@ def setup_distribution(rt) -> tuple[int, int]:
                         f"{backend} (keras.distribution supports JAX only)",
                         where="runtime.distribution",
                         fix="run with KERAS_BACKEND=jax, or use mirrored on TensorFlow")
-    n = rt.num_processes or _env_int("BUSI_NUM_PROCESSES", 1)
-    pid = rt.process_id if rt.process_id >= 0 else _env_int("BUSI_PROCESS_ID", 0)
-    address = rt.coordinator_address or os.environ.get("BUSI_COORDINATOR_ADDRESS", "")
+    _connect_processes(rt)
     import jax
 
-    if n > 1:
-        if not address:
-            raise BusiError(f"{n} processes need a coordinator address",
-                            where="runtime.coordinator_address",
-                            fix="set runtime.coordinator_address=HOST:PORT (process 0's host) "
-                                "or BUSI_COORDINATOR_ADDRESS on every process")
-        if not 0 <= pid < n:
-            raise BusiError(f"process id {pid} is outside 0..{n - 1}", where="runtime.process_id",
-                            fix="give each process a distinct id from 0 to num_processes-1")
-        # Must come before anything touches a JAX device (jax.devices() included).
-        if not jax.distributed.is_initialized():
-            keras.distribution.initialize(address, n, pid)
     devices = keras.distribution.list_devices()
     # Batches already give each process its own slice of every global batch.
     keras.distribution.set_distribution(
@@ -225,6 +238,34 @@ def setup_distribution(rt) -> tuple[int, int]:
     print(f"distribution: DataParallel over {len(devices)} device(s), process "
           f"{_SCOPE['process'][0] + 1} of {_SCOPE['process'][1]}")
     return _SCOPE["process"]
+
+
+def _connect_processes(rt) -> None:
+    """Connect the processes of a multi-process ``data_parallel`` run (JAX), once.
+
+    Must come before anything touches a JAX device (``jax.devices()`` included);
+    a single process has nothing to connect.
+    """
+    from busi.errors import BusiError
+
+    keras = import_keras()
+    n = rt.num_processes or _env_int("BUSI_NUM_PROCESSES", 1)
+    if n <= 1 or keras.backend.backend() != "jax":  # setup_distribution says why not JAX
+        return
+    pid = rt.process_id if rt.process_id >= 0 else _env_int("BUSI_PROCESS_ID", 0)
+    address = rt.coordinator_address or os.environ.get("BUSI_COORDINATOR_ADDRESS", "")
+    if not address:
+        raise BusiError(f"{n} processes need a coordinator address",
+                        where="runtime.coordinator_address",
+                        fix="set runtime.coordinator_address=HOST:PORT (process 0's host) "
+                            "or BUSI_COORDINATOR_ADDRESS on every process")
+    if not 0 <= pid < n:
+        raise BusiError(f"process id {pid} is outside 0..{n - 1}", where="runtime.process_id",
+                        fix="give each process a distinct id from 0 to num_processes-1")
+    import jax
+
+    if not jax.distributed.is_initialized():
+        keras.distribution.initialize(address, n, pid)
 
 
 def end_distribution() -> None:

@@ -86,16 +86,12 @@ def bootstrap_ci(y_true: np.ndarray, y_pred: np.ndarray, groups: np.ndarray | No
     counts = np.bincount(unit * k * k + cell, minlength=len(units) * k * k).reshape(
         len(units), k * k).astype(np.float64)
     rng = np.random.default_rng(seed)
-    weights = np.zeros((n, len(units)))
     if folds is None:
+        weights = np.zeros((n, len(units)))
         draws = rng.integers(0, len(units), (n, len(units)))
         np.add.at(weights, (np.repeat(np.arange(n), len(units)), draws.ravel()), 1)
     else:
-        members = [np.flatnonzero(units[:, 0] == f) for f in range(units[:, 0].max() + 1)]
-        for b in range(n):
-            for f in rng.integers(0, len(members), len(members)):
-                drawn = members[f][rng.integers(0, len(members[f]), len(members[f]))]
-                np.add.at(weights[b], drawn, 1)
+        weights = two_level_draws(units[:, 0], n, rng)
     cms = (weights @ counts).reshape(n, k, k)
     acc, f1 = accuracy_macro_f1(cms)
     # Each class in the data: a resample without that class (or, for precision, without a
@@ -110,6 +106,20 @@ def bootstrap_ci(y_true: np.ndarray, y_pred: np.ndarray, groups: np.ndarray | No
     for key, values in per_class.items():
         out[key] = {c: _nan_interval(values[:, code[c]]) for c in present}
     return out
+
+
+def two_level_draws(unit_fold: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """(n, units) draw counts of the two-level bootstrap of pooled CV predictions: the folds
+    with replacement, then each drawn fold's units with replacement. ``unit_fold``: the fold
+    (0 .. F-1) of each unit. Shared by every pooled interval (:func:`bootstrap_ci`,
+    :func:`benign_malignant_auc`), so they all resample the same way."""
+    members = [np.flatnonzero(unit_fold == f) for f in range(unit_fold.max() + 1)]
+    weights = np.zeros((n, len(unit_fold)))
+    for b in range(n):
+        for f in rng.integers(0, len(members), len(members)):
+            drawn = members[f][rng.integers(0, len(members[f]), len(members[f]))]
+            np.add.at(weights[b], drawn, 1)
+    return weights
 
 
 def _nan_interval(values: np.ndarray) -> list[float] | None:
@@ -220,10 +230,6 @@ def compute(files: list[str], y_true: list[str], y_pred: list[str], probs: np.nd
         auc[c] = float(roc_auc_score(onehot, probs[:, k])) if 0 < onehot.sum() < len(t) else None
     macro_auc = (float(np.mean([v for v in auc.values() if v is not None]))
                  if any(v is not None for v in auc.values()) else None)
-    # A fold's images are resampled within their fold: (fold, group) is the unit of the AUC.
-    units = (groups if folds is None else
-             np.array([f"{f}/{g}" for f, g in zip(folds, np.arange(len(t)) if groups is None
-                                                      else groups, strict=True)]))
     return {"n": len(files), "labels": labels, "present": present, "report": rep,
             "report_text": text, "accuracy": float(accuracy_score(t, p)),
             "macro_f1": float(f1_score(t, p, labels=present, average="macro", zero_division=0)),
@@ -231,9 +237,8 @@ def compute(files: list[str], y_true: list[str], y_pred: list[str], probs: np.nd
             "ci95": bootstrap_ci(t, p, groups, folds),
             "ci95_method": resampled_units(len(t), groups, folds, unit_name=unit_name),
             "sensitivity_specificity": sensitivity_specificity(t, p, groups, folds),
-            "benign_malignant_auc": benign_malignant_auc(
-                t, probs, list(classes), units,
-                unit_name=unit_name if folds is None else f"{unit_name} within folds")}
+            "benign_malignant_auc": benign_malignant_auc(t, probs, list(classes), groups,
+                                                         folds=folds, unit_name=unit_name)}
 
 
 OPERATING_POINT = ("the classifier's most probable class (argmax of its probabilities); among "
@@ -324,7 +329,8 @@ BM_SCORE = "p(malignant) / (p(benign) + p(malignant))"
 
 def benign_malignant_auc(y_true: list[str] | np.ndarray, probs: np.ndarray, classes: list[str],
                          groups: np.ndarray | None = None, seed: int = 0,
-                         n: int = N_BOOTSTRAP, unit_name: str = "patients") -> dict | None:
+                         n: int = N_BOOTSTRAP, unit_name: str = "patients",
+                         folds: np.ndarray | None = None) -> dict | None:
     """ROC AUC of benign vs malignant over the images that are one of the two, with a 95%
     percentile bootstrap interval that resamples ``groups`` (patients), not images.
 
@@ -334,7 +340,9 @@ def benign_malignant_auc(y_true: list[str] | np.ndarray, probs: np.ndarray, clas
     A resample weighs each image by how often its unit was drawn (:func:`weighted_aucs`,
     scikit-learn's ``sample_weight`` AUC), so it equals the AUC of the duplicated
     images; resamples holding one class only have no AUC and are left out
-    (``resamples`` counts the rest). None when the model lacks one of the two classes.
+    (``resamples`` counts the rest). Pooled cross-validation predictions (``folds``) get
+    the two-level bootstrap of every other pooled interval (:func:`two_level_draws`): the
+    folds, then each drawn fold's groups. None when the model lacks one of the two classes.
     """
     if "benign" not in classes or "malignant" not in classes:
         return None
@@ -345,16 +353,22 @@ def benign_malignant_auc(y_true: list[str] | np.ndarray, probs: np.ndarray, clas
     score = np.divide(pm, pb + pm, out=np.full_like(pm, 0.5), where=(pb + pm) > 0)
     y = (t[sel] == "malignant").astype(int)
     g = np.arange(len(y)) if groups is None else np.asarray(groups)[sel]
-    units, unit = np.unique(g, return_inverse=True)
+    if folds is not None:  # a fold's images are drawn within it: (fold, group) is the unit
+        g = np.stack([np.unique(np.asarray(folds)[sel], return_inverse=True)[1].ravel(),
+                      np.unique(g, return_inverse=True)[1].ravel()], axis=1)
+    units, unit = np.unique(g, axis=0 if folds is not None else None, return_inverse=True)
     out: dict = {"score": BM_SCORE, "n_images": int(sel.sum()), "n_benign": int((y == 0).sum()),
                  "n_malignant": int(y.sum()), "n_units": len(units),
                  "unit_name": "images" if groups is None else unit_name, "auc": None,
                  "ci95": None, "resamples": 0}
+    if folds is not None:
+        out["n_folds"] = int(units[:, 0].max()) + 1
     if not 0 < y.sum() < len(y):
         return out
     out["auc"] = float(roc_auc_score(y, score))
     rng = np.random.default_rng(seed)
-    draws = rng.multinomial(len(units), np.full(len(units), 1 / len(units)), size=n)
+    draws = (rng.multinomial(len(units), np.full(len(units), 1 / len(units)), size=n)
+             if folds is None else two_level_draws(units[:, 0], n, rng))
     aucs = weighted_aucs(y, score, draws[:, unit.ravel()].astype(np.float64))
     aucs = aucs[np.isfinite(aucs)]
     if aucs.size:
@@ -441,10 +455,14 @@ def benign_malignant_line(a: dict) -> str:
         return f"Benign vs malignant ROC AUC: n/a (needs both classes; {counts})."
     ci = ("no interval (no resample held both classes)" if a["ci95"] is None else
           f"95% CI {a['ci95'][0]:.3f}-{a['ci95'][1]:.3f}")
+    drawn = (f"percentile bootstrap of those {a['n_units']} {a.get('unit_name', 'images')} "
+             "with replacement" if not a.get("n_folds") else
+             f"two-level percentile bootstrap: the {a['n_folds']} folds with replacement, "
+             f"then within each drawn fold its share of those {a['n_units']} "
+             f"{a.get('unit_name', 'images')} with replacement")
     return (f"Benign vs malignant ROC AUC {a['auc']:.3f} ({ci}) on {counts}; score "
-            f"{a['score']}. Interval: percentile bootstrap of those {a['n_units']} "
-            f"{a.get('unit_name', 'images')} with replacement ({a['resamples']} resamples held "
-            "both classes and were scored).")
+            f"{a['score']}. Interval: {drawn} ({a['resamples']} resamples held both classes "
+            "and were scored).")
 
 
 def _csv_table(r: dict) -> str:
@@ -543,30 +561,44 @@ def write_run_reports(run_dir: Path, r: dict, title: str) -> None:
 
 
 def model_of(run_dir: Path) -> str:
-    """The classifier family of a run: the folder it lives in (``outputs/cls/<model>/``)."""
-    return run_dir.parent.name
+    """The classifier a run trained (``model.classifier.name`` of its config.yaml). Not its
+    folder's name: ``--name`` puts a run under ``outputs/cls/<name>/``, so a VGG19 named
+    "ablation" is no model "ablation" and has the paper's Table 2 to stand beside. Only a
+    folder without a config.yaml (an old or partial copy) falls back to the folder."""
+    c = _classifier_settings(run_dir)
+    name = c.get("name") if isinstance(c, dict) else None
+    return str(name) if name else run_dir.parent.name
 
 
 def comparison_markdown(results: list[dict], runs: list[Path]) -> str:
-    """Runs side by side with their intervals and the paper's figure, so a difference between
-    models can be read against the width of the intervals."""
-    lines = ["| model | inputs | run | n | accuracy (95% CI) | macro-F1 (95% CI) | ROC AUC | "
-             "recall benign | recall malignant | recall normal | paper accuracy |",
-             "|---|---|---|---:|---|---|---:|---:|---:|---:|---:|"]
-    for r, run in zip(results, runs, strict=True):
+    """Runs side by side with their intervals and, for runs on BUSI (:func:`on_paper_data`),
+    the paper's figure, so a difference between models can be read against the width of the
+    intervals. The paper's column is there only when a run is on BUSI, and filled only for
+    those runs: the paper's accuracy beside a run on synthetic scans or a user's own data
+    would read as a comparison that it is not."""
+    beside = [on_paper_data(run) for run in runs]
+    head = ["model", "inputs", "run", "n", "accuracy (95% CI)", "macro-F1 (95% CI)", "ROC AUC",
+            "recall benign", "recall malignant", "recall normal"]
+    lines = ["| " + " | ".join(head + ["paper accuracy"] * any(beside)) + " |",
+             "|---|---|---|---:|---|---|---:|---:|---:|---:|" + "---:|" * any(beside)]
+    for r, run, busi in zip(results, runs, beside, strict=True):
         m = model_of(run)
         ci = r["ci95"]
         rec = {c: r["report"].get(c, {}).get("recall") for c in ("benign", "malignant", "normal")}
         rec_s = [("n/a" if v is None else f"{v:.2f}") for v in rec.values()]
         auc = "n/a" if r["roc_auc_macro"] is None else f"{r['roc_auc_macro']:.3f}"
-        paper = PAPER.get(m, {}).get("accuracy")
+        paper = PAPER.get(m, {}).get("accuracy") if busi else None
         lines.append(f"| {m} | {inputs_of(run)} | {run.name} | {r['n']} | {r['accuracy']:.3f} "
                      f"({ci['accuracy'][0]:.2f}-{ci['accuracy'][1]:.2f}) | {r['macro_f1']:.3f} "
                      f"({ci['macro_f1'][0]:.2f}-{ci['macro_f1'][1]:.2f}) | {auc} | "
-                     + " | ".join(rec_s) + f" | {paper if paper is not None else ''} |")
+                     + " | ".join(rec_s)
+                     + (f" | {paper if paper is not None else ''}" if any(beside) else "") + " |")
     methods = sorted({r.get("ci95_method", "bootstrap") for r in results})
     lines += ["", "macro-F1: averaged over the classes present in each run's test data "
                   "(n/a: a class not in the data). 95% CI: " + "; ".join(methods) + "."]
+    if any(beside):
+        lines.append("Paper accuracy: the paper's figure for the model, on its own 78 test "
+                     f"images; given for runs on BUSI's {PAPER_DATA_IMAGES} images only.")
     return "\n".join(lines) + "\n"
 
 

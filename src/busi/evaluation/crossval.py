@@ -31,7 +31,8 @@ from busi.runs import (
     PREDICTIONS,
     atomic_write,
     cv_arms,
-    newest_run,
+    cv_fold_classifier,
+    cv_fold_unet,
     read_json,
     read_predictions,
     write_json,
@@ -54,7 +55,10 @@ def aggregate(cv_dir: str | Path) -> dict:
     """Per-fold table, mean ± std over folds, and the pooled out-of-fold report per model.
 
     Recomputed from the folds' own files every time, so the tables always describe the
-    predictions the folds hold now (a resumed or repaired fold updates them).
+    predictions the folds hold now (a resumed or repaired fold updates them). Each fold is
+    its U-Net (:func:`busi.runs.cv_fold_unet`) and, for each arm, the classifier run trained
+    on that U-Net's masks: a run trained on another U-Net is never mixed in, and a fold
+    without one is refused (``busi cv --resume`` trains it), never filled from another.
     """
     cv_dir = Path(cv_dir)
     meta = read_json(cv_dir / "cv.json")
@@ -64,7 +68,7 @@ def aggregate(cv_dir: str | Path) -> dict:
     groups: dict[str, list[np.ndarray | None]] = {m: [] for m in models}  # per fold
     per_image: dict[str, list] = {m: [] for m in models}  # per fold: per_image.csv rows
     for k in range(folds):
-        seg, done = newest_run(cv_dir / f"fold{k}" / "seg")
+        seg, done = cv_fold_unet(cv_dir, k, meta)
         if not done:
             raise BusiError(f"fold {k} has no finished U-Net run", where=str(cv_dir),
                             fix=f"continue the CV: busi cv --resume {cv_dir}")
@@ -80,10 +84,14 @@ def aggregate(cv_dir: str | Path) -> dict:
                              s["lesion_free_images"]["fraction_predicted_empty"]),
                          "n": s["n_test"]})
         for m in models:
-            run, done = newest_run(cv_dir / f"fold{k}" / "cls" / m)
+            run, done, others = cv_fold_classifier(cv_dir, k, m, seg)
             if not done:
-                raise BusiError(f"fold {k} has no finished {m} run", where=str(cv_dir),
-                                fix=f"continue the CV: busi cv --resume {cv_dir}")
+                left = (f"; {others} {m} run(s) there did not learn from it and are left out"
+                        if others else "")
+                raise BusiError(f"fold {k} has no finished {m} run on the fold's U-Net "
+                                f"{seg.relative_to(cv_dir)}{left}", where=str(cv_dir),
+                                fix=f"continue the CV, which trains it: busi cv --resume "
+                                    f"{cv_dir}")
             # From the fold's predictions.csv, as the pooled report: these tables are derived
             # files and follow the predictions, whatever report the run wrote when it finished.
             fold_pred = read_predictions(run / PREDICTIONS)
@@ -101,7 +109,8 @@ def aggregate(cv_dir: str | Path) -> dict:
            for key in ("dice", "iou", "hd95_all", "hd95", "missed", "normal_empty")}}}
     lines = [f"# {folds}-fold cross-validation", "",
              f"Run: {cv_dir}. Every image is in exactly one test fold; a fold's U-Net and "
-             "classifiers never saw its test images. Mean ± std over folds (sample std); "
+             "classifiers never saw its test images, and each classifier of a fold learnt "
+             "from that fold's U-Net (`unets` in cv.json). Mean ± std over folds (sample std); "
              "pooled = one report over all out-of-fold predictions.", "",
              "## Segmentation (U-Net), test fold of each split", "",
              "HD95 in pixels of the model's input grid; \"misses counted\" scores a missed "

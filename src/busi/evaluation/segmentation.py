@@ -185,25 +185,31 @@ def fmt_stat(stat: dict) -> str:
 
 
 def unets_side_by_side(names: list[str], metrics: list[dict], scores: list[dict[str, dict]],
-                       lesion: dict[str, bool], groups: dict[str, int] | None = None
+                       lesion: dict[str, bool], groups: dict[str, object] | None = None
                        ) -> list[str]:
     """U-Net runs side by side on their test splits (Markdown lines): lesion Dice and IoU with
     95% intervals, HD95 both ways, missed lesions, normal scans predicted empty, training
-    time; then, when they share test images, the paired difference in lesion Dice of the
-    first run against each other one, over the lesion images both scored.
+    time; then the paired difference in lesion Dice of the first run against each other
+    one, over the lesion images both scored.
 
     ``metrics`` are the runs' metrics.json, ``scores`` their test_scores.json (per file:
     dice, iou, hd95); ``lesion`` says which files have a lesion. ``groups`` maps a file to
-    its duplicate group so an interval resamples groups, not images (None: images).
-    Paired, because two models on the same images differ far less in their difference than
-    two separate intervals suggest: the hard images are hard for both.
+    its duplicate group so an interval resamples groups, not images (None: images; a file
+    it lacks is a unit of its own). Paired, because two models on the same images differ
+    far less in their difference than two separate intervals suggest: the hard images are
+    hard for both. Runs tested on partly different images (another seed, another fold)
+    are paired on the images they share, and the lines say how many those are; runs that
+    share none get no paired figure, and a line says so.
     """
 
     def values(s: dict[str, dict], key: str, files: list[str]) -> np.ndarray:
         return np.array([np.nan if s[f].get(key) is None else s[f][key] for f in files])
 
     def unit_of(files: list[str]) -> np.ndarray:
-        return np.array([groups.get(f, f) if groups else f for f in files], dtype=object)
+        # One kind of key for every file (a group id is an int, a file name a str): the
+        # resampling sorts the keys, and a mix of both cannot be sorted.
+        return np.array([f"group {groups[f]}" if groups and f in groups else f"image {f}"
+                         for f in files], dtype=object)
 
     def with_ci(mean: float | None, ci: list[float] | None) -> str:
         if mean is None or not np.isfinite(mean):
@@ -229,17 +235,25 @@ def unets_side_by_side(names: list[str], metrics: list[dict], scores: list[dict[
         lines.append(f"| {name} | {m.get('n_test', len(s))} | " + " | ".join(cells) + " |")
     first = names[0]
     for name, s in zip(names[1:], scores[1:], strict=True):
-        shared = [f for f in scores[0] if f in s and lesion.get(f)]
-        if set(scores[0]) != set(s):
-            lines += ["", f"{first} and {name} were tested on different images: their figures "
-                          "are not a paired comparison."]
+        both = [f for f in scores[0] if f in s]
+        shared = [f for f in both if lesion.get(f)]
+        partly = len(both) != len(scores[0]) or len(both) != len(s)
+        a, b = first.split(" (")[0], name.split(" (")[0]  # the run folders' names
+        said = (f"{a} and {b} were tested on partly different images: they share "
+                f"{len(both)} test images ({a} has {len(scores[0])}, {b} {len(s)}); "
+                "their rows above are not a paired comparison. " if partly else "")
+        if not shared:
+            lines += ["", said + f"No lesion image was tested by both {a} and {b}: "
+                                 "no paired difference."]
             continue
         diff = values(scores[0], "dice", shared) - values(s, "dice", shared)
         ci = group_mean_ci(diff, unit_of(shared))
-        lines += ["", f"Paired, on the same {len(shared)} lesion images: lesion Dice of {first} "
-                      f"minus {name} = {float(np.mean(diff)):+.3f}"
-                      + ("" if ci is None else f" (95% CI {ci[0]:+.3f} to {ci[1]:+.3f})")
-                      + f"; 95% intervals resample {'duplicate groups' if groups else 'images'}."]
+        on = (f"the {len(shared)} lesion images both were tested on" if partly
+              else f"the same {len(shared)} lesion images")
+        lines += ["", said + f"Paired, on {on}: lesion Dice of {first} "
+                             f"minus {name} = {float(np.mean(diff)):+.3f}"
+                  + ("" if ci is None else f" (95% CI {ci[0]:+.3f} to {ci[1]:+.3f})")
+                  + f"; 95% intervals resample {'duplicate groups' if groups else 'images'}."]
     return lines
 
 

@@ -3,11 +3,14 @@
 Uses exactly the preprocessing of training (gray, area resize, the classifier
 run's mask mode), so a prediction here equals what ``evaluate`` measured.
 
-Every input is read before any model is loaded or any output written: a missing,
-unreadable or corrupt file ends the command with exit code 2 and one message naming
-such files (the first six of many), and nothing is written. Skipping it instead would
-hand back a result set that silently lacks a scan -- the one the reader may have cared
-about -- and a script would see success (exit 0); fixing the input and rerunning is cheap.
+Every input is read before any model is loaded or any output written. A batch keeps
+going past an unreadable, corrupt or empty image (or one removed while it runs): each is
+skipped with one line on stderr naming it and why, and listed in ``skipped.csv`` (and under
+``skipped`` in predictions.json) of the output folder; the command then exits with
+:data:`EXIT_SKIPPED` (3), not 0, so a script sees that the result set lacks scans -- while
+the readable ones of a thousand-scan folder are still predicted. When no input can be read
+(one unreadable file passed alone, or every file of a folder) nothing is written and the
+exit code is 2, like any bad input; so is a path that does not exist at all (a typo).
 
 Each prediction is flagged when it should not be taken at face value
 (``no_lesion_found``: the U-Net's mask is empty; ``low_confidence``: the top class
@@ -20,6 +23,7 @@ from __future__ import annotations
 import csv
 import io
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -41,6 +45,18 @@ DISCLAIMER = ("busi is a research tool, not a diagnostic device: its masks and c
 # The flags of a prediction, and what each means (printed, and kept in predictions.json).
 FLAGS = {"no_lesion_found": "the segmenter found no lesion (empty mask)",
          "low_confidence": "top class probability below predict.min_confidence"}
+# Exit code of ``busi predict`` when some inputs were skipped as unreadable and the rest were
+# predicted: not 0 (a script must notice the missing scans), not 2 (nothing done, bad input).
+EXIT_SKIPPED = 3
+
+
+@dataclass
+class Predicted:
+    """What :func:`predict_command` did: its folder, and the inputs it skipped and why."""
+
+    out_dir: Path
+    n_predicted: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
 
 
 def _images(inputs: list[str]) -> list[Path]:
@@ -67,28 +83,41 @@ def _images(inputs: list[str]) -> list[Path]:
 def _read_gray(path: Path) -> tuple[np.ndarray | None, str]:
     """A file's pixels as gray, or None and why it cannot be read."""
     try:
-        raw = decode(path.read_bytes())
+        data = path.read_bytes()
     except OSError as exc:
         return None, exc.strerror or str(exc)
+    if not data:
+        return None, "empty file (0 bytes)"
+    raw = decode(data)
     if raw is None:
         return None, "cannot decode image (corrupt file, or not an image)"
     return to_gray(raw), ""
 
 
-def _check_readable(images: list[Path]) -> None:
-    """Every image decodes, or one BusiError naming each one that does not (see the module
-    docstring for why this stops the command rather than skipping the file)."""
-    bad = []
+def _warn_skipped(path: Path | str, why: str) -> None:
+    print(f"busi: warning: skipped {path}: {why}", file=sys.stderr)
+
+
+def _readable(images: list[Path]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """(the images that decode, [(file, why)] of those that do not), each of the latter
+    named on stderr. None readable is one BusiError naming them: nothing to predict."""
+    good: list[Path] = []
+    bad: list[tuple[str, str]] = []
     for path in images:
         gray, why = _read_gray(path)
         if gray is None:
-            bad.append((path, why))
-    if bad:
+            bad.append((str(path), why))
+        else:
+            good.append(path)
+    if not good:
         others = "".join(f"{p} ({w}); " for p, w in bad[1:6]) + ("...; " if len(bad) > 6 else "")
         raise BusiError(f"{bad[0][1]}; {others}nothing predicted ({len(bad)} of {len(images)} "
-                        "image(s) cannot be read)", where=str(bad[0][0]),
+                        "image(s) cannot be read)", where=bad[0][0],
                         fix="replace or remove the file(s) named here and run again "
                             "(busi data check lists every unreadable image of a folder)")
+    for path, why in bad:
+        _warn_skipped(path, why)
+    return good, bad
 
 
 def flags_of(mask: np.ndarray, probs: np.ndarray, min_confidence: float) -> list[str]:
@@ -177,10 +206,13 @@ class Predictor:
 
 def predict_command(inputs: list[str], seg_run: str | None = None, cls_run: str | None = None,
                     out: str | None = None, outputs_root: str = "outputs",
-                    explain: bool = False, min_confidence: float | None = None) -> Path:
-    """Predict every image; write masks, overlays, predictions.csv/.json into a new folder.
+                    explain: bool = False, min_confidence: float | None = None) -> Predicted:
+    """Predict every readable image; write masks, overlays, predictions.csv/.json (and
+    skipped.csv when some input could not be read) into a new folder.
 
-    ``min_confidence`` overrides the classifier run's ``predict.min_confidence``.
+    ``min_confidence`` overrides the classifier run's ``predict.min_confidence``. Unreadable
+    images are skipped and returned in :attr:`Predicted.skipped`; none readable is a
+    BusiError, before anything is written.
     """
     if out and Path(out).exists() and (not Path(out).is_dir() or any(Path(out).iterdir())):
         raise BusiError("--out exists and is not an empty folder", where=out,
@@ -188,8 +220,8 @@ def predict_command(inputs: list[str], seg_run: str | None = None, cls_run: str 
     if min_confidence is not None and not 0 <= min_confidence <= 1:
         raise BusiError(f"must be between 0 and 1, got {min_confidence:g}",
                         where="--min-confidence", fix="e.g. --min-confidence 0.6")
-    images = _images(inputs)
-    _check_readable(images)
+    found = _images(inputs)
+    images, skipped = _readable(found)
     stems = _output_stems(images)
     predictor = Predictor(seg_run, cls_run, outputs_root)
     seg, cls, rule, flip_tta = predictor.seg, predictor.cls, predictor.rule, predictor.flip_tta
@@ -206,9 +238,11 @@ def predict_command(inputs: list[str], seg_run: str | None = None, cls_run: str 
     rows = []
     for path, stem in zip(images, stems, strict=True):
         gray, why = _read_gray(path)
-        if gray is None:  # changed since _check_readable read it
-            raise BusiError(f"{why} (the file changed while busi predict ran)", where=str(path),
-                            fix=f"run again; the results so far are in {out_dir}")
+        if gray is None:  # changed since _readable read it: skipped like the others
+            why += " (the file changed while busi predict ran)"
+            _warn_skipped(path, why)
+            skipped.append((str(path), why))
+            continue
         mask, x, p = predictor(gray)
         full = cv2.resize(mask, (gray.shape[1], gray.shape[0]), interpolation=cv2.INTER_NEAREST)
         ok, buf = cv2.imencode(".png", full * 255)
@@ -242,6 +276,12 @@ def predict_command(inputs: list[str], seg_run: str | None = None, cls_run: str 
     writer.writeheader()
     writer.writerows(rows)
     atomic_write(out_dir / "predictions.csv", buf_csv.getvalue())
+    if skipped:
+        buf_csv = io.StringIO()
+        writer = csv.writer(buf_csv, lineterminator="\n")
+        writer.writerow(["file", "reason"])
+        writer.writerows(skipped)
+        atomic_write(out_dir / "skipped.csv", buf_csv.getvalue())
     write_json(out_dir / "predictions.json", {
         "note": DISCLAIMER, "seg_run": str(seg), "cls_run": str(cls),
         "threshold": rule.threshold, "postprocess": rule.postprocess, "flip_tta": flip_tta,
@@ -251,7 +291,8 @@ def predict_command(inputs: list[str], seg_run: str | None = None, cls_run: str 
                   "lesion_fraction": "share of the image area inside the predicted mask "
                                      "(0-1; the same at any resolution)",
                   "p_<class>": "classifier probability (softmax; the classes sum to 1)"},
-        "predictions": rows})
+        "predictions": rows,
+        "skipped": [{"file": f, "reason": why} for f, why in skipped]})
     for r in rows:
         probs = ", ".join(f"{k} {r[f'p_{k}']:.3f}" for k in classes)
         flagged = f"  [{r['flags'].replace(';', ', ')}]" if r["flags"] else ""
@@ -263,7 +304,11 @@ def predict_command(inputs: list[str], seg_run: str | None = None, cls_run: str 
           f"no lesion found by the segmenter: {counts['no_lesion_found']}; "
           f"low confidence, top probability < {min_confidence:g}: {counts['low_confidence']})")
     print(f"runs: classifier {cls}; U-Net {seg}")
-    print(f"outputs: {out_dir} (predictions.csv, predictions.json, <name>_mask.png, "
-          "<name>_overlay.png)")
+    print(f"outputs: {out_dir} (predictions.csv, predictions.json, "
+          f"{'skipped.csv, ' if skipped else ''}<name>_mask.png, <name>_overlay.png)")
     print(f"note: {DISCLAIMER}")
-    return out_dir
+    if skipped:
+        print(f"busi: warning: {len(skipped)} of {len(found)} image(s) skipped as unreadable, "
+              f"each named above and in {out_dir / 'skipped.csv'}; exit code {EXIT_SKIPPED} -- "
+              "fix: replace or remove those files and predict them again", file=sys.stderr)
+    return Predicted(out_dir, len(rows), skipped)

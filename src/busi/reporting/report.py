@@ -28,7 +28,8 @@ from busi.runs import (
     SPLIT,
     STATE,
     atomic_write,
-    list_runs,
+    cv_fold_classifier,
+    cv_fold_unet,
     read_json,
     read_split,
     run_kind,
@@ -371,6 +372,16 @@ def _minutes(seconds: float | None) -> str:
     return "n/a" if seconds is None else f"{seconds / 60:.1f} min"
 
 
+def _unet_minutes(metrics: dict) -> str:
+    """A U-Net run's training time: every U-Net it trained, the out-of-fold ones named."""
+    oof = metrics.get("train_seconds_out_of_fold") or []
+    if not oof:
+        return _minutes(metrics.get("train_seconds"))
+    return (f"{_minutes(metrics.get('train_seconds'))}, all {len(oof) + 1} U-Nets (final "
+            f"{_minutes(metrics.get('train_seconds_final'))}, {len(oof)} out-of-fold "
+            f"{_minutes(sum(oof))})")
+
+
 def build_blocks(run: Path) -> tuple[str, list[Block]]:
     """A run's report: results first, then training curves, data, and config and
     environment at the end."""
@@ -391,7 +402,7 @@ def build_blocks(run: Path) -> tuple[str, list[Block]]:
         summary = (f"Test Dice {fmt_mean(le['dice'])}, IoU {fmt_mean(le['iou'])}, HD95 "
                    f"{every}{px(le['hd95'])} on the detected lesions "
                    f"(**{le['hd95_undefined']} of {le['dice']['n']} lesion images missed**: "
-                   f"empty predicted mask); training {_minutes(metrics.get('train_seconds'))}."
+                   f"empty predicted mask); training {_unet_minutes(metrics)}."
                    if le else "The run has not finished: no metrics yet.")
         cfg = _cfg(run)
         blocks = [("md", f"{summary} Report written {when}; run folder `{run}`."),
@@ -401,7 +412,7 @@ def build_blocks(run: Path) -> tuple[str, list[Block]]:
                                  cfg["split"]["val_size"], cfg["runtime"]["seed"]),
                   *_config_blocks(run, "seg"),
                   *_environment_blocks(run, state, {"wall time (training)":
-                                                    _minutes(metrics.get("train_seconds")),
+                                                    _unet_minutes(metrics),
                                                     "seed": cfg["runtime"]["seed"],
                                                     "precision": cfg["runtime"]["precision"]})]
         return title, blocks
@@ -466,27 +477,29 @@ def _cv_blocks(run: Path, when: str) -> tuple[str, list[Block]]:
         blocks.append(("md", "The CV has not finished: continue it with "
                              f"`busi cv --resume {run}`."))
     blocks.append(("md", f"Report written {when}; run folder `{run}`."))
-    seg_runs = [list_runs(run / f"fold{k}" / "seg") for k in range(meta["folds"])]
-    first = next((r[-1] for r in seg_runs if r), None)
+    # Each fold's own U-Net and, per arm, the classifier trained on it (the runs the CV's
+    # tables use): a stray run in a fold folder never lends its curves or figures.
+    unets = [cv_fold_unet(run, k, meta)[0] for k in range(meta["folds"])]
+    fold_cls = {m: [cv_fold_classifier(run, k, m, unets[k])[0] for k in range(meta["folds"])]
+                for m in meta["models"]}
+    first = next((u for u in unets if u is not None), None)
     for m in meta["models"]:
         pooled = run / "pooled" / m
         if pooled.is_dir():
             # cv_results.md above holds the pooled tables: the figures only here
             blocks += _cls_blocks(pooled, f"{m}: pooled out-of-fold predictions", tables=False)
-            cam_dirs = [r[-1] / "gradcam" for k in range(meta["folds"])
-                        if (r := list_runs(run / f"fold{k}" / "cls" / m))]
+            cam_dirs = [r / "gradcam" for r in fold_cls[m] if r is not None]
             worst = _worst_blocks(pooled, cam_dirs)
             if worst:
                 worst[0] = ("h", 2, f"{m}: worst cases, all folds")
             blocks += worst
     if first is not None:
         blocks += _seg_blocks(first, overlays=6, title="Segmentation: worst test images (fold 0)")
-    curves = [(r[-1] / "loss_curve.png", f"fold {k} U-Net") for k, r in enumerate(seg_runs) if r]
+    curves = [(u / "loss_curve.png", f"fold {k} U-Net") for k, u in enumerate(unets)
+              if u is not None]
     for m in meta["models"]:
-        for k in range(meta["folds"]):
-            runs = list_runs(run / f"fold{k}" / "cls" / m)
-            if runs:
-                curves.append((runs[-1] / "loss_curve.png", f"fold {k} {m}"))
+        curves += [(r / "loss_curve.png", f"fold {k} {m}") for k, r in enumerate(fold_cls[m])
+                   if r is not None]
     blocks += _loss_blocks(curves)
     if first is not None:
         sp = read_split(first) if (first / SPLIT).is_file() else {}
@@ -495,10 +508,9 @@ def _cv_blocks(run: Path, when: str) -> tuple[str, list[Block]]:
     blocks += _config_blocks(run)
     state = _json(first / STATE) if first is not None else {}
     total = 0.0
-    for f in run.glob("fold*/seg/*/metrics.json"):
-        total += _json(f).get("train_seconds", 0.0)
-    for f in run.glob("fold*/cls/*/*/state.json"):
-        total += _json(f).get("train_seconds", 0.0)
+    for r in [*unets, *(r for runs in fold_cls.values() for r in runs)]:
+        if r is not None and (r / STATE).is_file():
+            total += _json(r / STATE).get("train_seconds", 0.0)
     blocks += _environment_blocks(run, state, {"wall time (all trainings)": _minutes(total),
                                                "seed": cfg["runtime"]["seed"],
                                                "precision": cfg["runtime"]["precision"]})

@@ -1,5 +1,12 @@
 """The classifier trainer: ``train_classifier`` fits one classifier on images masked by a
 U-Net run's masks (with optional frozen-base fine-tuning), then evaluates it on the test split.
+
+Fine-tuning is two stages. With ``model.classifier.freeze_base: true`` a pretrained base
+(vgg19, mobilenet) is frozen for stage 1, up to ``training.cls.epochs`` epochs (fewer if
+early stopping ends it); stage 2 then unfreezes its top ``fine_tune_blocks`` blocks and
+trains exactly ``fine_tune_epochs`` more epochs at ``fine_tune_learning_rate``, from the
+epoch stage 1 actually stopped at. state.json records the stage, so a resume continues the
+stage it interrupted.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from busi import runtime
-from busi.config import Config
+from busi.config import ClassifierConfig, Config
 from busi.data.augment import Augment, build_augment
 from busi.data.batches import Batches
 from busi.data.loading import dataset_from_config
@@ -47,6 +54,7 @@ from busi.runs import (
 )
 from busi.training.loop import (
     check_same_data,
+    classifier_stage,
     data_record,
     finish_state,
     fit_stage,
@@ -78,6 +86,29 @@ def _set_trainable_top_blocks(model, n_blocks: int) -> None:
         # batch norms stay frozen (inference mode) in every stage: see freeze_batch_norm
         layer.trainable = (_block_of(layer.name) in top
                            and not isinstance(layer, keras.layers.BatchNormalization))
+
+
+def fine_tune_epochs(c: ClassifierConfig) -> int:
+    """The number of stage-2 (fine-tuning) epochs ``c`` asks for: ``fine_tune_epochs`` when a
+    base is frozen for stage 1, else none, with a one-line warning naming the setting that
+    does not apply, rather than dropping it without a word.
+
+    A warning, not a refusal: one config serves several classifiers (``busi cv --models
+    cnn,mobilenet``, configs/cpu.yaml), and ``freeze_base`` there is meant for the ones with
+    a pretrained base.
+    """
+    if c.freeze_base and c.name == "cnn":
+        print("busi: warning: model.classifier.freeze_base does nothing for the cnn classifier "
+              "(it has no pretrained base to freeze): it trains all its layers for "
+              "training.cls.epochs" + (", and fine_tune_epochs is not used"
+                                       if c.fine_tune_epochs else ""), file=sys.stderr)
+        return 0
+    if c.fine_tune_epochs and not c.freeze_base:
+        print("busi: warning: model.classifier.fine_tune_epochs is the stage after training "
+              "with a frozen base, and freeze_base is false: it is not used (set "
+              "freeze_base: true for the two stages)", file=sys.stderr)
+        return 0
+    return c.fine_tune_epochs if c.freeze_base else 0
 
 
 def classifier_augment(augment: Augment | None) -> Augment | None:
@@ -123,6 +154,8 @@ def train_classifier(cfg: Config, *, seg_run: str | None = None, resume: str | N
                       f"segmentation run it started with ({saved or 'none'})", file=sys.stderr)
             seg_run = saved
     c = cfg.model.classifier
+    fine_epochs = fine_tune_epochs(c)
+    frozen = c.freeze_base and c.name != "cnn"
     seg_path = None
     # The CNN has no pretrained base: `weights` does not apply to it (as with imagenet), so
     # configs/cpu.yaml's `weights: unet` still trains `--model cnn` (README).
@@ -172,7 +205,6 @@ def train_classifier(cfg: Config, *, seg_run: str | None = None, resume: str | N
           f"val {len(idx['val'])}, test {len(idx['test'])}; precision {precision}")
 
     t = cfg.training.cls
-    total_epochs = t.epochs + (c.fine_tune_epochs if c.freeze_base else 0)
     with runtime.model_scope():
         if state.get("epochs_done"):
             model = load_model(run_dir / "last.keras", fix=restart_fix(run_dir))
@@ -188,7 +220,7 @@ def train_classifier(cfg: Config, *, seg_run: str | None = None, resume: str | N
                 if not resume:
                     shutil.rmtree(run_dir, ignore_errors=True)
                 raise
-            if c.freeze_base:
+            if frozen:
                 _set_trainable_top_blocks(model, 0)
             model.compile(optimizer=optimizer(t.optimizer, t.learning_rate), loss=t.loss,
                           metrics=["accuracy"])
@@ -207,20 +239,26 @@ def train_classifier(cfg: Config, *, seg_run: str | None = None, resume: str | N
         weights = compute_class_weight("balanced", classes=present, y=ds.labels[idx["train"]])
         class_weight = dict(zip(present.tolist(), weights.tolist(), strict=True))
     hint = f"busi train-cls --resume {run_dir}"
-    stage1 = t
-    if int(state.get("epochs_done", 0)) < t.epochs:
-        state, wall = fit_stage(model, train, val, stage1, run_dir, state, hint, class_weight)
+    # A resume continues the stage state.json names: an interrupted fine-tuning goes on with
+    # the model last.keras holds (unfrozen blocks, fine-tuning optimizer), never back in stage 1.
+    stage, start = classifier_stage(state, t.epochs)
+    if stage == "train":
+        state, wall = fit_stage(model, train, val, t, run_dir, state, hint, class_weight)
+        # stage 2 counts from where stage 1 stopped (early stopping: before its limit)
+        start = int(state.get("epochs_done", 0))
+        if fine_epochs:
+            with runtime.model_scope():
+                model = load_model(run_dir / "last.keras", fix=restart_fix(run_dir))
+                _set_trainable_top_blocks(model, c.fine_tune_blocks)
+                model.compile(optimizer=optimizer(t.optimizer, c.fine_tune_learning_rate),
+                              loss=t.loss, metrics=["accuracy"])
     else:
         wall = float(state.get("train_seconds", 0.0))
-    if c.freeze_base and c.fine_tune_epochs and int(state.get("epochs_done", 0)) < total_epochs:
-        with runtime.model_scope():
-            model = load_model(run_dir / "last.keras", fix=restart_fix(run_dir))
-            _set_trainable_top_blocks(model, c.fine_tune_blocks)
-            model.compile(optimizer=optimizer(t.optimizer, c.fine_tune_learning_rate),
-                          loss=t.loss, metrics=["accuracy"])
+    if fine_epochs:
         # fit_stage counts every committed epoch, both stages and any earlier session
-        state, wall = fit_stage(model, train, val, replace(t, epochs=total_epochs), run_dir,
-                                state, hint, class_weight)
+        state, wall = fit_stage(model, train, val, replace(t, epochs=start + fine_epochs),
+                                run_dir, state, hint, class_weight, stage="fine_tune",
+                                record={"fine_tune_from": start})
     runtime.end_distribution()
     best = load_model(run_dir / "best.keras")
     probs = best.predict(x[idx["test"]].astype("float32"), batch_size=64, verbose=0)

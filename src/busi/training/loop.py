@@ -26,6 +26,10 @@ from busi.data.loading import Dataset, dataset_from_config
 from busi.data.split import Manifest, get_manifest
 from busi.errors import BusiError
 from busi.runs import (
+    CLS_DIR,
+    COMMAND,
+    CONFIG,
+    SEG_DIR,
     STATE,
     atomic_write,
     kind_command,
@@ -70,18 +74,22 @@ class RunCheckpoint(keras.callbacks.Callback):
     broken file; here every file goes to a temporary name and is renamed.
     ``state.json`` also keeps what a resume needs to continue the same run: the
     dropout seed states and the state of ``tracked`` callbacks (early stopping,
-    learning-rate schedule), restored from ``saved`` when training begins. It must
-    come after the tracked callbacks, whose own ``on_train_begin`` resets them.
+    learning-rate schedule), restored from ``saved`` when training begins, and which
+    ``stage`` the epochs belong to (with its ``record``, e.g. where fine-tuning began), so
+    that a resume continues that stage and not an earlier one. It must come after the
+    tracked callbacks, whose own ``on_train_begin`` resets them.
     """
 
     def __init__(self, run_dir: Path, monitor: str = "val_loss", best: float = math.inf,
                  best_epoch: int = -1, tracked: dict[str, Any] | None = None,
-                 saved: dict[str, Any] | None = None, stage: int = 0,
-                 seconds_before: float = 0.0):
+                 saved: dict[str, Any] | None = None, for_epochs: int = 0,
+                 seconds_before: float = 0.0, stage: str = "train",
+                 record: dict[str, Any] | None = None):
         super().__init__()
         self.run_dir, self.monitor = run_dir, monitor
         self.best, self.best_epoch = best, best_epoch
-        self.tracked, self.saved, self.stage = tracked or {}, saved or {}, stage
+        self.tracked, self.saved, self.for_epochs = tracked or {}, saved or {}, for_epochs
+        self.stage, self.record = stage, record or {}
         # Training time of the epochs committed before this fit (earlier sessions, an
         # earlier stage): a run resumed three times reports all of its time, not the last.
         self.seconds_before, self.t0 = seconds_before, time.perf_counter()
@@ -96,7 +104,7 @@ class RunCheckpoint(keras.callbacks.Callback):
         def plain(value):
             return None if value is None else float(value)
 
-        state: dict[str, Any] = {"for_epochs": self.stage}
+        state: dict[str, Any] = {"for_epochs": self.for_epochs, "for_stage": self.stage}
         for name, callback in self.tracked.items():
             state[name] = {key: (plain(getattr(callback, key)) if key == "best"
                                  else int(getattr(callback, key)))
@@ -117,7 +125,7 @@ class RunCheckpoint(keras.callbacks.Callback):
         seeds = [keras.ops.convert_to_numpy(v).tolist() for v in _seed_states(self.model)]
         write_state(self.run_dir,
                    {"epochs_done": epoch + 1, "best": self.best, "best_epoch": self.best_epoch,
-                    "finished": False, "seed_states": seeds,
+                    "finished": False, "stage": self.stage, **self.record, "seed_states": seeds,
                     "callbacks": self._callback_state(),
                     "train_seconds": round(self.seconds_before + time.perf_counter() - self.t0,
                                            1)})
@@ -145,7 +153,8 @@ def _trim_history(path: Path, epochs_done: int) -> None:
         atomic_write(path, "".join(keep))
 
 
-def _callbacks(run_dir: Path, train_cfg, state: dict[str, Any]) -> list:
+def _callbacks(run_dir: Path, train_cfg, state: dict[str, Any], stage: str = "train",
+               record: dict[str, Any] | None = None) -> list:
     # Order matters: RunCheckpoint writes state.json, the commit point of an
     # epoch, so it runs after everything else that records the epoch.
     _trim_history(run_dir / "history.csv", int(state.get("epochs_done", 0)))
@@ -161,13 +170,16 @@ def _callbacks(run_dir: Path, train_cfg, state: dict[str, Any]) -> list:
     cbs += tracked.values()
     if train_cfg.tensorboard:
         cbs.append(keras.callbacks.TensorBoard(str(run_dir / "tensorboard")))
-    # Saved callback state belongs to one fit (a classifier's fine-tuning stage starts afresh).
+    # Saved callback state belongs to one fit (a classifier's fine-tuning stage starts afresh,
+    # as does a run whose epochs a resume changed).
     saved = state.get("callbacks") or {}
+    same_fit = (saved.get("for_epochs") == train_cfg.epochs
+                and saved.get("for_stage", "train") == stage)
     cbs.append(RunCheckpoint(run_dir, best=state.get("best", math.inf),
                              best_epoch=state.get("best_epoch", -1), tracked=tracked,
-                             saved=saved if saved.get("for_epochs") == train_cfg.epochs else {},
-                             stage=train_cfg.epochs,
-                             seconds_before=float(state.get("train_seconds", 0.0))))
+                             saved=saved if same_fit else {}, for_epochs=train_cfg.epochs,
+                             seconds_before=float(state.get("train_seconds", 0.0)),
+                             stage=stage, record=record))
     return cbs
 
 
@@ -183,8 +195,9 @@ def start_run(cfg: Config, kind: str, resume: str | None, config_source: str | N
     if pid > 0 and not resume:
         from busi.config import with_overrides
 
-        cfg = with_overrides(cfg, [f"outputs.root={Path(cfg.outputs.root) / 'workers'}"
-                                   f"/process{pid}"])
+        # a value, not --set text: an outputs root like "my runs #2" is not YAML to re-read
+        cfg = with_overrides(cfg, [("outputs.root",
+                                    str(Path(cfg.outputs.root) / "workers" / f"process{pid}"))])
     if resume:
         run_dir, cfg = resume_target(resume, kind)
         return cfg, run_dir, saved_state(run_dir)
@@ -194,6 +207,117 @@ def start_run(cfg: Config, kind: str, resume: str | None, config_source: str | N
     write_command(run_dir, resume=kind_command(kind),
                   rerun_note=" (same config, seed, split and masks)")
     return cfg, run_dir, {}
+
+
+# What ``--set`` may change when a run is continued: how long it trains and when it stops.
+# Anything else (the model, the data, the split, the loss, the learning rate) would make the
+# epochs before and after the resume two different experiments under one name: a new run.
+RESUME_KEYS = {SEG_DIR: ("training.seg.epochs", "training.seg.early_stopping_patience",
+                         "training.seg.reduce_lr_patience"),
+               CLS_DIR: ("training.cls.epochs", "training.cls.early_stopping_patience",
+                         "training.cls.reduce_lr_patience", "model.classifier.fine_tune_epochs")}
+
+
+def _value(cfg: Config, key: str) -> Any:
+    value: Any = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def classifier_stage(state: dict[str, Any], epochs: int) -> tuple[str, int]:
+    """Which stage a classifier run's committed epochs belong to ("train": the first, a
+    frozen base's if any; "fine_tune": the second) and the epoch fine-tuning began at.
+
+    A run made before state.json named its stage was fine-tuning once it had more than
+    ``training.cls.epochs`` epochs, from that epoch on.
+    """
+    done = int(state.get("epochs_done", 0))
+    stage = state.get("stage") or ("fine_tune" if done > epochs else "train")
+    return stage, int(state.get("fine_tune_from", epochs))
+
+
+def _check_resumed_epochs(old: Config, new: Config, run_dir: Path, kind: str,
+                          given: dict[str, str]) -> None:
+    """Refuse an epoch limit below the epochs a run has trained: they cannot be undone."""
+    state = saved_state(run_dir)
+    done = int(state.get("epochs_done", 0))
+
+    def refuse(key: str, problem: str, fix: str) -> BusiError:
+        return BusiError(problem, where=f"--set {given[key]}", fix=fix)
+
+    if kind == SEG_DIR:
+        # the out-of-fold U-Nets train to the same limit
+        done = max([done] + [int(saved_state(d).get("epochs_done", 0))
+                             for d in sorted((run_dir / "oof").glob("fold*"))])
+        epochs = new.training.seg.epochs
+        if epochs < done and "training.seg.epochs" in given:
+            raise refuse("training.seg.epochs", f"{epochs} epochs is fewer than the {done} "
+                         f"this run has trained", f"set it to {done} or more ({done}: end the "
+                         "training now)")
+        return
+    stage, start = classifier_stage(state, old.training.cls.epochs)
+    epochs, fine = new.training.cls.epochs, new.model.classifier.fine_tune_epochs
+    if stage == "fine_tune":
+        if epochs != old.training.cls.epochs:
+            raise refuse("training.cls.epochs", f"this run's first stage ended at epoch {start} "
+                         "and it is fine-tuning now, so training.cls.epochs no longer applies",
+                         "drop it; model.classifier.fine_tune_epochs sets how long the "
+                         "fine-tuning goes on")
+        if start + fine < done and "model.classifier.fine_tune_epochs" in given:
+            raise refuse("model.classifier.fine_tune_epochs",
+                         f"{fine} fine-tuning epochs is fewer than the {done - start} this run "
+                         "has trained", f"set it to {done - start} or more ({done - start}: "
+                                        "end the training now)")
+    elif epochs < done and "training.cls.epochs" in given:
+        raise refuse("training.cls.epochs", f"{epochs} epochs is fewer than the {done} this run "
+                     "has trained", f"set it to {done} or more ({done}: end the first stage "
+                                    "now)")
+
+
+def resumed_config(resume: str, kind: str, overrides: list[str] | tuple[str, ...] = (), *,
+                   command: str = "") -> Config:
+    """The config of the unfinished run ``resume`` names, for ``--resume``: its own, so that
+    the resumed run is the same run, with ``--set`` overrides of :data:`RESUME_KEYS` applied.
+
+    Those may extend a run (or end it now) and change its patience; any other key is refused,
+    as is an epoch limit below the epochs already trained. What changed is written to the
+    run's config.yaml (and noted in command.txt) before training goes on, so the run folder
+    says what was run; ``resume_target`` then reads it back. Nothing is written when a
+    check fails.
+    """
+    kind = SEG_DIR if kind == SEG_DIR else CLS_DIR
+    allowed = RESUME_KEYS[kind]
+    given: dict[str, str] = {}
+    for text in overrides:
+        key = text.partition("=")[0].strip()
+        if key not in allowed:
+            raise BusiError(f"'{key}' cannot change when a run is continued: the epochs before "
+                            "and after the resume would be two different experiments",
+                            where=f"--set {text}",
+                            fix=f"drop it to continue {resume} as it was, or start a new run; "
+                                "with --resume, --set may change only " + ", ".join(allowed))
+        given[key] = text
+    run_dir, cfg = resume_target(resume, kind)
+    if not overrides:
+        return cfg
+    from busi.config import with_overrides
+
+    new = with_overrides(cfg, list(overrides))
+    _check_resumed_epochs(cfg, new, run_dir, kind, given)
+    changes = [f"{key} {_value(cfg, key)} -> {_value(new, key)}" for key in allowed
+               if _value(cfg, key) != _value(new, key)]
+    if changes:
+        import shlex
+
+        write_config(run_dir, new)
+        note = (f"# resumed with: busi {command or kind_command(kind)} --resume "
+                f"{shlex.quote(str(run_dir))} "
+                + " ".join(shlex.quote(f"--set={o}") for o in overrides) + "\n")
+        path = run_dir / COMMAND
+        atomic_write(path, (path.read_text() if path.is_file() else "") + note)
+        print(f"busi: {run_dir}: {'; '.join(changes)} (recorded in its {CONFIG})")
+    return new
 
 
 def restart_fix(run_dir: Path) -> str:
@@ -211,22 +335,38 @@ def load_data(cfg: Config) -> tuple[Dataset, Manifest]:
 
 def fit_stage(model, train: Batches, val: Batches, train_cfg, run_dir: Path,
               state: dict[str, Any], resume_hint: str,
-              class_weight: dict[int, float] | None = None, extra: list | None = None):
+              class_weight: dict[int, float] | None = None, extra: list | None = None,
+              stage: str = "train", record: dict[str, Any] | None = None):
     """One ``model.fit`` stage, continued from ``state`` (a resume) and committed to state.json,
     so that an interrupt at any point continues the same run and not a different one.
 
+    The stage runs up to epoch ``train_cfg.epochs`` of the run (epochs count across
+    stages); ``stage`` names it in state.json, with ``record``, so that a resume knows
+    which stage its epochs belong to. A stage that ended stays ended, with one exception:
+    one that ran to its epoch limit goes on when a resume raised the limit
+    (``--set training.*.epochs``); one that early stopping ended is never trained on.
     ``extra`` callbacks run before busi's own (which commit the epoch last).
     Returns the committed state and the run's training seconds so far: every committed
     epoch of every session and stage (``train_seconds`` in state.json), not this call's."""
     initial = int(state.get("epochs_done", 0))
-    if state.get("fit_done_for") == train_cfg.epochs and (run_dir / "best.keras").is_file():
-        # this stage ended (all epochs, or early stopping) before the interrupt
-        return state, float(state.get("train_seconds", 0.0))
+    if (run_dir / "best.keras").is_file():
+        ended_for = (state.get("fit_done_for") if state.get("stage", "train") == stage
+                     else None)
+        raised = ended_for is not None and initial >= ended_for and train_cfg.epochs > initial
+        if ended_for is not None and not raised:
+            # this stage ended (all epochs, or early stopping) before the interrupt
+            return state, float(state.get("train_seconds", 0.0))
+        if initial >= train_cfg.epochs:  # a resume set the limit to the epochs done: end here
+            final = {**state, "stage": stage, **(record or {}),
+                     "fit_done_for": train_cfg.epochs}
+            write_state(run_dir, final)
+            return final, float(final.get("train_seconds", 0.0))
     if initial and state.get("seed_states"):
         _restore_seed_states(model, state["seed_states"])
     try:
         fit(model, train, validation_data=val, epochs=train_cfg.epochs, initial_epoch=initial,
-            callbacks=[*(extra or []), *_callbacks(run_dir, train_cfg, state)],
+            callbacks=[*(extra or []),
+                       *_callbacks(run_dir, train_cfg, state, stage=stage, record=record)],
             class_weight=class_weight,
             verbose=2)
     except KeyboardInterrupt:

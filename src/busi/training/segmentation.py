@@ -135,28 +135,42 @@ def oof_partitions(pool: np.ndarray, groups: np.ndarray, k: int, val_size: float
 
 
 def _out_of_fold(cfg: Config, ds: Dataset, pool: np.ndarray, run_dir: Path, k: int,
-                 probs: np.ndarray, source: np.ndarray, resume_hint: str) -> list:
+                 probs: np.ndarray, source: np.ndarray, resume_hint: str,
+                 ) -> tuple[list, list[float]]:
     """Replace the masks of ``pool`` images by those of k U-Nets that never saw them.
 
     A classifier trained on masks the U-Net drew for its own training images sees
     cleaner masks than it will at test time; out-of-fold masks are as imperfect
     as test masks. Folds, and each fold's validation part, keep duplicate groups
-    together, as the split does. Returns the k U-Nets (a fold ensemble reuses them).
-    On ``--resume``, finished folds are loaded and an interrupted one continues.
+    together, as the split does. Returns the k U-Nets (a fold ensemble reuses them) and
+    the training seconds of each (every session of it: ``train_seconds`` in its own
+    ``oof/fold<k>/state.json``). On ``--resume``, finished folds are loaded and an
+    interrupted one continues.
     """
     groups = image_groups(ds, cfg.split)  # what the split keeps together
-    models = []
+    models, seconds = [], []
     for fold, (train, val, held) in enumerate(
             oof_partitions(pool, groups, k, cfg.split.val_size, cfg.runtime.seed)):
         sub = run_dir / "oof" / f"fold{fold}"
         sub.mkdir(parents=True, exist_ok=True)
         print(f"out-of-fold masks: fold {fold + 1}/{k} ({len(held)} images held out)")
-        model, _, _ = fit_unet(cfg, ds, train, val, sub, saved_state(sub), resume_hint)
+        model, _, wall = fit_unet(cfg, ds, train, val, sub, saved_state(sub), resume_hint)
+        seconds.append(wall)
         probs[held] = as_stored(predict_probs(model, ds.images[held],
                                               flip_tta=cfg.training.seg.flip_tta))
         source[held] = f"oof{fold}"
         models.append(model)
-    return models
+    return models, seconds
+
+
+def training_seconds(final: float, out_of_fold: list[float]) -> dict[str, Any]:
+    """A U-Net run's training time, for metrics.json and state.json: every U-Net the run
+    trained -- the final one and each out-of-fold one, each over all of its sessions --
+    in ``train_seconds``, with the breakdown beside it (``train_seconds_final``,
+    ``train_seconds_out_of_fold``: one entry per out-of-fold U-Net, empty without them)."""
+    return {"train_seconds": round(final + sum(out_of_fold), 1),
+            "train_seconds_final": round(final, 1),
+            "train_seconds_out_of_fold": [round(s, 1) for s in out_of_fold]}
 
 
 def background_loss(loss: str, val_masks: np.ndarray) -> tuple[float, str] | None:
@@ -212,9 +226,11 @@ def train_segmentation(cfg: Config, *, resume: str | None = None,
     tune_idx = idx["val"]
     tune_probs = probs[tune_idx]  # a copy, taken before out-of-fold masks replace them
     members = ["best.keras"]
+    oof_seconds: list[float] = []
     if t.out_of_fold_masks > 1:
         pool = idx["train"] if t.fold_ensemble else np.concatenate([idx["train"], idx["val"]])
-        folds = _out_of_fold(cfg, ds, pool, run_dir, t.out_of_fold_masks, probs, source, hint)
+        folds, oof_seconds = _out_of_fold(cfg, ds, pool, run_dir, t.out_of_fold_masks, probs,
+                                          source, hint)
         if t.fold_ensemble:
             # nnU-Net's practice: images outside the pool (validation, test, new images)
             # get the average of the final U-Net and the fold U-Nets.
@@ -229,9 +245,10 @@ def train_segmentation(cfg: Config, *, resume: str | None = None,
     rule = MaskRule(threshold, t.postprocess)
     scores = per_image(ds.masks[idx["test"]], rule.apply(probs[idx["test"]]), 0.5)
     summary = summarise(scores, ds.labels[idx["test"]], ds.classes)
+    seconds = training_seconds(wall, oof_seconds)  # every U-Net this run trained
     summary.update({"threshold": threshold, "postprocess": t.postprocess,
                     "flip_tta": t.flip_tta, "best_epoch": final.get("best_epoch", -1) + 1,
-                    "epochs_done": final.get("epochs_done"), "train_seconds": round(wall, 1),
+                    "epochs_done": final.get("epochs_done"), **seconds,
                     "n_test": int(len(idx["test"])), "unets": len(members)})
     write_json(run_dir / "metrics.json", summary)
     atomic_write(run_dir / "metrics.md", plots.segmentation_markdown(summary))
@@ -249,7 +266,7 @@ def train_segmentation(cfg: Config, *, resume: str | None = None,
                         baseline=background_loss(t.loss, ds.masks[idx["val"]]))
     plots.save_overlays(run_dir / "overlays", ds, idx["test"], rule.apply(probs), 0.5)
     finish_state(run_dir, final, environment=runtime.environment(),
-                  precision=precision)
+                  precision=precision, **seconds)
     print(plots.segmentation_text(summary))
     report_after_run(run_dir)
     print(f"outputs: {run_dir}")

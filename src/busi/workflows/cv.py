@@ -3,6 +3,7 @@
 Layout of a CV run (``run_cv``)::
 
     outputs/cv/<run>/config.yaml, command.txt      what ran, and how to rerun it
+    outputs/cv/<run>/cv.json                        folds, arms, each fold's U-Net (unets)
     outputs/cv/<run>/fold<k>/seg/<run>/             that fold's U-Net run
     outputs/cv/<run>/fold<k>/cls/<arm>/<run>/       that fold's classifier runs
     outputs/cv/<run>/pooled/<arm>/                  pooled out-of-fold report per arm
@@ -16,7 +17,9 @@ and overrides (``arms``), so ``--resume`` and ``busi rerun`` train exactly the s
 
 Each fold's runs are ordinary runs (checkpoints, resume, reports), so a killed
 CV resumes where it stopped: finished runs are kept, the interrupted one is
-continued with its own ``--resume``, and later folds start afresh.
+continued with its own ``--resume``, and later folds start afresh. A fold's classifiers
+are the runs trained on its U-Net (the one cv.json records): the tables never pair a
+classifier with another U-Net, and ``busi rerun`` of a fold's run writes outside the CV.
 """
 
 from __future__ import annotations
@@ -30,12 +33,15 @@ from busi.errors import BusiError
 from busi.runs import (
     CONFIG,
     CV_DIR,
+    CV_UNETS,
     SPLIT,
     check_kind,
     cv_arms,
+    cv_fold_classifier,
+    cv_fold_unet,
     new_run_dir,
-    newest_run,
     read_config,
+    read_json,
     write_command,
     write_config,
     write_json,
@@ -50,7 +56,20 @@ ARM_KEYS = ("model.classifier.", "training.cls.", "augmentation.")
 
 
 def _fold_config(cfg: Config, fold_dir: Path, arm: list[str] | None = None) -> Config:
-    return with_overrides(cfg, [f"outputs.root={fold_dir}", "outputs.run_name=", *(arm or [])])
+    """A fold's config: its runs go under ``fold_dir``. The folder is set as a value, not as
+    ``--set`` text, so a CV root such as ``my runs #2`` is not cut at YAML's comment."""
+    return with_overrides(cfg, [("outputs.root", str(fold_dir)), ("outputs.run_name", ""),
+                                *(arm or [])])
+
+
+def _record_unet(cv_dir: Path, k: int, seg: Path) -> None:
+    """Record fold ``k``'s U-Net in cv.json (:data:`busi.runs.CV_UNETS`, relative to the CV
+    folder) once the CV has it, so every later resume, arm and table uses that one."""
+    meta = read_json(cv_dir / "cv.json")
+    unets = dict(meta.get(CV_UNETS) or {})
+    rel = Path(seg).resolve().relative_to(cv_dir.resolve()).as_posix()
+    if unets.get(f"fold{k}") != rel:
+        write_json(cv_dir / "cv.json", {**meta, CV_UNETS: {**unets, f"fold{k}": rel}})
 
 
 def parse_arm(text: str) -> tuple[str, list[str]]:
@@ -103,13 +122,14 @@ def cv_config(cfg: Config, folds: int) -> Config:
                                 "split.stratify=true"])
 
 
-def run_cv(cfg: Config, *, folds: int = 5, models: tuple[str, ...] = ("cnn",),
+def run_cv(cfg: Config, *, folds: int | None = None, models: tuple[str, ...] = ("cnn",),
            resume: str | None = None, config_source: str | None = None,
            arms: dict[str, list[str]] | None = None) -> Path:
     """Train and evaluate U-Net + classifier arms on every fold; write the aggregated tables.
 
     ``models``: bare model names (arms that only set the classifier's name); ``arms``:
-    named arms with their overrides (:func:`parse_arm`); trained in that order.
+    named arms with their overrides (:func:`parse_arm`); trained in that order. ``folds``:
+    5 when None; a resumed CV keeps the folds it has, and refuses another number.
     """
     from busi.evaluation.crossval import aggregate
     from busi.reporting.report import report_after_run
@@ -130,6 +150,12 @@ def run_cv(cfg: Config, *, folds: int = 5, models: tuple[str, ...] = ("cnn",),
             raise BusiError("not a CV run folder (no config.yaml / cv.json)", where=str(cv_dir),
                             fix="pass a folder under outputs/cv/")
         meta = json.loads((cv_dir / "cv.json").read_text())
+        if folds is not None and folds != meta["folds"]:
+            raise BusiError(f"this CV has {meta['folds']} folds; a resumed CV keeps its folds "
+                            f"(its U-Nets and tables are per fold), so --folds {folds} cannot "
+                            "apply", where="--folds",
+                            fix=f"drop --folds to continue {cv_dir}, or start a new CV "
+                                f"without --resume for {folds} folds")
         cfg, folds = read_config(cv_dir), meta["folds"]
         known = cv_arms(meta)
         for name, overrides in wanted.items():
@@ -145,6 +171,7 @@ def run_cv(cfg: Config, *, folds: int = 5, models: tuple[str, ...] = ("cnn",),
             print(f"busi cv: adding {', '.join(added)} to {cv_dir} (same folds, same U-Nets)")
             write_json(cv_dir / "cv.json", {**meta, "models": list(arms), "arms": arms})
     else:
+        folds = 5 if folds is None else folds
         cfg = cv_config(cfg, folds)
         arms = wanted
         _check_arms(cfg, arms)
@@ -158,17 +185,23 @@ def run_cv(cfg: Config, *, folds: int = 5, models: tuple[str, ...] = ("cnn",),
     t0 = time.perf_counter()
     for k in range(folds):
         fold_dir = cv_dir / f"fold{k}"
-        seg, done = newest_run(fold_dir / "seg")
+        # The fold's U-Net is the one cv.json records (a CV from before the record: the one
+        # it trained), never merely the newest run in fold<k>/seg/.
+        seg, done = cv_fold_unet(cv_dir, k)
         if not done:
             print(f"busi cv: fold {k + 1}/{folds}: U-Net"
                   + (f" (continuing {seg})" if seg else ""))
             seg = train_segmentation(_fold_config(cfg, fold_dir), fold=k,
                                      resume=str(seg) if seg else None)
+        _record_unet(cv_dir, k, seg)
         for m, overrides in arms.items():
-            run, done = newest_run(fold_dir / "cls" / m)
+            # Each arm's run on this U-Net's masks; one trained on another U-Net is left alone.
+            run, done, others = cv_fold_classifier(cv_dir, k, m, seg)
             if done:
                 continue
-            print(f"busi cv: fold {k + 1}/{folds}: {m}" + (f" (continuing {run})" if run else ""))
+            print(f"busi cv: fold {k + 1}/{folds}: {m}" + (f" (continuing {run})" if run else "")
+                  + (f" ({others} other {m} run(s) in {fold_dir / 'cls' / m} did not learn "
+                     "from this fold's U-Net: left out)" if others and not run else ""))
             train_classifier(_fold_config(cfg, fold_dir, overrides), seg_run=str(seg),
                              resume=str(run) if run else None, name=m)
     result = aggregate(cv_dir)

@@ -21,8 +21,9 @@ def run_demo(workdir: Path = Path("outputs/demo"), per_class: int = 40,
     t0 = time.perf_counter()
     workdir = Path(workdir)
     data = workdir / "data"
-    base = [f"data.root={data}", f"data.cache_dir={workdir / 'cache'}",
-            f"split.manifest_dir={workdir / 'splits'}", f"outputs.root={workdir}"]
+    # Paths as (key, value) pairs, not --set text: YAML would cut "my runs #2" at the '#'.
+    base = [("data.root", str(data)), ("data.cache_dir", str(workdir / "cache")),
+            ("split.manifest_dir", str(workdir / "splits")), ("outputs.root", str(workdir))]
     cfg = load_config(find_config("demo"), [*base, *(overrides or [])])
     if not data.exists():
         print(f"[1/5] writing {per_class} synthetic images per class to {data}")

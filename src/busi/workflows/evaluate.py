@@ -98,9 +98,10 @@ def _unet_said(seg: Path) -> str:
 
 def _unets_table(segs: list[Path]) -> list[str]:
     """U-Net runs side by side (:func:`unets_side_by_side`), from their own files; intervals
-    resample the first run's duplicate groups. A file has a lesion if its ground truth has
-    pixels (``lesion_px``) or, in runs older than that field, if it is not labelled normal
-    in the run's split manifest."""
+    resample duplicate groups, each file's from the split manifest of a run that tested it
+    (runs of one manifest share its groups; two manifests' group numbers are kept apart).
+    A file has a lesion if its ground truth has pixels (``lesion_px``) or, in runs older
+    than that field, if it is not labelled normal in the run's split manifest."""
     from busi.data.split import read_manifest
     from busi.evaluation.classification import split_groups
     from busi.evaluation.segmentation import unets_side_by_side
@@ -115,9 +116,14 @@ def _unets_table(segs: list[Path]) -> list[str]:
             pass
     lesion = {f: (v["lesion_px"] > 0 if "lesion_px" in v else label.get(f, "normal") != "normal")
               for sc in scores for f, v in sc.items()}
-    files = list(scores[0])
-    groups = split_groups(segs[0], files)
+    groups: dict[str, object] = {}
+    for s, sc in zip(segs, scores, strict=True):
+        files = [f for f in sc if f not in groups]
+        found = split_groups(s, files) if files else None
+        if found is not None:
+            manifest = str(Path(read_split(s)["manifest"]).resolve())
+            groups.update((f, f"{manifest}#{g}") for f, g in zip(files, found.tolist(),
+                                                                 strict=True))
     return unets_side_by_side([f"{s.name} ({_unet_said(s)})" for s in segs],
                               [read_json(s / "metrics.json") for s in segs], scores, lesion,
-                              None if groups is None else dict(zip(files, groups.tolist(),
-                                                                   strict=True)))
+                              groups or None)

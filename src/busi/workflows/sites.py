@@ -4,7 +4,9 @@ retraining, each site's intervals resampling its patients.
 
 from __future__ import annotations
 
+import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ from busi.runs import (
     paired_seg_run,
     read_config,
     read_json,
+    read_split,
     resolve_cls_run,
     resolve_seg_run,
     write_json,
@@ -26,7 +29,8 @@ from busi.runs import (
 
 
 def evaluate_on_data(data: str | Path | list[str | Path], cls_run: str | None = None,
-                     seg_run: str | None = None, outputs_root: str = "outputs") -> Path:
+                     seg_run: str | None = None, outputs_root: str = "outputs",
+                     allow_overlap: bool = False) -> Path:
     """Run trained models on other labelled data (other hospitals') and report, no retraining.
 
     ``data`` is one site or several: each a BUSI-layout folder or a CSV manifest
@@ -46,6 +50,15 @@ def evaluate_on_data(data: str | Path | list[str | Path], cls_run: str | None = 
     the same model's own test score. Each site gets its ROC curve and failure gallery;
     with one site its files lie in the folder itself (as before several were allowed),
     with several each site has a subfolder.
+
+    A site is first compared with the images the runs trained and validated on
+    (:func:`training_overlap`: the same decoded pixels, a pHash near-duplicate, a shared
+    patient id). A site with any of those images is refused unless ``allow_overlap``:
+    figures on images a model was fitted to are not another hospital's, and a warning
+    scrolls past where a table gets copied into a paper. With ``allow_overlap`` it is
+    evaluated, loudly, and the counts stand in its report. Shared patient ids alone are
+    a loud warning, not a refusal: ids such as "P1" of two hospitals coincide by
+    accident, and busi cannot tell whether they name one person.
     """
     from busi.models.masks import load_unets
     from busi.models.saving import load_model
@@ -73,6 +86,10 @@ def evaluate_on_data(data: str | Path | list[str | Path], cls_run: str | None = 
     # Every model is loaded before the output folder is made: a bad one leaves nothing behind.
     unets = load_unets(seg) if seg is not None else []
     clf = load_model(cls / "best.keras") if cls is not None else None
+    # Checked after the models load (a broken model is the first thing to fix) and before
+    # the output folder exists: a refused site leaves nothing behind.
+    _check_overlap(sites, [r for r in (cls, seg) if r is not None],
+                   cfg.split.near_duplicate_distance, allow_overlap)
     out = new_run_dir(Path(outputs_root) / EVAL_DIR)
     for site in sites:
         site.out = out if len(sites) == 1 else out / site.slug
@@ -122,6 +139,7 @@ class _Site:
         self.slug = "".join(ch if ch.isalnum() or ch in "._-" else "_"
                             for ch in self.name.replace("/", "__"))
         self.out = Path()
+        self.overlap: dict = {"checked": False, "why": "not checked"}
 
 
 def site_name(data: str | Path) -> str:
@@ -186,11 +204,13 @@ def _evaluate_site(site: _Site, cfg, cls: Path | None, seg: Path | None, clf, un
     counts = ", ".join(f"{k} {names.count(k)}" for k in model_classes if k in names)
     parts = [f"## {site.name}", "",
              f"Data `{site.data}`: {len(ds)} images ({counts}) of {n_units} {site.unit_name}. "
-             f"95% intervals resample {site.unit_name}, not images: {site.unit_note}.{where}", ""]
+             f"95% intervals resample {site.unit_name}, not images: {site.unit_note}.{where}", "",
+             _overlap_markdown(site.overlap, len(ds)), ""]
     record: dict = {"data": str(site.data), "site": site.name,
                     "cls_run": str(cls) if cls else None, "seg_run": str(seg) if seg else None,
                     "n_images": len(ds),
                     "resampled": {"unit": site.unit_name, "n": n_units, "source": site.unit_note},
+                    "training_overlap": site.overlap,
                     "segmentation": None, "classification": None}
     c = cfg.model.classifier
     uses_masks = cls is not None and c.masks != "none" and c.mask_mode != "none"
@@ -334,6 +354,11 @@ def _sites_table(internal: dict, records: list[dict], classes: tuple[str, ...]) 
         units = f"{rec['n_images']} / {rec['resampled']['n']} {rec['resampled']['unit']}"
         lines.append(f"| {rec['site']} | {units} | "
                      + " | ".join([*cls_cells(rec["classification"]), dice]) + " |")
+    for rec in records:
+        overlap = rec.get("training_overlap") or {}
+        if overlap.get("images"):
+            lines += ["", f"**{rec['site']} is not unseen data**: {_overlap_words(overlap)}; "
+                          "its row overstates how the models do on a new hospital."]
     lines += ["", "Each site's intervals resample its patients (or near-duplicate groups where "
                   "it names none); the internal row's resample its test split's duplicate "
                   "groups, as the run's own report. Recall \"not in data\": the site has no "
@@ -370,6 +395,170 @@ def resampling_groups(data: str, ds, near_distance: int) -> tuple[np.ndarray, st
             f"{why}, so near-duplicate groups (pHash distance <= {near_distance}) stand in for "
             "patients; a patient's different views are still counted as independent, so these "
             "intervals may be too narrow")
+
+
+@dataclass
+class SeenImages:
+    """The images some runs were fitted to -- their split's train and validation parts --
+    as the overlap check needs them: decoded-pixel hashes, pHashes and patient ids."""
+
+    files: list[str] = field(default_factory=list)
+    pixel_hashes: list[str] = field(default_factory=list)
+    phashes: np.ndarray = field(default_factory=lambda: np.zeros((0, 8), np.uint8))
+    patients: set[str] = field(default_factory=set)
+    against: list[str] = field(default_factory=list)  # which split parts, for the report
+
+
+def seen_images(runs: list[Path]) -> SeenImages:
+    """The train and validation images of ``runs`` (a classifier and its U-Net: the
+    encoder and the masks learnt from them too), read again from each run's data
+    (``data.root`` of its config.yaml) through the loader's cache.
+
+    A run whose data or split manifest cannot be read is a BusiError: the caller says
+    the check could not be made, and does not pretend the site is unseen.
+    """
+    from busi.data.loading import load_dataset
+    from busi.data.split import read_manifest
+
+    seen = SeenImages()
+    done: set[tuple[str, object]] = set()
+    phashes = []
+    for run in runs:
+        split = read_split(run)
+        if not isinstance(split.get("manifest"), str):
+            raise BusiError("split.json names no split manifest", where=str(run / "split.json"))
+        key = (str(Path(split["manifest"]).resolve()), split.get("fold"))
+        if key in done:  # a classifier and its own U-Net: one split
+            continue
+        done.add(key)
+        cfg = read_config(run)
+        manifest = read_manifest(split["manifest"])
+        test = set(manifest.partition(split.get("fold"))["test"])
+        fitted = [f for f in manifest.files if f not in test]
+        ds = load_dataset(cfg.data.root, tuple(cfg.data.classes), tuple(cfg.data.image_size),
+                          cache_dir=cfg.data.cache_dir, on_bad_file=cfg.data.on_bad_file,
+                          workers=cfg.data.workers, collect=True)
+        idx = ds.index(fitted)
+        seen.files += fitted
+        seen.pixel_hashes += [ds.pixel_hashes[i] for i in idx]
+        phashes.append(ds.phashes.reshape(-1, 8)[idx])
+        # With several sources a patient id carries its source's tag ("site/P1"); the
+        # site's own CSV says "P1", so the tag is taken off again to compare.
+        patients = list(ds.patients)
+        for src in ds.sources:
+            if src.tag:
+                patients[src.start:src.stop] = [p.removeprefix(f"{src.tag}/")
+                                                for p in patients[src.start:src.stop]]
+        seen.patients |= {patients[i] for i in idx if patients[i]}
+        fold = split.get("fold")
+        seen.against.append(f"the train and validation parts of {Path(split['manifest']).name}"
+                            + (f" (fold {fold})" if fold is not None else "")
+                            + f", {len(fitted)} images of {ds.location}")
+    if phashes:
+        seen.phashes = np.concatenate(phashes)
+    return seen
+
+
+def training_overlap(ds, seen: SeenImages, near_distance: int) -> dict:
+    """How much of a site (``ds``) the runs have seen: its images with the same decoded
+    pixels as a training or validation image, those within ``near_distance`` pHash bits of
+    one (the split's own near-duplicate rule: a resaved, recropped or re-exported copy),
+    and the patient ids it shares with them. Examples pair a site file with its twin."""
+    from scipy.spatial.distance import cdist
+
+    twin_of = dict(zip(seen.pixel_hashes, seen.files, strict=True))
+    twin = [twin_of.get(h) for h in ds.pixel_hashes]
+    exact = np.array([t is not None for t in twin], dtype=bool)
+    near = np.zeros(len(ds), dtype=bool)
+    if len(ds) and len(seen.files):
+        theirs = np.unpackbits(seen.phashes, axis=1).astype(bool)
+        mine = np.unpackbits(ds.phashes.reshape(-1, 8), axis=1).astype(bool)
+        for start in range(0, len(ds), 1024):  # in blocks: n x m distances can be large
+            dist = np.rint(cdist(mine[start:start + 1024], theirs, "hamming") * theirs.shape[1])
+            nearest = dist.argmin(axis=1)
+            for k, j in enumerate(nearest):
+                i = start + k
+                if not exact[i] and dist[k, j] <= near_distance:
+                    near[i], twin[i] = True, seen.files[j]
+    shared = sorted({p for p in ds.patients if p} & seen.patients)
+    hit = np.flatnonzero(exact | near)
+    return {"checked": True, "against": seen.against, "n_site_images": len(ds),
+            "images": len(hit), "exact_duplicates": int(exact.sum()),
+            "near_duplicates": int(near.sum()), "near_duplicate_distance": int(near_distance),
+            "shared_patients": len(shared), "patients": shared[:20],
+            "examples": [[ds.files[i], twin[i]] for i in hit[:5]]}
+
+
+def _check_overlap(sites: list[_Site], runs: list[Path], near_distance: int,
+                   allow: bool) -> None:
+    """Compare every site with the runs' training data (``site.overlap``); refuse a site
+    holding their images unless ``allow``, and warn on stderr about what is let through."""
+    try:
+        seen = seen_images(runs)
+    except BusiError as exc:
+        for site in sites:
+            site.overlap = {"checked": False, "why": str(exc)}
+        print(f"busi: warning: evaluate --data: could not compare the site(s) with the runs' "
+              f"training images, so nothing shows they are unseen data ({exc})",
+              file=sys.stderr)
+        return
+    for site in sites:
+        site.overlap = training_overlap(site.ds, seen, near_distance)
+    hit = [s for s in sites if s.overlap["images"]]
+    if hit and not allow:
+        mine, theirs = hit[0].overlap["examples"][0]
+        raise BusiError(
+            "not another site's data: " + "; ".join(f"{s.name}: {_overlap_words(s.overlap)}"
+                                                    for s in hit)
+            + f" (e.g. {mine} is the training image {theirs}); figures on images a model "
+              "was fitted to say nothing of a new hospital",
+            where=", ".join(str(s.data) for s in hit),
+            fix="evaluate on images the runs never saw (leave these out of the site's "
+                "manifest), or pass --allow-overlap to evaluate anyway, the overlap "
+                f"stated in the report (compared with {'; '.join(seen.against)})")
+    for site in hit:
+        print(f"busi: warning: {site.name} is NOT unseen data: {_overlap_words(site.overlap)}"
+              "; evaluated because of --allow-overlap, its figures overstate how the models "
+              "do on a new hospital", file=sys.stderr)
+    for site in sites:
+        if site.overlap["shared_patients"]:
+            print(f"busi: warning: {site.name}: {_patients_words(site.overlap)}",
+                  file=sys.stderr)
+
+
+def _overlap_words(o: dict) -> str:
+    """'9 of its 36 images are training or validation images of the runs (7 with the same
+    pixels, 2 near duplicates within pHash distance 6)'."""
+    return (f"{o['images']} of its {o['n_site_images']} images are training or validation "
+            f"images of the runs ({o['exact_duplicates']} with the same pixels, "
+            f"{o['near_duplicates']} near duplicates within pHash distance "
+            f"{o['near_duplicate_distance']})")
+
+
+def _patients_words(o: dict) -> str:
+    shown = ", ".join(o["patients"][:5]) + (", ..." if o["shared_patients"] > 5 else "")
+    return (f"{o['shared_patients']} of its patient ids ({shown}) are also patients of the "
+            "runs' training or validation images; if they name the same people, these scans "
+            "are not of new patients (ids of two hospitals can also coincide by chance)")
+
+
+def _overlap_markdown(o: dict, n_images: int) -> str:
+    """A site's line on what the runs have seen of it, for its section of evaluation.md."""
+    if not o.get("checked"):
+        return (f"**Not checked against the runs' training images** ({o.get('why')}): "
+                "nothing shows that these are unseen data.")
+    if o["images"]:
+        mine, theirs = o["examples"][0]
+        text = (f"**Not unseen data: {_overlap_words(o)}**, e.g. `{mine}` is the training "
+                f"image `{theirs}`; evaluated because of --allow-overlap.")
+    else:
+        text = (f"Unseen by the runs: none of its {n_images} images is a training or "
+                "validation image of theirs (the same pixels, or pHash within "
+                f"{o['near_duplicate_distance']} bits of one)")
+        text += "." if o["shared_patients"] else ", and it shares no patient id with them."
+    if o["shared_patients"]:
+        text += f" {_patients_words(o)}."
+    return text + f" Compared with {'; '.join(o['against'])}."
 
 
 def _classes_in(data: str, model_classes: tuple[str, ...]) -> tuple[str, ...]:
