@@ -577,6 +577,11 @@ def test_evaluate_compares_unets_before_any_classifier_exists(
     text = md.read_text()
     assert "## U-Nets side by side" in text and "lesion Dice of" in text
     assert "## Side by side" not in text
+    # one U-Net alone: its Dice with the interval a reader quotes (RESULTS cites it)
+    assert main(["evaluate", "--seg-run", str(seg_run), "--outputs", str(tmp_path)]) == 0
+    assert "U-Net, with 95% intervals:" in capsys.readouterr().out
+    (one,) = set((tmp_path / "eval").glob("*/evaluation.md")) - {md}
+    assert re.search(r"\| 0\.\d{3} \(0\.\d\d\d-[01]\.\d\d\d\) \|", one.read_text())
 
 
 def test_ground_truth_and_no_mask_ablations_run(work: Path, seg_run: Path) -> None:

@@ -52,10 +52,11 @@ def evaluate_command(runs: list[str] | None = None, seg_runs: list[str] | None =
     parts = [f"# Evaluation, {time.strftime('%Y-%m-%d %H:%M')}", "", "## Summary", ""]
     for r in results:  # the clinician's figures of each run first; the tables follow
         parts += [f"### {r['title']}", "", summary_markdown(r)]
-    if len(segs) > 1:
+    if segs:  # with 95% intervals over duplicate groups; several: side by side
         table = _unets_table(segs)
-        print("U-Nets side by side:\n" + "\n".join(table))
-        parts += ["## U-Nets side by side", "", *table, ""]
+        title = "U-Nets side by side" if len(segs) > 1 else "U-Net, with 95% intervals"
+        print(f"{title}:\n" + "\n".join(table))
+        parts += [f"## {title}", "", *table, ""]
     for seg in segs:
         text = (seg / "metrics.md").read_text()
         print(text)
