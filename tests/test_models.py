@@ -283,13 +283,13 @@ def test_the_unets_mobilenet_encoder_adapts_its_batch_norms_as_documented() -> N
 
     from busi.models import unet
 
-    model = unet.build_mobilenet_unet((64, 64, 1), base_filters=4)
+    model = unet.build_mobilenet_unet((32, 32, 1), base_filters=4)
     bn = model.get_layer("mobilenet_encoder").get_layer("conv1_bn")
     mean0 = keras.ops.convert_to_numpy(bn.moving_mean).copy()
     rng = np.random.default_rng(0)
     model.compile(keras.optimizers.Adam(1e-3), "mse")
-    model.fit(rng.uniform(0, 1, (4, 64, 64, 1)).astype("float32"),
-              (rng.uniform(0, 1, (4, 64, 64, 1)) > 0.5).astype("float32"), epochs=1, verbose=0)
+    model.fit(rng.uniform(0, 1, (4, 32, 32, 1)).astype("float32"),
+              (rng.uniform(0, 1, (4, 32, 32, 1)) > 0.5).astype("float32"), epochs=1, verbose=0)
     assert not np.allclose(keras.ops.convert_to_numpy(bn.moving_mean), mean0)
     doc = inspect.getdoc(unet.build_mobilenet_unet)
     assert "re-estimate their statistics" in doc and "run in inference mode" not in doc
