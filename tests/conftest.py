@@ -20,6 +20,9 @@ REAL_BUSI = Path(os.environ.get("BUSI_DATA", REAL_BUSI))
 # The ImageNet MobileNet v1 weights (no top) that configs/cpu.yaml's U-Net encoder loads.
 MOBILENET_WEIGHTS = Path(os.environ.get("BUSI_MOBILENET_WEIGHTS", Path(__file__).resolve(
 ).parents[1].parent / "shared/weights/mobilenet_v1_imagenet/mobilenet_1_0_notop.weights.h5"))
+# The ImageNet EfficientNet-Lite0 weights (no top, .npz): the second pretrained backbone.
+LITE0_WEIGHTS = Path(os.environ.get("BUSI_EFFICIENTNET_LITE0_WEIGHTS", Path(__file__).resolve(
+).parents[1].parent / "shared/weights/efficientnet_lite0_imagenet/efficientnet_lite0_notop.npz"))
 
 
 @pytest.fixture(scope="session")
@@ -47,12 +50,20 @@ def real_busi() -> Path:
     return REAL_BUSI
 
 
+def _weights_file(path: Path, what: str, variable: str) -> Path:
+    if not path.is_file():
+        pytest.skip(f"{what} ImageNet weights not found at {path} (set {variable} to the file)")
+    return path
+
+
 @pytest.fixture(scope="session")
 def mobilenet_weights() -> Path:
-    if not MOBILENET_WEIGHTS.is_file():
-        pytest.skip(f"MobileNet ImageNet weights not found at {MOBILENET_WEIGHTS} "
-                    "(set BUSI_MOBILENET_WEIGHTS to the file)")
-    return MOBILENET_WEIGHTS
+    return _weights_file(MOBILENET_WEIGHTS, "MobileNet", "BUSI_MOBILENET_WEIGHTS")
+
+
+@pytest.fixture(scope="session")
+def lite0_weights() -> Path:
+    return _weights_file(LITE0_WEIGHTS, "EfficientNet-Lite0", "BUSI_EFFICIENTNET_LITE0_WEIGHTS")
 
 
 def load_script(name: str) -> ModuleType:

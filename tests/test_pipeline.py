@@ -696,7 +696,10 @@ def test_predict_flags_unsure_calls_names_its_runs_and_states_units(
     assert row["lesion_pixels_grid"] == "32x32"
     assert float(row["lesion_fraction"]) == pytest.approx(int(row["lesion_pixels"]) / 32 ** 2)
     assert "low_confidence" not in row["flags"]
-    assert row["flags"] == ("no_lesion_found" if int(row["lesion_pixels"]) == 0 else "")
+    assert row["flags"] == ("no_lesion_found" if int(row["unet_lesion_pixels"]) == 0 else "")
+    # the mask written is the U-Net's, emptied where the chosen point calls the scan normal
+    assert int(row["lesion_pixels"]) == (0 if row["call"] == "normal"
+                                         else int(row["unet_lesion_pixels"]))
     saved = json.loads((tmp_path / "p0" / "predictions.json").read_text())
     assert "not a diagnostic device" in saved["note"] and "32x32" in saved["units"]["lesion_pixels"]
     # A U-Net that finds nothing, and a classifier run whose config asks for certainty.
@@ -733,10 +736,16 @@ def test_predict_gives_the_mask_the_segmentation_run_scored(
     out = tmp_path / "pred"
     assert main(["predict", str(inputs), "--seg-run", str(seg_run), "--cls-run", str(cls_run),
                  "--out", str(out)]) == 0
+    with open(out / "predictions.csv", newline="") as fh:
+        rows = {Path(r["file"]).name: r for r in csv.DictReader(fh)}
     for f in scored:
+        row = rows[Path(f).name]
+        # what the U-Net drew is what evaluate scored, pixel for pixel
+        assert int(row["unet_lesion_pixels"]) == int(stored[f].sum())
         full = cv2.imread(str(out / (Path(f).stem.replace(" ", "_") + "_mask.png")), 0)
         small = cv2.resize(full, stored[f].shape[::-1], interpolation=cv2.INTER_NEAREST)
-        np.testing.assert_array_equal(small > 0, stored[f] > 0)
+        # the mask written: that one, or empty where the chosen point calls the scan normal
+        np.testing.assert_array_equal(small > 0, (stored[f] > 0) & (row["call"] != "normal"))
 
 
 def test_out_of_fold_masks_come_from_models_that_never_saw_the_image(work: Path) -> None:
@@ -1404,3 +1413,66 @@ def test_train_seg_on_bad_data_stops_before_making_a_run_folder(
                "--set", f"outputs.root={out_root}") == 2
     assert "benign (2).png" in capsys.readouterr().err
     assert not (out_root / "seg").exists(), "no half-made run folder"
+
+
+def test_lesion_crop_and_the_chosen_operating_point_from_training_to_predict(
+        work: Path, seg_run: Path, unseen_root: Path, synth_root: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """busi issue 26: a classifier fed the lesion cut from the original scan chooses its
+    operating point (lesion presence, malignant threshold for a target sensitivity) on its
+    validation images; evaluate reports it beside argmax, --sensitivity picks another, another
+    site gets the same thresholds, and predict makes the call with them."""
+    out_root = work / "crop"
+    assert run(work, "train-cls", "--model", "cnn", "--seg-run", str(seg_run),
+               "--set", f"outputs.root={out_root}",
+               "--set", "model.classifier.mask_mode=lesion_crop",
+               "--set", "decision.presence=both", "--set", "decision.malignant_sensitivity=0.8"
+               ) == 0
+    out = capsys.readouterr().out
+    (cls,) = list((out_root / "cls" / "cnn").iterdir())
+    op = json.loads((cls / "operating_point.json").read_text())
+    assert op["presence"] == "both" and op["malignant_sensitivity"] == 0.8
+    assert op["presence_threshold"] is not None
+    with open(cls / "val_predictions.csv", newline="") as fh:
+        val = list(csv.DictReader(fh))
+    assert val and all(0 <= float(r["unet_max"]) <= 1 for r in val)
+    # the threshold is the one that calls >= 80% of the validation cancers malignant
+    from busi.models.decision import choose
+    probs = np.array([[float(r[f"p_{c}"]) for c in ("benign", "malignant", "normal")]
+                      for r in val])
+    again = choose(probs, [r["true"] for r in val], ("benign", "malignant", "normal"),
+                   np.array([float(r["unet_max"]) for r in val]), malignant_sensitivity=0.8,
+                   presence="both", max_missed_lesions=0.03)
+    assert again.malignant_threshold == pytest.approx(op["malignant_threshold"])
+    assert "at the chosen point" in out and "malignant sensitivity" in out
+    report = json.loads((cls / "classification_report.json").read_text())
+    assert report["clinical"]["operating_point_values"]["presence"] == "both"
+    assert "At the chosen point (target 0.8): sensitivity" in (
+        cls / "classification_report.md").read_text()
+    # Grad-CAM is drawn over the crop the classifier saw
+    assert list((cls / "gradcam").glob("*.png"))
+    # --sensitivity: another point, chosen on the same validation images
+    assert main(["evaluate", str(cls), "--sensitivity", "1", "--outputs", str(out_root)]) == 0
+    out = capsys.readouterr().out
+    (ev,) = json.loads((Path(out.split("reports: ")[1].split("/evaluation.md")[0])
+                        / "evaluation.json").read_text())
+    assert ev["clinical"]["operating_point_values"]["malignant_sensitivity"] == 1
+    # another site: the run's thresholds, unchanged
+    assert main(["evaluate", "--data", str(unseen_root), "--cls-run", str(cls),
+                 "--outputs", str(out_root)]) == 0
+    out = capsys.readouterr().out
+    assert f"malignant when p(malignant) / (p(benign) + p(malignant)) >= " \
+        f"{op['malignant_threshold']:.3f}" in out
+    with pytest.raises(SystemExit) as bad:  # argparse: one line naming the flag, exit 2
+        main(["evaluate", "--data", str(unseen_root), "--cls-run", str(cls),
+              "--sensitivity", "0", "--outputs", str(out_root)])
+    assert bad.value.code == 2 and "--sensitivity: must be in (0, 1]" in capsys.readouterr().err
+    # predict: the call at the chosen point beside the argmax class
+    image = str(synth_root / "malignant" / "malignant (1).png")
+    assert main(["predict", image, "--cls-run", str(cls), "--out", str(tmp_path / "p"),
+                 "--sensitivity", "0.9"]) == 0
+    with open(tmp_path / "p" / "predictions.csv", newline="") as fh:
+        (row,) = list(csv.DictReader(fh))
+    assert row["call"] in ("benign", "malignant", "normal")
+    saved = json.loads((tmp_path / "p" / "predictions.json").read_text())
+    assert saved["operating_point"]["malignant_sensitivity"] == 0.9

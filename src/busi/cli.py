@@ -227,6 +227,25 @@ def cmd_train_cls(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sensitivity(text: str) -> float:
+    """``--sensitivity``: a share in (0, 1], or a clear exit 2 (argparse's own message)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r} (e.g. 0.9)") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value:g} (e.g. 0.9)")
+    return value
+
+
+def _add_sensitivity_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sensitivity", type=_sensitivity, metavar="S",
+                   help="the malignant sensitivity the operating point is chosen for, on the "
+                        "classifier run's validation images (default: the run's own, "
+                        "decision.malignant_sensitivity, 0.9 unless set); at another site the "
+                        "threshold chosen on the run's validation images is applied unchanged")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from busi.workflows.evaluate import evaluate_command
     from busi.workflows.sites import evaluate_on_data
@@ -244,9 +263,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                 + f" --cls-run {args.runs[0]}")
         evaluate_on_data(args.data, cls_run=args.cls_run,
                          seg_run=seg_runs[0] if seg_runs else None, outputs_root=args.outputs,
-                         allow_overlap=args.allow_overlap)
+                         allow_overlap=args.allow_overlap, sensitivity=args.sensitivity)
         return 0
-    evaluate_command(runs=args.runs, seg_runs=seg_runs, outputs_root=args.outputs)
+    evaluate_command(runs=args.runs, seg_runs=seg_runs, outputs_root=args.outputs,
+                     sensitivity=args.sensitivity)
     return 0
 
 
@@ -299,7 +319,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     done = predict_command(args.inputs, seg_run=args.seg_run, cls_run=args.cls_run,
                            out=args.out, outputs_root=args.outputs, explain=args.explain,
-                           min_confidence=args.min_confidence)
+                           min_confidence=args.min_confidence, sensitivity=args.sensitivity)
     # 3: the readable images were predicted, some others skipped (named, in skipped.csv).
     return EXIT_SKIPPED if getattr(done, "skipped", None) else 0
 
@@ -368,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
             busi train-cls --model cnn --set model.classifier.masks=none   # no-mask baseline
         """))
     _add_config_args(p)
-    p.add_argument("--model", choices=["cnn", "vgg19", "mobilenet"],
+    p.add_argument("--model", choices=["cnn", "vgg19", "mobilenet", "efficientnet_lite0"],
                    help="classifier (overrides model.classifier.name)")
     p.add_argument("--seg-run", metavar="RUN_DIR",
                    help="segmentation run whose predicted masks to use (default: the latest "
@@ -418,6 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --data: evaluate a site even though some of its images are the "
                         "runs' own training or validation images (same pixels or pHash near "
                         "duplicates; refused without this flag); the report states how many")
+    _add_sensitivity_arg(p)
     _add_outputs_arg(p, "outputs")
     p.set_defaults(func=cmd_evaluate)
 
@@ -516,6 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-confidence", type=float, metavar="P",
                    help="flag calls whose top class probability is below P (0-1; default: "
                         "the classifier run's predict.min_confidence, 0.6 unless set)")
+    _add_sensitivity_arg(p)
     p.set_defaults(func=cmd_predict)
 
     data = sub.add_parser("data", help="inspect, split or synthesise data",

@@ -100,8 +100,9 @@ class UNetConfig:
     depth: int = field(default=4, metadata=_range(1, 6))
     # "plain": the paper's encoder, trained from scratch. "mobilenet": Keras' MobileNet v1
     # (alpha 1.0) as the encoder, ImageNet weights from encoder_weights ('' = random);
+    # "efficientnet_lite0": EfficientNet-Lite0, its weights from the .npz (README);
     # depth is then 5 (strides 2..32) and base_filters sets the decoder's width.
-    encoder: Literal["plain", "mobilenet"] = "plain"
+    encoder: Literal["plain", "mobilenet", "efficientnet_lite0"] = "plain"
     encoder_weights: str = ""
     # "fixed": the [0, 1] image as it is (the paper); "per_image": each image standardised
     # to zero mean and unit SD inside the model, so a scanner's gain and offset drop out.
@@ -114,15 +115,19 @@ class UNetConfig:
 class ClassifierConfig:
     """Which classifier, its weights, and how the segmentation masks feed it."""
 
-    name: Literal["cnn", "vgg19", "mobilenet"] = "cnn"
+    name: Literal["cnn", "vgg19", "mobilenet", "efficientnet_lite0"] = "cnn"
     # vgg19/mobilenet base: "imagenet" (Keras download), a weights file, "none" (random), or
-    # "unet" (mobilenet only): the encoder of its own U-Net run (model.unet.encoder: mobilenet).
+    # "unet" (mobilenet, efficientnet_lite0): the encoder of its own U-Net run, whose
+    # model.unet.encoder is the same family. efficientnet_lite0: its .npz file (no download).
     weights: str = "imagenet"
     masks: Literal["predicted", "ground_truth", "none"] = "predicted"
     # channel: the whole scan plus the mask as a second input channel, so a missed lesion is
     # not a blank image and the lesion's surroundings stay in view (models/inputs.py)
-    mask_mode: Literal["multiply", "crop", "channel", "none"] = "multiply"
+    # lesion_crop: a square around the predicted lesion, cut from the scan at its original
+    # resolution (crop_scale x the lesion's longer side); the whole scan where none was found
+    mask_mode: Literal["multiply", "crop", "channel", "lesion_crop", "none"] = "multiply"
     crop_margin: float = field(default=0.15, metadata=_range(0, 2))
+    crop_scale: float = field(default=1.5, metadata=_range(1, 10))
     mask_dilation: int = field(default=0, metadata=_range(0, 64))  # px; 0 = the paper
     freeze_base: bool = False
     fine_tune_blocks: int = field(default=0, metadata=_range(0, 100))
@@ -234,6 +239,21 @@ class PredictConfig:
 
 
 @dataclass
+class DecisionConfig:
+    """The call a clinician acts on (models/decision.py): both thresholds are chosen on the
+    validation images when a classifier is trained, reported beside the argmax call, and
+    applied unchanged to new images and other sites (``--sensitivity`` picks another)."""
+
+    # the share of validation cancers the malignant threshold must call malignant
+    malignant_sensitivity: float = field(default=0.9, metadata=_range(0, 1, lo_open=True))
+    # lesion or not: argmax (the classifier's own call), or a score with a threshold:
+    # classifier (1 - p(normal)), unet (its highest lesion probability), both (their mean)
+    presence: Literal["argmax", "classifier", "unet", "both"] = "argmax"
+    # the share of validation lesion images the presence threshold may call lesion-free
+    max_missed_lesions: float = field(default=0.03, metadata=_range(0, 1, hi_open=True))
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
@@ -243,6 +263,7 @@ class Config:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     outputs: OutputsConfig = field(default_factory=OutputsConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
+    decision: DecisionConfig = field(default_factory=DecisionConfig)
     # Per classifier family: ``{cnn: {classifier: {...}, training: {...}}}``, values of
     # model.classifier and training.cls that suit that family, laid over the file's own
     # sections whenever that family is trained (resolve_families). A from-scratch CNN and
@@ -579,7 +600,7 @@ def check_consistency(cfg: Config, where: str) -> Config:
     """
     h, w = cfg.data.image_size
     unet = cfg.model.unet
-    depth = 5 if unet.encoder == "mobilenet" else unet.depth
+    depth = 5 if unet.encoder != "plain" else unet.depth
     step = 2 ** depth
     if h % step or w % step:
         def near(v: int) -> int:
@@ -594,7 +615,7 @@ def check_consistency(cfg: Config, where: str) -> Config:
                         "model.unet.encoder is 'plain' (trained from scratch)", where=where,
                         fix="set model.unet.encoder: mobilenet, or encoder_weights: ''")
     name = cfg.model.classifier.name
-    if name in ("vgg19", "mobilenet") and min(h, w) < 32:
+    if name in ("vgg19", "mobilenet", "efficientnet_lite0") and min(h, w) < 32:
         raise BusiError(f"'model.classifier.name' {name} needs images of at least 32x32, "
                         f"'data.image_size' is {h}x{w}", where=where,
                         fix="raise data.image_size to 32 or more, or use the cnn classifier")

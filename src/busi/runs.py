@@ -442,16 +442,40 @@ def write_command(run_dir: Path, *, resume: str, rerun_note: str = "") -> Path:
                         f"# continue if interrupted: busi {resume} --resume {run_dir}\n")
 
 
+VAL_PREDICTIONS = "val_predictions.csv"
+OPERATING_POINT = "operating_point.json"
+
+
 def write_predictions(path: Path, files: list[str], labels: np.ndarray, probs: np.ndarray,
-                      classes: tuple[str, ...] | list[str]) -> None:
+                      classes: tuple[str, ...] | list[str],
+                      extra: dict[str, np.ndarray] | None = None) -> None:
     """``file,true,pred,p_<class>...``, written by the csv module: a file name with a comma,
-    a quote or a line break is quoted and escaped, so it reads back as it was."""
+    a quote or a line break is quoted and escaped, so it reads back as it was. ``extra``
+    columns (e.g. ``unet_max``, what the presence decision reads) follow the probabilities."""
+    extra = extra or {}
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["file", "true", "pred", *[f"p_{c}" for c in classes]])
-    for f, t, p in zip(files, labels, probs, strict=True):
-        writer.writerow([f, classes[t], classes[int(np.argmax(p))], *[f"{v:.6f}" for v in p]])
+    writer.writerow(["file", "true", "pred", *[f"p_{c}" for c in classes], *extra])
+    for i, (f, t, p) in enumerate(zip(files, labels, probs, strict=True)):
+        writer.writerow([f, classes[t], classes[int(np.argmax(p))], *[f"{v:.6f}" for v in p],
+                         *[f"{float(v[i]):.6f}" for v in extra.values()]])
     atomic_write(path, buf.getvalue())
+
+
+def read_column(path: Path, name: str) -> np.ndarray | None:
+    """One numeric extra column of a predictions file (None when the file lacks it: runs
+    from before it was written)."""
+    if not path.is_file():
+        return None
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        if name not in (reader.fieldnames or []):
+            return None
+        try:
+            return np.array([float(r[name]) for r in reader], dtype=float)
+        except (TypeError, ValueError):
+            raise BusiError(f"column {name} has a value that is not a number", where=str(path),
+                            fix="restore the file, or rerun the run it belongs to") from None
 
 
 def read_predictions(path: Path) -> tuple[list[str], list[str], list[str], np.ndarray, list[str]]:

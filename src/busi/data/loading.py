@@ -573,3 +573,45 @@ def dataset_from_config(cfg) -> Dataset:  # cfg: busi.config.Config (kept untype
     d = cfg.data
     return load_dataset(d.root, d.classes, tuple(d.image_size), cache_dir=d.cache_dir,
                         on_bad_file=d.on_bad_file, workers=d.workers)
+
+
+def image_paths(ds: Dataset) -> list[Path]:
+    """The image file of each of ``ds.files``, from its source's scan.
+
+    The cached arrays hold the images at the models' size only; a classifier that reads
+    the lesion at the scan's own resolution (``mask_mode: lesion_crop``) goes back to the
+    files.
+    """
+    paths: list[Path] = []
+    for s in ds.sources:
+        by_name = {c.name: c.image for c in s.layout.cases}
+        cut = len(s.tag) + 1 if s.tag else 0
+        paths += [by_name[f[cut:]] for f in ds.files[s.start:s.stop]]
+    return paths
+
+
+def original_images(ds: Dataset, idx: Iterable[int] | None = None,
+                    workers: int = 0) -> list[np.ndarray]:
+    """The 8-bit gray originals of ``ds`` (or of its images ``idx``), at their own size.
+
+    A file that no longer decodes, or no longer matches the data set's fingerprint (its
+    pixels changed since the cache was made), is a BusiError naming it: the crop would
+    otherwise come from another image than the one the U-Net segmented.
+    """
+    paths = image_paths(ds)
+    chosen = list(range(len(ds))) if idx is None else [int(i) for i in idx]
+
+    def read(i: int) -> np.ndarray:
+        try:
+            raw = decode(paths[i].read_bytes())
+        except OSError:
+            raw = None
+        gray = None if raw is None else to_gray(raw)
+        if gray is None or hashlib.sha1(gray.tobytes()).hexdigest() != ds.pixel_hashes[i]:
+            raise BusiError("the image cannot be read again, or changed since the data set was "
+                            "loaded", where=str(paths[i]),
+                            fix="restore the file, or run again so the data set is re-read")
+        return gray
+
+    with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
+        return list(pool.map(read, chosen))

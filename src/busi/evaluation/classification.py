@@ -278,6 +278,68 @@ def sensitivity_specificity(y_true: np.ndarray, y_pred: np.ndarray,
             "ci95": {"sensitivity": ci.get("malignant"), "specificity": ci.get("benign")}}
 
 
+def operating_point(run_dir: Path, sensitivity: float | None = None,
+                    presence: str | None = None):
+    """A classifier run's operating point (:class:`busi.models.decision.OperatingPoint`):
+    the one it chose on its validation images when it was trained, or, for another
+    ``sensitivity`` (``--sensitivity``) or ``presence`` score, one chosen now from the same
+    validation images (``val_predictions.csv``). None for a run from before busi chose
+    operating points."""
+    from busi.models.decision import OperatingPoint, choose
+    from busi.runs import OPERATING_POINT as OP_FILE
+    from busi.runs import VAL_PREDICTIONS, read_column, read_json
+
+    stored = (OperatingPoint.from_dict(read_json(run_dir / OP_FILE))
+              if (run_dir / OP_FILE).is_file() else None)
+    if stored is not None and sensitivity is None and presence is None:
+        return stored
+    val = run_dir / VAL_PREDICTIONS
+    if not val.is_file():
+        return None
+    _, y_true, _, probs, classes = read_predictions(val)
+    peak = read_column(val, "unet_max")
+    kind = presence or (stored.presence if stored else "argmax")
+    if kind in ("unet", "both") and peak is None:
+        kind = "argmax"
+    return choose(probs, y_true, classes, peak,
+                  malignant_sensitivity=sensitivity or (stored.malignant_sensitivity
+                                                        if stored else 0.9),
+                  presence=kind,
+                  max_missed_lesions=stored.max_missed_lesions if stored else 0.03)
+
+
+def clinical_figures(y_true: list[str], calls: list[str], words: str,
+                     groups: np.ndarray | None = None, folds: np.ndarray | None = None) -> dict:
+    """The figures at a chosen operating point, from its calls (:func:`decide`): malignant
+    sensitivity and specificity with the report's intervals, 3-class accuracy, and the
+    presence decision's normal scans called empty and lesions missed."""
+    from busi.models.decision import presence_figures
+
+    t, c = np.asarray(y_true), np.asarray(calls)
+    ss = sensitivity_specificity(t, c, groups, folds)
+    if ss:
+        ss["operating_point"] = words
+    return {"words": words, "accuracy": float(accuracy_score(t, c)),
+            "sensitivity_specificity": ss, "presence": presence_figures(t, c != "normal"),
+            "confusion_matrix": confusion_matrix(t, c, labels=_order(sorted(set(t) | set(c))))
+            .tolist(), "labels": _order(sorted(set(t) | set(c)))}
+
+
+def at_operating_point(op, y_true: list[str], probs: np.ndarray, classes: list[str],
+                       unet_max: np.ndarray | None, groups: np.ndarray | None = None,
+                       folds: np.ndarray | None = None) -> dict:
+    """:func:`clinical_figures` of one model's calls at ``op``."""
+    from busi.models.decision import decide
+
+    if op.presence in ("unet", "both") and unet_max is None:
+        raise BusiError(f"the operating point's presence decision ({op.presence}) needs the "
+                        "U-Net's probabilities, and these predictions have none",
+                        fix="evaluate with the run's U-Net (--seg-run)")
+    calls = decide(op, probs, classes, unet_max)
+    return {**clinical_figures(y_true, calls, op.words(), groups, folds),
+            "operating_point_values": op.as_dict(), "calls": calls}
+
+
 def _ci_text(ci: list[float] | None, digits: int = 2) -> str:
     return "n/a" if ci is None else f"{ci[0]:.{digits}f}-{ci[1]:.{digits}f}"
 
@@ -314,12 +376,35 @@ def summary_markdown(r: dict, notes: bool = True) -> str:
         if c in r["present"]:
             lines.append(f"| Recall {c} | {r['report'][c]['recall']:.2f} ({cm[i, i]} of "
                          f"{cm[i].sum()}) | {_ci_text(recall_ci.get(c))} |")
+    cl = r.get("clinical")
+    if cl:
+        cs = cl["sensitivity_specificity"]
+        op = cl.get("operating_point_values", {})
+        target = f" (target {op['malignant_sensitivity']:g})" if op else ""
+        if cs:
+            for key, name, k, n in (
+                    ("sensitivity", f"At the chosen point{target}: sensitivity",
+                     cs["true_positives"], cs["n_malignant"]),
+                    ("specificity", "At the chosen point: specificity (benign not called "
+                                    "malignant)", cs["true_negatives"], cs["n_benign"])):
+                v = cs[key]
+                lines.append(f"| {name} | {'n/a' if v is None else f'{v:.2f}'} ({k} of {n}) | "
+                             f"{_ci_text(cs['ci95'][key])} |")
+        pf = cl["presence"]
+        if pf["normal_scans"]:
+            lines.append(f"| Normal scans called lesion-free | {pf['normal_empty_fraction']:.2f} "
+                         f"({pf['normal_called_empty']} of {pf['normal_scans']}) | |")
+        if pf["lesion_scans"]:
+            lines.append(f"| Lesion scans called normal | {pf['lesion_missed_fraction']:.2f} "
+                         f"({pf['lesion_missed']} of {pf['lesion_scans']}) | |")
+        lines.append(f"| 3-class accuracy at the chosen point | {cl['accuracy']:.3f} | |")
     miss = r.get("unet_missed")
     if miss:
         lines.append(f"| Lesion images the U-Net missed (empty predicted mask) | "
                      f"{miss['missed']} of {miss['lesion_images']} | |")
     if notes:
         lines += ["", "Operating point: " + OPERATING_POINT + "." if ss else "",
+                  "The chosen point: " + cl["words"] + "." if cl else "",
                   f"95% intervals: {r.get('ci95_method', 'bootstrap')}.", ""]
     return "\n".join(ln for ln in lines if ln is not None) + "\n"
 
@@ -521,27 +606,57 @@ def _run_title(run_dir: Path) -> str:
     return f"{model_of(run_dir)} ({inputs_of(run_dir)}) -- {run_dir.name}"
 
 
-def evaluate_run(run_dir: str | Path) -> dict:
+def evaluate_run(run_dir: str | Path, sensitivity: float | None = None) -> dict:
     """Compute one classifier run's report; write its report files if it has none yet.
 
     A finished run writes its own reports once; a later ``busi evaluate`` only
     reads it (its tables go to ``outputs/eval/<run>/``), so evaluating never
-    modifies an earlier run's folder.
+    modifies an earlier run's folder. ``sensitivity``: the operating point for that
+    malignant sensitivity, chosen on the run's validation images, instead of its own.
     """
+    from busi.runs import read_column
+
     run_dir = Path(run_dir)
     files, y_true, y_pred, probs, classes = read_predictions(run_dir / PREDICTIONS)
-    r = compute(files, y_true, y_pred, probs, classes, groups=split_groups(run_dir, files))
+    groups = split_groups(run_dir, files)
+    r = compute(files, y_true, y_pred, probs, classes, groups=groups)
     r["unet_missed"] = missed_lesions(read_per_image(run_dir / PER_IMAGE))
+    op = operating_point(run_dir, sensitivity)
+    if op is not None:
+        r["clinical"] = at_operating_point(op, y_true, probs, classes,
+                                           read_column(run_dir / PREDICTIONS, "unet_max"),
+                                           groups=groups)
     title = _run_title(run_dir)
     r["title"] = title
     r["text"] = f"{title}\n{r['report_text']}" + (
         f"accuracy {r['accuracy']:.3f} (95% CI {r['ci95']['accuracy'][0]:.3f}-"
         f"{r['ci95']['accuracy'][1]:.3f}), macro-F1 {r['macro_f1']:.3f} (95% CI "
         f"{r['ci95']['macro_f1'][0]:.3f}-{r['ci95']['macro_f1'][1]:.3f}; "
-        f"{r['ci95_method']})")
-    if not (run_dir / "classification_report.json").is_file():
+        f"{r['ci95_method']})") + clinical_text(r)
+    if sensitivity is None and not (run_dir / "classification_report.json").is_file():
         write_run_reports(run_dir, r, title)
     return r
+
+
+def clinical_text(r: dict) -> str:
+    """The chosen operating point's figures as the lines printed under a report."""
+    cl = r.get("clinical")
+    if not cl:
+        return ""
+    cs, pf = cl["sensitivity_specificity"], cl["presence"]
+    out = f"\nat the chosen point ({cl['words']}):"
+    if cs and cs["sensitivity"] is not None:
+        ci = cs["ci95"]
+        out += (f"\n  malignant sensitivity {cs['sensitivity']:.2f} (95% CI "
+                f"{_ci_text(ci['sensitivity'])}), specificity "
+                + ("n/a" if cs["specificity"] is None else f"{cs['specificity']:.2f}")
+                + f" (95% CI {_ci_text(ci['specificity'])})")
+    if pf["normal_scans"]:
+        out += (f"\n  normal scans called lesion-free {pf['normal_called_empty']} of "
+                f"{pf['normal_scans']}")
+    if pf["lesion_scans"]:
+        out += f"; lesion scans called normal {pf['lesion_missed']} of {pf['lesion_scans']}"
+    return out + f"; 3-class accuracy {cl['accuracy']:.3f}"
 
 
 def write_run_reports(run_dir: Path, r: dict, title: str) -> None:

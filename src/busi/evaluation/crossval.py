@@ -17,6 +17,7 @@ from busi.evaluation.classification import (
     OPERATING_POINT,
     PER_IMAGE,
     class_order,
+    clinical_figures,
     compute,
     markdown_table,
     missed_lesions,
@@ -29,15 +30,54 @@ from busi.evaluation.classification import (
 from busi.evaluation.segmentation import fmt_stat
 from busi.runs import (
     PREDICTIONS,
+    VAL_PREDICTIONS,
     atomic_write,
     cv_arms,
     cv_fold_classifier,
     cv_fold_unet,
+    read_column,
     read_json,
     read_predictions,
     write_json,
     write_predictions,
 )
+
+PRESENCE_NOTE = (
+    "Lesion present or not, each score's threshold chosen per fold on that fold's validation "
+    "images to miss at most the config's decision.max_missed_lesions of its lesion images, "
+    "then applied to the fold's test images and pooled. 'validation AUC' (normal vs lesion, "
+    "over the folds' validation images pooled) is the figure to choose a score by: the test "
+    "columns are for reading, not choosing.")
+
+
+def _fold_decisions(run: Path) -> dict | None:
+    """One fold's classifier at every presence score (models/decision.py), each threshold
+    chosen on that fold's validation images: the test calls per score, the run's own
+    operating point's calls, and the validation scores that the choice of score rests on.
+    None for a run from before busi wrote val_predictions.csv."""
+    from busi.evaluation.classification import operating_point
+    from busi.models.decision import PRESENCE_SCORES, choose, decide, presence_score
+
+    val = run / VAL_PREDICTIONS
+    if not val.is_file():
+        return None
+    _, v_true, _, v_probs, classes = read_predictions(val)
+    v_peak = read_column(val, "unet_max")
+    _, t_true, _, t_probs, _ = read_predictions(run / PREDICTIONS)
+    t_peak = read_column(run / PREDICTIONS, "unet_max")
+    own = operating_point(run)
+    out: dict = {"own": decide(own, t_probs, classes, t_peak), "own_op": own, "kinds": {},
+                 "val_true": v_true, "val_scores": {}}
+    for kind in PRESENCE_SCORES:
+        if kind in ("unet", "both") and (v_peak is None or t_peak is None):
+            continue
+        op = choose(v_probs, v_true, classes, v_peak,
+                    malignant_sensitivity=own.malignant_sensitivity, presence=kind,
+                    max_missed_lesions=own.max_missed_lesions)
+        out["kinds"][kind] = decide(op, t_probs, classes, t_peak)
+        out["val_scores"][kind] = (None if kind == "argmax"  # a call, not a score
+                                   else presence_score(kind, v_probs, classes, v_peak))
+    return out
 
 
 def _mean_std(values: list[float]) -> dict[str, float]:
@@ -49,6 +89,30 @@ def _mean_std(values: list[float]) -> dict[str, float]:
 def _num(value: float | None) -> float:
     """A figure read from strict JSON: null (undefined) as NaN."""
     return float("nan") if value is None else float(value)
+
+
+def _presence_rows(folds: list[dict], y_true: list[str]) -> list[str]:
+    """One Markdown row per presence score over the folds (:func:`_fold_decisions`)."""
+    from sklearn.metrics import roc_auc_score
+
+    from busi.models.decision import presence_figures
+
+    rows = []
+    for kind in folds[0]["kinds"]:
+        if any(kind not in d["kinds"] for d in folds):
+            continue
+        calls = np.array([c for d in folds for c in d["kinds"][kind]])
+        pf = presence_figures(y_true, calls != "normal")
+        v_true = np.array([t for d in folds for t in d["val_true"]]) != "normal"
+        v_score = [d["val_scores"][kind] for d in folds]
+        auc = ("n/a" if any(v is None for v in v_score) or v_true.all() or not v_true.any()
+               else f"{roc_auc_score(v_true, np.concatenate(v_score)):.3f}")
+        acc = float(np.mean(calls == np.asarray(y_true)))
+        rows.append(f"| {kind} | {auc} | {pf['normal_called_empty']} of {pf['normal_scans']} "
+                    f"({(pf['normal_empty_fraction'] or 0):.2f}) | {pf['lesion_missed']} of "
+                    f"{pf['lesion_scans']} ({(pf['lesion_missed_fraction'] or 0):.2f}) | "
+                    f"{acc:.3f} |")
+    return rows
 
 
 def aggregate(cv_dir: str | Path) -> dict:
@@ -67,6 +131,7 @@ def aggregate(cv_dir: str | Path) -> dict:
     pooled: dict[str, list[tuple]] = {m: [] for m in models}  # per fold: predictions.csv
     groups: dict[str, list[np.ndarray | None]] = {m: [] for m in models}  # per fold
     per_image: dict[str, list] = {m: [] for m in models}  # per fold: per_image.csv rows
+    decisions: dict[str, list] = {m: [] for m in models}  # per fold: _fold_decisions
     for k in range(folds):
         seg, done = cv_fold_unet(cv_dir, k, meta)
         if not done:
@@ -103,6 +168,7 @@ def aggregate(cv_dir: str | Path) -> dict:
                                 "recall": {c: r["report"][c]["recall"] for c in r["present"]}})
             pooled[m].append(fold_pred)
             per_image[m].append(read_per_image(run / PER_IMAGE))
+            decisions[m].append(_fold_decisions(run))
     result: dict = {"folds": folds, "models": models, "segmentation": {
         "per_fold": seg_rows,
         **{key: _mean_std([row[key] for row in seg_rows])
@@ -159,6 +225,16 @@ def aggregate(cv_dir: str | Path) -> dict:
         rows_all = ([row for fold in per_image[m] for row in fold]
                     if all(per_image[m]) else None)
         r["unet_missed"] = missed_lesions(rows_all)
+        presence_rows = []
+        if all(d is not None for d in decisions[m]):
+            ops = [d["own_op"] for d in decisions[m]]
+            words = (f"each fold's thresholds chosen on its own validation images ("
+                     f"presence: {ops[0].presence}, target malignant sensitivity "
+                     f"{ops[0].malignant_sensitivity:g}; malignant thresholds "
+                     + ", ".join(f"{o.malignant_threshold:.3f}" for o in ops) + ")")
+            r["clinical"] = clinical_figures(t, [c for d in decisions[m] for c in d["own"]],
+                                             words, groups=group_of, folds=fold_of)
+            presence_rows = _presence_rows(decisions[m], t)
         if rows_all:  # the folds' per-image tables, pooled like their predictions
             write_per_image_rows(pdir / PER_IMAGE, rows_all)
         # One operating point and one resampling for all arms (same folds): said once, below.
@@ -178,7 +254,8 @@ def aggregate(cv_dir: str | Path) -> dict:
             "roc_auc_macro": r["roc_auc_macro"], "confusion_matrix": r["confusion_matrix"],
             "labels": r["labels"], "report": r["report"],
             "sensitivity_specificity": r["sensitivity_specificity"],
-            "benign_malignant_auc": r["benign_malignant_auc"], "unet_missed": r["unet_missed"]}}
+            "benign_malignant_auc": r["benign_malignant_auc"], "unet_missed": r["unet_missed"],
+            "clinical": {k: v for k, v in (r.get("clinical") or {}).items()}}}
         ci, ca = r["ci95"]["macro_f1"], r["ci95"]["accuracy"]
         auc = "n/a" if r["roc_auc_macro"] is None else f"{r['roc_auc_macro']:.3f}"
         summary.append(f"| {m} | {fmt_stat(agg['accuracy'])} | {fmt_stat(agg['macro_f1'])} | "
@@ -197,6 +274,13 @@ def aggregate(cv_dir: str | Path) -> dict:
                           + " | ".join(f"{row['recall'].get(c, float('nan')):.2f}"
                                        for c in labels) + " |")
         detail += ["", markdown_table(r, f"{m}: pooled out-of-fold report", summary=False), ""]
+        if presence_rows:
+            detail += [f"### {m}: lesion presence, each score", "", PRESENCE_NOTE, "",
+                       "| presence score | validation AUC, normal vs lesion | normal scans "
+                       "called lesion-free (test) | lesion scans called normal (test) | "
+                       "3-class accuracy at the point (test) |", "|---|---:|---:|---:|---:|",
+                       *presence_rows, ""]
+            result["classification"][m]["presence"] = presence_rows
     result["arms"] = cv_arms(meta)
     legend = [f"- `{m}`: " + " ".join(f"`{o}`" for o in result["arms"][m]) for m in models]
     # The arms share folds and groups, so their interval methods read the same: said once.

@@ -54,14 +54,19 @@ def run_inputs(run: Path, part: str = "test") -> tuple[np.ndarray, np.ndarray, s
     idx = ds.index(manifest.partition(split.get("fold"))[part])
     if "seg_run" not in split:
         return (ds.images[idx][..., None] / 255.0).astype("float32"), ds.masks[idx], "seg"
-    from busi.models.inputs import classifier_inputs, classifier_masks
+    from busi.models.inputs import classifier_inputs, classifier_masks, needs_originals
 
     c = cfg.model.classifier
     seg = (resolve_seg_run(split["seg_run"], cfg.outputs.root,
                            option="the classifier's split.json (seg_run)")
            if split.get("seg_run") else None)
     masks = classifier_masks(cfg, ds, seg)
-    x = classifier_inputs(ds.images, masks, c)[idx]
+    if needs_originals(c) and masks is not None:
+        from busi.data.loading import original_images
+
+        x = classifier_inputs(ds.images[idx], masks[idx], c, original_images(ds, idx))
+    else:
+        x = classifier_inputs(ds.images, masks, c)[idx]
     return x.astype("float32"), ds.labels[idx], "cls"
 
 

@@ -31,6 +31,7 @@ import numpy as np
 
 from busi.data.loading import IMAGE_EXTENSIONS, MASK_RE, decode, resize_image, to_gray
 from busi.errors import BusiError
+from busi.models.decision import decide, malignancy
 from busi.runs import (
     atomic_write,
     new_run_dir,
@@ -166,7 +167,7 @@ class Predictor:
     """
 
     def __init__(self, seg_run: str | None = None, cls_run: str | None = None,
-                 outputs_root: str = "outputs"):
+                 outputs_root: str = "outputs", sensitivity: float | None = None):
         from busi.models.masks import load_unets, read_rule
         from busi.models.saving import load_model
 
@@ -183,6 +184,11 @@ class Predictor:
         self.rule, self.flip_tta = read_rule(self.seg)
         self.unets = load_unets(self.seg)  # one U-Net, or a run's fold ensemble
         self.clf = load_model(self.cls / "best.keras")
+        from busi.evaluation.classification import operating_point
+
+        # The thresholds chosen on the classifier's validation images (models/decision.py);
+        # None for a run from before busi chose them: then only the argmax call is given.
+        self.op = operating_point(self.cls, sensitivity)
         if tuple(self.unets[0].input_shape[1:3]) != self.size:
             raise BusiError(f"U-Net input {self.unets[0].input_shape[1:3]} differs from the "
                             f"classifier's {self.size}", where=str(self.seg),
@@ -198,15 +204,17 @@ class Predictor:
         small = resize_image(gray, self.size)
         prob = as_stored(predict_probs(self.unets, small[None], flip_tta=self.flip_tta))
         mask = self.rule.apply(prob)[0]
+        self.last_unet_max = float(prob.max())
         use_mask = None if self.c.masks == "none" else mask[None]
-        x = classifier_inputs(small[None], use_mask, self.c)
+        x = classifier_inputs(small[None], use_mask, self.c, [gray])
         p = np.asarray(self.clf.predict_on_batch(x.astype("float32")))[0]
         return mask, x, p
 
 
 def predict_command(inputs: list[str], seg_run: str | None = None, cls_run: str | None = None,
                     out: str | None = None, outputs_root: str = "outputs",
-                    explain: bool = False, min_confidence: float | None = None) -> Predicted:
+                    explain: bool = False, min_confidence: float | None = None,
+                    sensitivity: float | None = None) -> Predicted:
     """Predict every readable image; write masks, overlays, predictions.csv/.json (and
     skipped.csv when some input could not be read) into a new folder.
 
@@ -223,7 +231,12 @@ def predict_command(inputs: list[str], seg_run: str | None = None, cls_run: str 
     found = _images(inputs)
     images, skipped = _readable(found)
     stems = _output_stems(images)
-    predictor = Predictor(seg_run, cls_run, outputs_root)
+    predictor = Predictor(seg_run, cls_run, outputs_root, sensitivity)
+    op = predictor.op
+    if op is None and sensitivity is not None:
+        raise BusiError("this classifier run has no validation predictions to choose an "
+                        "operating point on (it predates them)", where=str(predictor.cls),
+                        fix="leave out --sensitivity, or retrain the classifier")
     seg, cls, rule, flip_tta = predictor.seg, predictor.cls, predictor.rule, predictor.flip_tta
     if min_confidence is None:
         min_confidence = predictor.min_confidence
@@ -244,7 +257,13 @@ def predict_command(inputs: list[str], seg_run: str | None = None, cls_run: str 
             skipped.append((str(path), why))
             continue
         mask, x, p = predictor(gray)
-        full = cv2.resize(mask, (gray.shape[1], gray.shape[0]), interpolation=cv2.INTER_NEAREST)
+        call = (decide(op, p[None], classes, np.array([predictor.last_unet_max]))[0]
+                if op is not None else "")
+        # Called lesion-free at the chosen point: the mask written is empty, whatever blob
+        # the U-Net drew (its size stays in unet_lesion_pixels).
+        drawn = np.zeros_like(mask) if call == "normal" else mask
+        full = cv2.resize(drawn, (gray.shape[1], gray.shape[0]),
+                          interpolation=cv2.INTER_NEAREST)
         ok, buf = cv2.imencode(".png", full * 255)
         atomic_write(out_dir / f"{stem}_mask.png", buf.tobytes())
         view = cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR)
@@ -260,17 +279,23 @@ def predict_command(inputs: list[str], seg_run: str | None = None, cls_run: str 
                         None, [classes[int(np.argmax(p))]], np.array([float(p.max())]),
                         shapes=np.array([gray.shape[:2]]), unet=mask[None],
                         notes=["flagged: " + "; ".join(FLAGS[f] for f in flags)] if flags
-                        else None)
+                        else None,
+                        crop_view=predictor.c.mask_mode == "lesion_crop"
+                        and predictor.c.masks != "none")
         rows.append({"file": str(path), "pred": classes[int(np.argmax(p))],
                      **{f"p_{k}": round(float(v), 6) for k, v in zip(classes, p, strict=True)},
-                     "lesion_pixels": int(mask.sum()), "output_stem": stem,
+                     "lesion_pixels": int(drawn.sum()), "output_stem": stem,
                      "lesion_pixels_grid": grid,
-                     "lesion_fraction": round(float(mask.mean()), 6),
+                     "lesion_fraction": round(float(drawn.mean()), 6),
                      "flags": ";".join(flags),
-                     "cls_run": str(cls), "seg_run": str(seg)})
+                     "cls_run": str(cls), "seg_run": str(seg), "call": call,
+                     "malignancy": round(float(malignancy(p[None], classes)[0]), 6),
+                     "unet_max": round(predictor.last_unet_max, 6),
+                     "unet_lesion_pixels": int(mask.sum())})
     # New columns after the old ones, so a script that reads columns by position still works.
     header = ["file", "pred", *[f"p_{k}" for k in classes], "lesion_pixels", "output_stem",
-              "lesion_pixels_grid", "lesion_fraction", "flags", "cls_run", "seg_run"]
+              "lesion_pixels_grid", "lesion_fraction", "flags", "cls_run", "seg_run", "call",
+              "malignancy", "unet_max", "unet_lesion_pixels"]
     buf_csv = io.StringIO()
     writer = csv.DictWriter(buf_csv, header, lineterminator="\n")  # quotes commas, quotes, ...
     writer.writeheader()
@@ -286,17 +311,28 @@ def predict_command(inputs: list[str], seg_run: str | None = None, cls_run: str 
         "note": DISCLAIMER, "seg_run": str(seg), "cls_run": str(cls),
         "threshold": rule.threshold, "postprocess": rule.postprocess, "flip_tta": flip_tta,
         "min_confidence": min_confidence, "flags": FLAGS,
+        "operating_point": None if op is None else {**op.as_dict(), "words": op.words()},
         "units": {"lesion_pixels": f"pixels of the predicted mask on the {grid} grid the "
                                    "models see (the scan resized), not of the original scan",
                   "lesion_fraction": "share of the image area inside the predicted mask "
                                      "(0-1; the same at any resolution)",
-                  "p_<class>": "classifier probability (softmax; the classes sum to 1)"},
+                  "p_<class>": "classifier probability (softmax; the classes sum to 1)",
+                  "pred": "the classifier's most probable class (argmax)",
+                  "call": "the call at the operating point chosen on the classifier's "
+                          "validation images (operating_point); empty for runs from before",
+                  "malignancy": "p(malignant) / (p(benign) + p(malignant))",
+                  "unet_max": "the U-Net's highest lesion probability in the scan",
+                  "unet_lesion_pixels": "pixels the U-Net drew on the model grid; the mask "
+                                        "written (lesion_pixels, <name>_mask.png) is empty "
+                                        "when the call at the chosen point is normal"},
         "predictions": rows,
         "skipped": [{"file": f, "reason": why} for f, why in skipped]})
     for r in rows:
         probs = ", ".join(f"{k} {r[f'p_{k}']:.3f}" for k in classes)
         flagged = f"  [{r['flags'].replace(';', ', ')}]" if r["flags"] else ""
-        print(f"{r['file']}: {r['pred']} ({probs}); lesion {100 * r['lesion_fraction']:.1f}% "
+        at = f"; at the chosen point: {r['call']}" if r["call"] else ""
+        print(f"{r['file']}: {r['pred']} ({probs}){at}; lesion "
+              f"{100 * r['lesion_fraction']:.1f}% "
               f"of the image ({r['lesion_pixels']} px on the {grid} model grid){flagged}")
     counts = {f: sum(f in r["flags"].split(";") for r in rows) for f in FLAGS}
     n_flagged = sum(bool(r["flags"]) for r in rows)
@@ -304,6 +340,8 @@ def predict_command(inputs: list[str], seg_run: str | None = None, cls_run: str 
           f"no lesion found by the segmenter: {counts['no_lesion_found']}; "
           f"low confidence, top probability < {min_confidence:g}: {counts['low_confidence']})")
     print(f"runs: classifier {cls}; U-Net {seg}")
+    if op is not None:
+        print(f"chosen point (the classifier's validation images): {op.words()}")
     print(f"outputs: {out_dir} (predictions.csv, predictions.json, "
           f"{'skipped.csv, ' if skipped else ''}<name>_mask.png, <name>_overlay.png)")
     print(f"note: {DISCLAIMER}")

@@ -1,11 +1,15 @@
-"""The paper's three classifiers (section 3.5): a small CNN, VGG19 and MobileNet.
+"""The paper's three classifiers (section 3.5): a small CNN, VGG19 and MobileNet; and
+EfficientNet-Lite0, a second pretrained backbone beside MobileNet.
 
 ``cnn``: four conv blocks (32/64/128/256) with batch norm, LeakyReLU, max-pool and
 dropout; flatten; dense 32 LeakyReLU; dense softmax. ``vgg19`` / ``mobilenet``:
 the Keras application without its top at 128x128x3 (the gray image copied to
 three channels), flatten, dense 256 ReLU, dense softmax. Each family's own
 ``preprocess_input`` is part of the model, so a saved model takes raw 0..255
-gray images and nothing can be forgotten at prediction time.
+gray images and nothing can be forgotten at prediction time. ``efficientnet_lite0`` is
+the same head on EfficientNet-Lite0 without its top
+(:mod:`busi.models.efficientnet_lite`), its ``(x - 127.5) / 128`` inside the model and
+its ImageNet weights from the ``.npz`` file (there is no Keras download).
 
 With ``channels=2`` (``mask_mode: channel``) the input is (scan, mask): the CNN's first
 conv takes both; an ImageNet base gets (scan, scan x mask, mask) as its three channels
@@ -23,9 +27,13 @@ from keras import layers  # noqa: E402
 
 from busi.errors import BusiError  # noqa: E402
 from busi.models.layers import ImagenetPreprocess, ScanMaskToRGB  # noqa: E402
-from busi.models.weights import load_weights_file  # noqa: E402
+from busi.models.weights import (  # noqa: E402
+    EFFICIENTNET_LITE0_FILE,
+    load_efficientnet_lite0_weights,
+    load_weights_file,
+)
 
-FAMILIES = ("cnn", "vgg19", "mobilenet")
+FAMILIES = ("cnn", "vgg19", "mobilenet", "efficientnet_lite0")
 
 
 def _cnn_body(x, dropout: float = 0.25):
@@ -61,6 +69,14 @@ def freeze_batch_norm(base: keras.Model) -> None:
 
 
 def _base(family: str, input_shape: tuple[int, int, int], weights: str | None):
+    if family == "efficientnet_lite0":
+        from busi.models.efficientnet_lite import efficientnet_lite0
+
+        base = efficientnet_lite0(input_shape)
+        if weights is not None:
+            load_efficientnet_lite0_weights(base, weights, "model.classifier.weights",
+                                            scratch="'none'")
+        return base
     app = {"vgg19": keras.applications.VGG19, "mobilenet": keras.applications.MobileNet}[family]
     kwargs = {"include_top": False, "input_shape": input_shape}
     if family == "mobilenet":
@@ -106,9 +122,17 @@ def build_classifier(family: str, input_size: tuple[int, int] = (128, 128), n_cl
     else:
         # "unet": built bare here; the trainer copies its U-Net's encoder in afterwards.
         w = None if weights in ("none", "", None, "unet") else weights
+        lite = family == "efficientnet_lite0"
+        if lite and w == "imagenet":
+            raise BusiError("EfficientNet-Lite0 has no Keras download of ImageNet weights "
+                            "('imagenet')", where="model.classifier.weights",
+                            fix=f"pass the file: --set model.classifier.weights="
+                                f"data/weights/{EFFICIENTNET_LITE0_FILE} (README, 'Pretrained "
+                                f"weights'), or 'none' to train from scratch")
         if w not in (None, "imagenet") and not Path(w).is_file():
             raise BusiError("weights file not found", where=str(w),
-                            fix="pass an existing .h5/.weights.h5 file, 'imagenet' or 'none'")
+                            fix=f"pass an existing {EFFICIENTNET_LITE0_FILE} or 'none'" if lite
+                            else "pass an existing .h5/.weights.h5 file, 'imagenet' or 'none'")
         rgb = (layers.Concatenate(name="gray_to_rgb")([inputs, inputs, inputs]) if channels == 1
                else ScanMaskToRGB(name="scan_mask_to_rgb")(inputs))
         x = ImagenetPreprocess(family, name="preprocess")(rgb)

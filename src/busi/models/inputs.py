@@ -87,13 +87,74 @@ def empty_mask_warning(masks: np.ndarray | None, labels: np.ndarray,
             "mask_mode 'channel' keeps the scan beside the mask")
 
 
+def lesion_box(mask: np.ndarray, shape: tuple[int, int], scale: float,
+               min_side: float = 0.25) -> tuple[int, int, int] | None:
+    """The square crop around a lesion, in the original scan's pixels: (top, left, side).
+
+    ``mask`` is on the models' grid (e.g. 128x128) and the scan ``shape`` (height, width)
+    is larger and rarely square, so the mask's bounding box is mapped back to the scan
+    first. The side is ``scale`` times the box's longer side (1.5: half the lesion's size
+    again of surrounding tissue, where margins and posterior echoes are read), at least
+    ``min_side`` of the scan's shorter side, so a few stray pixels are not blown up into
+    a crop of speckle. None for an empty mask.
+    """
+    ys, xs = np.nonzero(mask)
+    if len(ys) == 0:
+        return None
+    gh, gw = mask.shape
+    h, w = shape
+    y0, y1 = ys.min() * h / gh, (ys.max() + 1) * h / gh
+    x0, x1 = xs.min() * w / gw, (xs.max() + 1) * w / gw
+    side = max(scale * max(y1 - y0, x1 - x0), min_side * min(h, w))
+    side = int(round(min(side, 2 * max(h, w))))
+    cy, cx = (y0 + y1) / 2, (x0 + x1) / 2
+    return int(round(cy - side / 2)), int(round(cx - side / 2)), max(side, 1)
+
+
+def lesion_crops(originals: list[np.ndarray], masks: np.ndarray, size: tuple[int, int],
+                 scale: float = 1.5) -> np.ndarray:
+    """``mask_mode: lesion_crop``: each lesion cut from the scan at its own resolution.
+
+    A square around the predicted lesion (:func:`lesion_box`), taken from the original
+    scan rather than the 128x128 image (malignancy lives in margins, spiculation and
+    posterior echoes, which the whole-scan resize blurs away), then resized to ``size``.
+    Outside the scan the square is black, as an ultrasound frame's own border. An empty
+    mask gives the whole scan, so a lesion the U-Net missed is still shown, not a blank.
+    """
+    import cv2
+
+    from busi.data.loading import resize_image
+
+    out = np.empty((len(originals), *size), np.uint8)
+    for k, (img, m) in enumerate(zip(originals, masks, strict=True)):
+        box = lesion_box(m, img.shape[:2], scale)
+        if box is None:
+            out[k] = resize_image(img, size)
+            continue
+        top, left, side = box
+        h, w = img.shape[:2]
+        pad = max(0, -top, -left, top + side - h, left + side - w)
+        src = img if not pad else cv2.copyMakeBorder(img, pad, pad, pad, pad,
+                                                     cv2.BORDER_CONSTANT, value=0)
+        crop = src[top + pad:top + pad + side, left + pad:left + pad + side]
+        out[k] = resize_image(crop, size)
+    return out
+
+
+def needs_originals(c) -> bool:
+    """Whether a classifier config reads the scans at their own resolution (the caller
+    then passes ``originals`` to :func:`classifier_inputs`)."""
+    return c.mask_mode == "lesion_crop" and c.masks != "none"
+
+
 def input_channels(c) -> int:
     """Channels of the classifier's input for a classifier config: 2 (scan, mask) for
     ``mask_mode: channel``, else 1 (the gray, possibly masked or cropped, image)."""
     return 2 if c.mask_mode == "channel" else 1
 
 
-def classifier_inputs(images: np.ndarray, masks: np.ndarray | None, c) -> np.ndarray:
+def classifier_inputs(images: np.ndarray, masks: np.ndarray | None, c,
+                      originals: list[np.ndarray] | None = None) -> np.ndarray:
     """The classifier's whole input (N, H, W, C) uint8 as a classifier config
     (``model.classifier``) says: the one call train-cls, evaluate, predict, export and
     Grad-CAM share, so they cannot drift apart.
@@ -103,7 +164,19 @@ def classifier_inputs(images: np.ndarray, masks: np.ndarray | None, c) -> np.nda
     is then an empty mask beside the scan, not a black image the classifier would learn
     to call normal, and where it drew something the lesion's surroundings stay in view.
     No masks (``masks: none``) give an empty mask channel, so the input keeps its shape.
+
+    ``mask_mode: lesion_crop`` needs ``originals``, the gray scans at their own size
+    (:func:`busi.data.loading.original_images`): :func:`lesion_crops`.
     """
+    if c.mask_mode == "lesion_crop" and masks is not None:
+        if originals is None:
+            raise BusiError("mask_mode 'lesion_crop' needs the scans at their original size, "
+                            "and this caller has only the resized images",
+                            where="model.classifier.mask_mode",
+                            fix="report this as a busi bug; meanwhile use mask_mode channel")
+        return lesion_crops(originals, masks, images.shape[1:3], c.crop_scale)[..., None]
+    if c.mask_mode == "lesion_crop":  # no masks: the whole scan, as for an empty mask
+        return images[..., None]
     if input_channels(c) == 1:
         return masked_inputs(images, masks, c.mask_mode, c.crop_margin, c.mask_dilation)[..., None]
     mask = (np.zeros_like(images) if masks is None

@@ -11,6 +11,9 @@ keras = import_keras()  # first import of the backend: quiet (see runtime)
 class ImagenetPreprocess(keras.layers.Layer):
     """Apply a Keras application family's own ``preprocess_input`` inside the model.
 
+    ``efficientnet_lite0`` has no Keras application: its ImageNet weights expect RGB
+    0..255 as ``(x - 127.5) / 128``, the Lite models' own preprocessing.
+
     A Lambda would do the same but makes saved models unloadable without
     ``safe_mode=False``; this layer stores only the family name.
     """
@@ -20,6 +23,8 @@ class ImagenetPreprocess(keras.layers.Layer):
         self.family = family
 
     def call(self, x):
+        if self.family == "efficientnet_lite0":
+            return (x - 127.5) / 128.0
         module = {"vgg19": keras.applications.vgg19,
                   "mobilenet": keras.applications.mobilenet}[self.family]
         return module.preprocess_input(x)

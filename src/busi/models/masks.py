@@ -165,3 +165,11 @@ def load_masks(seg_run: Path) -> dict[str, np.ndarray]:
     z = _read_npz(seg_run, ("files", "probs"))
     masks = rule.apply(z["probs"].astype(np.float32) / 255.0)
     return dict(zip(z["files"].tolist(), masks, strict=True))
+
+
+def unet_max(seg_run: Path) -> dict[str, float]:
+    """The highest stored lesion probability of every image of a segmentation run, by file
+    id: the U-Net's own lesion-presence score (models/decision.py)."""
+    z = _read_npz(seg_run, ("files", "probs"))
+    peak = z["probs"].reshape(len(z["probs"]), -1).max(axis=1).astype(np.float32) / 255.0
+    return dict(zip(z["files"].tolist(), peak.tolist(), strict=True))

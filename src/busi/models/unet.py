@@ -11,6 +11,8 @@ model zoos build it: the ImageNet MobileNet v1's feature maps at strides 2, 4, 8
 feed the decoder's skip connections and its stride-32 output is the bottleneck. It learns
 from BUSI's few hundred images what a from-scratch encoder cannot: edges and textures
 seen on a million photographs, which transfer to scanners it never saw.
+:func:`build_efficientnet_unet` is the same on EfficientNet-Lite0 (ImageNet weights from
+its ``.npz``), with its expansion activations at strides 2 to 16 and ``top_activation``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ keras = import_keras()  # first import of the backend: quiet (see runtime)
 from keras import layers  # noqa: E402
 
 from busi.models.layers import InputNorm  # noqa: E402
-from busi.models.weights import load_weights_file  # noqa: E402
+from busi.models.weights import (  # noqa: E402
+    load_efficientnet_lite0_weights,
+    load_weights_file,
+)
 
 # MobileNet v1 layers whose outputs are the encoder's scales (strides 2, 4, 8, 16, 32).
 MOBILENET_SKIPS = ("conv_pw_1_relu", "conv_pw_3_relu", "conv_pw_5_relu", "conv_pw_11_relu",
@@ -107,7 +112,12 @@ def build_mobilenet_unet(input_shape: tuple[int, int, int] = (128, 128, 1),
         load_weights_file(base, weights, "MobileNet encoder", "model.unet.encoder_weights")
     encoder = keras.Model(base.input, [base.get_layer(n).output for n in MOBILENET_SKIPS],
                           name="mobilenet_encoder")
-    *skips, x = encoder(x)
+    return _decode(inputs, encoder(x), base_filters, decoder_dropout, name)
+
+
+def _decode(inputs, features, base_filters: int, decoder_dropout: float, name: str):
+    """The pretrained encoders' decoder: from the stride-32 map up, joining each scale."""
+    *skips, x = features
     for level in reversed(range(5)):
         x = layers.UpSampling2D(2, interpolation="bilinear", name=f"dec{level + 1}_up")(x)
         if level:
@@ -119,11 +129,46 @@ def build_mobilenet_unet(input_shape: tuple[int, int, int] = (128, 128, 1),
     return keras.Model(inputs, outputs, name=name)
 
 
+def build_efficientnet_unet(input_shape: tuple[int, int, int] = (128, 128, 1),
+                            base_filters: int = 16, decoder_dropout: float = 0.1,
+                            weights: str = "", input_norm: str = "fixed",
+                            name: str = "efficientnet_lite0_unet") -> keras.Model:
+    """A U-Net whose encoder is EfficientNet-Lite0, ImageNet weights from its ``.npz`` file.
+
+    As :func:`build_mobilenet_unet`, with the encoder ``efficientnet_lite0_encoder``: the
+    gray [0, 1] image is mapped inside the model to what the Lite weights expect,
+    ``(255 x - 127.5) / 128`` (``input_norm="per_image"`` standardises it instead),
+    repeated to three channels; the skips are
+    :data:`busi.models.efficientnet_lite.FEATURES` (strides 2, 4, 8, 16) and
+    ``top_activation`` (stride 32) is the bottleneck; the decoder is the same. The batch
+    norms re-estimate their statistics in ``fit``, as the MobileNet encoder's do.
+    ``weights``: the ``.npz`` path, '' for random. Both sides must be multiples of 32.
+    """
+    from busi.models.efficientnet_lite import FEATURES, efficientnet_lite0
+
+    inputs = keras.Input(input_shape, name="image")
+    if input_norm == "fixed":
+        x = InputNorm("fixed", scale=255.0 / 128.0, offset=-127.5 / 128.0,
+                      name="input_norm")(inputs)
+    else:
+        x = InputNorm(input_norm, name="input_norm")(inputs)
+    x = layers.Concatenate(name="gray_to_rgb")([x, x, x])
+    base = efficientnet_lite0((*input_shape[:2], 3))
+    if weights:
+        load_efficientnet_lite0_weights(base, weights, "model.unet.encoder_weights")
+    encoder = keras.Model(base.input, [base.get_layer(n).output for n in FEATURES],
+                          name="efficientnet_lite0_encoder")
+    return _decode(inputs, encoder(x), base_filters, decoder_dropout, name)
+
+
 def unet_from_config(u, image_size: tuple[int, int] | list[int]) -> keras.Model:
     """The U-Net a :class:`busi.config.UNetConfig` describes, for gray images of ``image_size``."""
     h, w = image_size
     if u.encoder == "mobilenet":
         return build_mobilenet_unet((h, w, 1), u.base_filters, u.decoder_dropout,
                                     weights=u.encoder_weights, input_norm=u.input_norm)
+    if u.encoder == "efficientnet_lite0":
+        return build_efficientnet_unet((h, w, 1), u.base_filters, u.decoder_dropout,
+                                       weights=u.encoder_weights, input_norm=u.input_norm)
     return build_unet((h, w, 1), u.base_filters, u.depth, u.encoder_dropout, u.decoder_dropout,
                       input_norm=u.input_norm)

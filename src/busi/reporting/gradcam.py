@@ -136,8 +136,11 @@ def save_panels(out_dir: Path, files: list[str], images: np.ndarray, inputs: np.
                 heat: np.ndarray, y_true: list[str] | None, y_pred: list[str],
                 conf: np.ndarray, scale: int = 2, shapes: np.ndarray | None = None,
                 truth: np.ndarray | None = None, unet: np.ndarray | None = None,
-                notes: list[str] | None = None) -> list[Path]:
+                notes: list[str] | None = None, crop_view: bool = False) -> list[Path]:
     """One PNG per image: [scan with its masks | Grad-CAM over the scan, colour bar].
+
+    ``crop_view`` (``mask_mode: lesion_crop``): the classifier saw a crop of the scan, not
+    the scan, so the heatmap is drawn over that crop (square, as the classifier saw it).
 
     The heatmap is drawn over the *unmasked* scan, so a hot spot in the background the
     classifier was not shown (masked out) is seen as such. The left half outlines the
@@ -158,16 +161,23 @@ def save_panels(out_dir: Path, files: list[str], images: np.ndarray, inputs: np.
             left = outline(left, truth[i], (0, 200, 0), fill=0)
         mask = unet[i] if unet is not None else (
             inputs[i][..., 1] > 0 if inputs[i].shape[-1] > 1 else None)
+        right_text = "right: Grad-CAM over the lesion crop the classifier saw" if crop_view \
+            else "right: Grad-CAM"
         if mask is not None:
             left = outline(left, mask, (0, 0, 255), fill=0)
-        right = overlay(scan, to_aspect(heat[i].astype(np.float32), shape, height))
+        if crop_view:
+            seen = cv2.cvtColor(to_aspect(inputs[i][..., 0].astype(np.uint8), None, height),
+                                cv2.COLOR_GRAY2BGR)
+            right = overlay(seen, to_aspect(heat[i].astype(np.float32), None, height))
+        else:
+            right = overlay(scan, to_aspect(heat[i].astype(np.float32), shape, height))
         sep = np.full((height, 4, 3), 255, np.uint8)
         panel = np.concatenate([left, sep, right, colour_bar(height)], axis=1)
         truth_text = f"true {y_true[i]}, " if y_true is not None else ""
         mark = "" if y_true is None else ("  RIGHT" if y_true[i] == y_pred[i] else "  WRONG")
         lines = [f"{truth_text}pred {y_pred[i]} ({conf[i]:.2f}){mark}",
                  ("green: ground truth, " if truth is not None else "")
-                 + ("red: U-Net mask; " if mask is not None else "") + "right: Grad-CAM"]
+                 + ("red: U-Net mask; " if mask is not None else "") + right_text]
         if notes is not None and notes[i]:
             lines.insert(1, notes[i])
         strips = [caption(panel.shape[1], text) for text in lines]
@@ -177,7 +187,8 @@ def save_panels(out_dir: Path, files: list[str], images: np.ndarray, inputs: np.
 
 
 def save_gradcam(out_dir: Path, model, ds, test_idx: np.ndarray, x: np.ndarray,
-                 probs: np.ndarray, unet: np.ndarray | None = None) -> None:
+                 probs: np.ndarray, unet: np.ndarray | None = None,
+                 crop_view: bool = False) -> None:
     """Grad-CAM panels of the test images: every wrong prediction (up to 8, most confident
     first) and a few right ones, each with its ground truth and U-Net mask (``unet``, the
     masks of every image of ``ds``) -- what a finished classifier run shows of where it
@@ -201,4 +212,4 @@ def save_gradcam(out_dir: Path, model, ds, test_idx: np.ndarray, x: np.ndarray,
     save_panels(out_dir, [ds.files[i] for i in sel], ds.images[sel], x[sel], heat,
                 [names[k] for k in y_true[pick]], [names[k] for k in y_pred[pick]],
                 conf[pick], shapes=ds.shapes[sel], truth=ds.masks[sel],
-                unet=None if unet is None else unet[sel], notes=notes)
+                unet=None if unet is None else unet[sel], notes=notes, crop_view=crop_view)

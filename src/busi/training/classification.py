@@ -24,7 +24,7 @@ from busi import runtime
 from busi.config import ClassifierConfig, Config
 from busi.data.augment import Augment, build_augment
 from busi.data.batches import Batches
-from busi.data.loading import dataset_from_config
+from busi.data.loading import dataset_from_config, original_images
 from busi.data.split import get_manifest, read_manifest
 from busi.errors import BusiError
 from busi.evaluation.classification import evaluate_run
@@ -34,6 +34,7 @@ from busi.models.inputs import (
     classifier_masks,
     empty_mask_warning,
     input_channels,
+    needs_originals,
 )
 from busi.models.saving import load_model
 from busi.models.weights import copy_encoder_weights, unet_encoder
@@ -42,13 +43,16 @@ from busi.reporting.gradcam import save_gradcam
 from busi.reporting.report import report_after_run
 from busi.runs import (
     CLS_DIR,
+    OPERATING_POINT,
     PREDICTIONS,
     SPLIT,
+    VAL_PREDICTIONS,
     read_split,
     resolve_seg_run,
     resume_target,
     same_path,
     seg_record,
+    write_json,
     write_predictions,
     write_split,
 )
@@ -67,9 +71,14 @@ keras = runtime.import_keras()
 
 
 def _block_of(name: str) -> str:
-    """Block id of a Keras application layer: 'block5' (VGG), '13' (MobileNet), '' (stem)."""
+    """Block id of a base's layer: 'block5' (VGG), '13' (MobileNet), 'block6' (all of
+    EfficientNet-Lite0's stage 6, block6a_... to block6d_...), 'top' (its top_conv/top_bn),
+    '' (a stem, never opened for fine-tuning)."""
     if name.startswith("block"):
-        return name.split("_")[0]
+        m = re.match(r"block\d+", name)
+        return m.group(0) if m else name.split("_")[0]
+    if name.startswith("top_"):
+        return "top"
     m = re.search(r"_(\d+)", name)
     return m.group(1) if m else ""
 
@@ -133,6 +142,27 @@ def classifier_augment(augment: Augment | None) -> Augment | None:
     return apply
 
 
+def write_operating_point(run_dir: Path, cfg: Config, val_probs: np.ndarray,
+                          val_true: list[str], classes: tuple[str, ...] | list[str],
+                          val_unet_max: np.ndarray | None) -> None:
+    """Choose the run's operating point (models/decision.py) on its validation images, as
+    ``cfg.decision`` asks, and record it in ``operating_point.json``. A presence score that
+    needs the U-Net, on a run without one, falls back to argmax with a warning."""
+    from busi.models.decision import choose
+
+    d = cfg.decision
+    presence = d.presence
+    if presence in ("unet", "both") and val_unet_max is None:
+        print(f"busi: warning: decision.presence {presence!r} needs a U-Net run, and this "
+              "classifier has none: the presence decision is the classifier's argmax",
+              file=sys.stderr)
+        presence = "argmax"
+    op = choose(val_probs, val_true, classes, val_unet_max,
+                malignant_sensitivity=d.malignant_sensitivity, presence=presence,
+                max_missed_lesions=d.max_missed_lesions)
+    write_json(run_dir / OPERATING_POINT, op.as_dict())
+
+
 def train_classifier(cfg: Config, *, seg_run: str | None = None, resume: str | None = None,
                      config_source: str | None = None, name: str | None = None) -> Path:
     """Train one classifier on images masked by a segmentation run's predicted masks.
@@ -164,13 +194,15 @@ def train_classifier(cfg: Config, *, seg_run: str | None = None, resume: str | N
         seg_path = resolve_seg_run(seg_run, cfg.outputs.root)
     encoder = None
     if from_unet:
-        if c.name != "mobilenet":
+        if c.name not in ("mobilenet", "efficientnet_lite0"):
             raise BusiError(f"'model.classifier.weights: unet' is for the mobilenet classifier "
-                            f"(the U-Net's encoder is a MobileNet), not {c.name}",
+                            f"or efficientnet_lite0 (the family of the U-Net's encoder), not "
+                            f"{c.name}",
                             where="model.classifier.weights",
-                            fix="train-cls --model mobilenet, or another weights value, e.g. "
+                            fix="train-cls --model mobilenet (or efficientnet_lite0, as the "
+                                "U-Net's encoder), or another weights value, e.g. "
                                 "--set model.classifier.weights=none")
-        encoder = unet_encoder(load_model(seg_path / "best.keras"), str(seg_path))
+        encoder = unet_encoder(load_model(seg_path / "best.keras"), str(seg_path), c.name)
     ds = dataset_from_config(cfg)
     if own:
         check_same_data(own, ds, cfg.data.image_size, where=str(resume_dir))
@@ -188,7 +220,9 @@ def train_classifier(cfg: Config, *, seg_run: str | None = None, resume: str | N
     parts = manifest.partition(fold)
     idx = {k: ds.index(v) for k, v in parts.items()}
     masks = classifier_masks(cfg, ds, seg_path)
-    x = classifier_inputs(ds.images, masks, c)
+    originals = original_images(ds) if needs_originals(c) and masks is not None else None
+    x = classifier_inputs(ds.images, masks, c, originals)
+    del originals
     blank = empty_mask_warning(None if masks is None else masks[idx["train"]],
                                ds.labels[idx["train"]], ds.classes, c.mask_mode)
     if blank:
@@ -262,8 +296,19 @@ def train_classifier(cfg: Config, *, seg_run: str | None = None, resume: str | N
     runtime.end_distribution()
     best = load_model(run_dir / "best.keras")
     probs = best.predict(x[idx["test"]].astype("float32"), batch_size=64, verbose=0)
+    val_probs = best.predict(x[idx["val"]].astype("float32"), batch_size=64, verbose=0)
+    peaks = None
+    if seg_path is not None:  # the U-Net's own lesion-presence score (models/decision.py)
+        from busi.models.masks import unet_max
+
+        stored_max = unet_max(seg_path)
+        peaks = {k: np.array([stored_max[f] for f in parts[k]]) for k in ("val", "test")}
     write_predictions(run_dir / PREDICTIONS, parts["test"], ds.labels[idx["test"]],
-                      probs, ds.classes)
+                      probs, ds.classes, None if peaks is None else {"unet_max": peaks["test"]})
+    write_predictions(run_dir / VAL_PREDICTIONS, parts["val"], ds.labels[idx["val"]],
+                      val_probs, ds.classes, None if peaks is None else {"unet_max": peaks["val"]})
+    write_operating_point(run_dir, cfg, val_probs, [ds.classes[k] for k in ds.labels[idx["val"]]],
+                          ds.classes, None if peaks is None else peaks["val"])
     unet = None
     if seg_path is not None:  # the U-Net's masks, whatever the classifier was shown
         from busi.evaluation.classification import PER_IMAGE, write_per_image
@@ -277,7 +322,8 @@ def train_classifier(cfg: Config, *, seg_run: str | None = None, resume: str | N
                         ds.masks[idx["test"]], unet[idx["test"]])
     plots.plot_history(run_dir / "history.csv", run_dir / "loss_curve.png",
                         title=f"{c.name}: training and validation loss")
-    save_gradcam(run_dir / "gradcam", best, ds, idx["test"], x, probs, unet)
+    save_gradcam(run_dir / "gradcam", best, ds, idx["test"], x, probs, unet,
+                 crop_view=needs_originals(c) and masks is not None)
     finish_state(run_dir, state, train_seconds=round(wall, 1),
                   environment=runtime.environment(), precision=precision)
     result = evaluate_run(run_dir)

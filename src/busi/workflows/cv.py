@@ -47,7 +47,7 @@ from busi.runs import (
     write_json,
 )
 
-MODELS = ("cnn", "vgg19", "mobilenet")
+MODELS = ("cnn", "vgg19", "mobilenet", "efficientnet_lite0")
 
 
 # What an arm may change: the classifier and its training. The folds, the data and the

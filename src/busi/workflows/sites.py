@@ -30,7 +30,7 @@ from busi.runs import (
 
 def evaluate_on_data(data: str | Path | list[str | Path], cls_run: str | None = None,
                      seg_run: str | None = None, outputs_root: str = "outputs",
-                     allow_overlap: bool = False) -> Path:
+                     allow_overlap: bool = False, sensitivity: float | None = None) -> Path:
     """Run trained models on other labelled data (other hospitals') and report, no retraining.
 
     ``data`` is one site or several: each a BUSI-layout folder or a CSV manifest
@@ -94,7 +94,7 @@ def evaluate_on_data(data: str | Path | list[str | Path], cls_run: str | None = 
     for site in sites:
         site.out = out if len(sites) == 1 else out / site.slug
         site.out.mkdir(parents=True, exist_ok=True)
-    internal = _internal_figures(cls, seg)
+    internal = _internal_figures(cls, seg, sensitivity)
     names = ", ".join(s.name for s in sites)
     parts = [f"# Evaluation on {names}, {time.strftime('%Y-%m-%d %H:%M')}", "",
              f"Classifier run: {cls or 'none (segmentation only)'}; segmentation run: "
@@ -103,7 +103,8 @@ def evaluate_on_data(data: str | Path | list[str | Path], cls_run: str | None = 
     records = []
     for site in sites:
         print(f"== {site.name} ({site.data})")
-        record, section = _evaluate_site(site, cfg, cls, seg, clf, unets, len(sites) > 1)
+        record, section = _evaluate_site(site, cfg, cls, seg, clf, unets, len(sites) > 1,
+                                         sensitivity)
         records.append(record)
         parts += section
     table = _sites_table(internal, records, model_classes)
@@ -171,16 +172,19 @@ def _load_sites(paths: list[str | Path], model_classes: tuple[str, ...], cfg) ->
 
 
 def _evaluate_site(site: _Site, cfg, cls: Path | None, seg: Path | None, clf, unets: list,
-                   several: bool) -> tuple[dict, list[str]]:
+                   several: bool, sensitivity: float | None = None) -> tuple[dict, list[str]]:
     """One site's figures and files (into ``site.out``): its record for evaluation.json
-    and its section of evaluation.md."""
+    and its section of evaluation.md. The classifier's operating point is the one chosen
+    on its own validation images (for ``sensitivity`` if given), applied unchanged."""
     from busi.evaluation.classification import (
         PER_IMAGE,
+        at_operating_point,
         compute,
         inputs_of,
         markdown_table,
         missed_lesions,
         model_of,
+        operating_point,
         present_classes_view,
         read_per_image,
         write_per_image,
@@ -240,12 +244,24 @@ def _evaluate_site(site: _Site, cfg, cls: Path | None, seg: Path | None, clf, un
                                                              "### Segmentation"), ""]
     wrong: list[tuple[int, str]] = []
     if cls is not None:
-        x = classifier_inputs(ds.images, masks if uses_masks else None, c)
+        from busi.data.loading import original_images
+        from busi.models.inputs import needs_originals
+
+        use = masks if uses_masks else None
+        x = classifier_inputs(ds.images, use, c, original_images(ds)
+                              if needs_originals(c) and use is not None else None)
         probs_cls = clf.predict(x.astype("float32"), batch_size=64, verbose=0)
-        write_predictions(site.out / PREDICTIONS, ds.files, labels, probs_cls, model_classes)
+        peak = (None if seg is None
+                else probs.reshape(len(probs), -1).max(axis=1).astype(float))
+        write_predictions(site.out / PREDICTIONS, ds.files, labels, probs_cls, model_classes,
+                          None if peak is None else {"unet_max": peak})
         pred = [model_classes[int(i)] for i in probs_cls.argmax(1)]
         r = compute(ds.files, names, pred, probs_cls, list(model_classes), groups=groups,
                     unit_name=site.unit_name)
+        op = operating_point(cls, sensitivity)
+        if op is not None:
+            r["clinical"] = at_operating_point(op, names, probs_cls, list(model_classes), peak,
+                                               groups=groups)
         if predicted is not None:  # each image's call joined to its mask; missed lesions
             write_per_image(site.out / PER_IMAGE, ds.files, names, pred, probs_cls.max(1),
                             ds.masks, predicted)
@@ -292,18 +308,29 @@ def _evaluate_site(site: _Site, cfg, cls: Path | None, seg: Path | None, clf, un
     return record, parts
 
 
-def _internal_figures(cls: Path | None, seg: Path | None) -> dict:
+def _internal_figures(cls: Path | None, seg: Path | None,
+                      sensitivity: float | None = None) -> dict:
     """The runs' own test-split figures, from their own files: the classifier's
     predictions.csv (intervals over its split's duplicate groups, as its report) and the
     U-Net's metrics.json. A figure a run lacks is None."""
-    from busi.evaluation.classification import compute, split_groups
-    from busi.runs import read_predictions
+    from busi.evaluation.classification import (
+        at_operating_point,
+        compute,
+        operating_point,
+        split_groups,
+    )
+    from busi.runs import read_column, read_predictions
 
     out: dict = {"classification": None, "dice": None, "n_lesion_images": None}
     if cls is not None and (cls / PREDICTIONS).is_file():
         files, y_true, y_pred, probs, classes = read_predictions(cls / PREDICTIONS)
         groups = split_groups(cls, files)
         r = compute(files, y_true, y_pred, probs, classes, groups=groups)
+        op = operating_point(cls, sensitivity)
+        if op is not None:
+            r["clinical"] = at_operating_point(op, y_true, probs, classes,
+                                               read_column(cls / PREDICTIONS, "unet_max"),
+                                               groups=groups)
         r["n_units"] = len(np.unique(groups)) if groups is not None else len(files)
         r["unit_name"] = "duplicate groups" if groups is not None else "images"
         out["classification"] = {k: v for k, v in r.items() if k != "report_text"}
@@ -327,19 +354,24 @@ def _sites_table(internal: dict, records: list[dict], classes: tuple[str, ...]) 
 
     def cls_cells(r: dict | None) -> list[str]:
         if r is None:
-            return ["n/a"] * (3 + len(classes))
+            return ["n/a"] * (4 + len(classes))
+        cs = (r.get("clinical") or {}).get("sensitivity_specificity") or {}
+        point = ("n/a" if not cs else
+                 f"{ci(cs['sensitivity'], cs['ci95']['sensitivity'], 2)} / "
+                 f"{ci(cs['specificity'], cs['ci95']['specificity'], 2)}")
         rec = r["ci95"].get("recall", {})
         recall = [ci(r["report"][k]["recall"], rec.get(k), 2) if k in r["present"]
                   else "not in data" for k in classes]
         bm = r.get("benign_malignant_auc") or {}
         return [ci(r["accuracy"], r["ci95"]["accuracy"]), ci(r["macro_f1"], r["ci95"]["macro_f1"]),
-                *recall, ci(bm.get("auc"), bm.get("ci95"))]
+                *recall, ci(bm.get("auc"), bm.get("ci95")), point]
 
     # The class order of the reports' own tables (their r["labels"]), so columns read alike.
     shown = [r for r in (internal["classification"], *(x["classification"] for x in records)) if r]
     classes = tuple(shown[0].get("labels_all", shown[0]["labels"])) if shown else classes
     head = ["", "images / units", "accuracy (95% CI)", "macro-F1 (95% CI)",
             *[f"recall {k} (95% CI)" for k in classes], "benign vs malignant AUC (95% CI)",
+            "malignant sensitivity / specificity at the chosen point (95% CI)",
             "lesion Dice (95% CI)"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     ic = internal["classification"]
@@ -363,7 +395,10 @@ def _sites_table(internal: dict, records: list[dict], classes: tuple[str, ...]) 
                   "it names none); the internal row's resample its test split's duplicate "
                   "groups, as the run's own report. Recall \"not in data\": the site has no "
                   "scan of that class. Lesion Dice: scans with a mask file; internal Dice is "
-                  "the U-Net run's own test figure (no interval)."]
+                  "the U-Net run's own test figure (no interval). The chosen point: the "
+                  "thresholds the classifier chose on its own validation images (a target "
+                  "malignant sensitivity, decision.malignant_sensitivity or --sensitivity), "
+                  "applied unchanged to every site, as a user would."]
     return lines
 
 

@@ -1,0 +1,155 @@
+"""From class probabilities to the call a clinician acts on (the classifier's post-processor,
+beside ``masks``, because training, evaluation and ``busi predict`` must make the same call).
+
+Two decisions, each with its own score and a threshold chosen on validation images, never
+on the test images or on another site's:
+
+1. **Is there a lesion at all?** ``presence``: ``argmax`` (the classifier's own call: a
+   lesion unless "normal" is its most probable class), or a score with a threshold that
+   lets at most ``max_missed_lesions`` of the validation lesion images through:
+   ``classifier`` = 1 - p(normal); ``unet`` = the U-Net's highest lesion probability in the
+   scan; ``both`` = the mean of the two. "Whatever survives the mask threshold and the
+   largest-component rule" is not a decision: the U-Net draws a blob on most normal scans.
+2. **Is the lesion malignant?** ``malignancy`` = p(malignant) / (p(benign) + p(malignant)),
+   the score of the benign-vs-malignant ROC curve, against the threshold that calls
+   ``malignant_sensitivity`` of the validation cancers malignant (a cancer the presence
+   decision called normal counts as missed). A clinician picks the sensitivity; the
+   specificity is what the model gives for it.
+
+At another hospital the thresholds chosen on BUSI's validation images are applied unchanged,
+as a user would: that is what ``busi evaluate --data`` reports.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+PRESENCE_SCORES = ("argmax", "classifier", "unet", "both")
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """The two thresholds of a classifier run, and what they were chosen for."""
+
+    malignant_sensitivity: float        # the target, on the validation cancers
+    malignant_threshold: float          # on malignancy(); >= is malignant
+    presence: str = "argmax"            # one of PRESENCE_SCORES
+    max_missed_lesions: float = 0.03    # the target, on the validation lesion images
+    presence_threshold: float | None = None  # on presence_score(); >= is a lesion
+    n_val_malignant: int = 0
+    n_val_lesion: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> OperatingPoint:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+    def words(self) -> str:
+        """One line for reports: what was chosen, on what."""
+        lesion = ("a lesion unless 'normal' is the most probable class" if self.presence == "argmax"
+                  else f"a lesion when the {PRESENCE_WORDS[self.presence]} is >= "
+                       f"{self.presence_threshold:.3f} (chosen on the {self.n_val_lesion} "
+                       f"validation lesion images to miss at most "
+                       f"{100 * self.max_missed_lesions:g}%)")
+        chosen = (f"chosen on the {self.n_val_malignant} validation cancers for sensitivity "
+                  f">= {self.malignant_sensitivity:g}" if self.n_val_malignant else
+                  "no validation cancer to choose on: the default")
+        return f"{lesion}; malignant when {MALIGNANCY} >= {self.malignant_threshold:.3f} ({chosen})"
+
+
+MALIGNANCY = "p(malignant) / (p(benign) + p(malignant))"
+PRESENCE_WORDS = {"classifier": "1 - p(normal)",
+                  "unet": "U-Net's highest lesion probability",
+                  "both": "mean of 1 - p(normal) and the U-Net's highest lesion probability"}
+
+
+def _column(probs: np.ndarray, classes: list[str] | tuple[str, ...], name: str) -> np.ndarray:
+    return probs[:, list(classes).index(name)] if name in classes else np.zeros(len(probs))
+
+
+def malignancy(probs: np.ndarray, classes: list[str] | tuple[str, ...]) -> np.ndarray:
+    """p(malignant) / (p(benign) + p(malignant)), 0.5 where both are 0."""
+    m, b = _column(probs, classes, "malignant"), _column(probs, classes, "benign")
+    total = m + b
+    return np.where(total > 0, m / np.where(total > 0, total, 1.0), 0.5)
+
+
+def presence_score(kind: str, probs: np.ndarray, classes: list[str] | tuple[str, ...],
+                   unet_max: np.ndarray | None) -> np.ndarray:
+    """The lesion-presence score of each image for ``kind`` (not ``argmax``)."""
+    clf = 1.0 - _column(probs, classes, "normal")
+    if kind == "classifier":
+        return clf
+    if unet_max is None:
+        raise ValueError(f"presence {kind!r} needs the U-Net's probabilities")
+    unet = np.asarray(unet_max, dtype=float)
+    return unet if kind == "unet" else (clf + unet) / 2.0
+
+
+def threshold_for_sensitivity(scores: np.ndarray, positive: np.ndarray,
+                              target: float) -> float | None:
+    """The highest threshold t with mean(scores[positive] >= t) >= target; None without
+    positives. A positive whose score is -inf (already lost) can never be reached, so the
+    target then counts it as missed; if the target cannot be met, 0 (everything left)."""
+    pos = np.sort(np.asarray(scores, dtype=float)[np.asarray(positive, dtype=bool)])[::-1]
+    if len(pos) == 0:
+        return None
+    k = max(1, math.ceil(round(target * len(pos), 9)))
+    t = pos[min(k, len(pos)) - 1]
+    return float(t) if np.isfinite(t) else 0.0
+
+
+def is_lesion(op: OperatingPoint, probs: np.ndarray, classes: list[str] | tuple[str, ...],
+              unet_max: np.ndarray | None) -> np.ndarray:
+    """The presence decision for each image."""
+    if op.presence == "argmax" or op.presence_threshold is None:
+        names = np.array(classes)[probs.argmax(axis=1)]
+        return names != "normal"
+    return presence_score(op.presence, probs, classes, unet_max) >= op.presence_threshold
+
+
+def decide(op: OperatingPoint, probs: np.ndarray, classes: list[str] | tuple[str, ...],
+           unet_max: np.ndarray | None = None) -> list[str]:
+    """Each image's call at the operating point: normal, benign or malignant."""
+    lesion = is_lesion(op, probs, classes, unet_max)
+    bad = malignancy(probs, classes) >= op.malignant_threshold
+    return ["normal" if not le else ("malignant" if b else "benign")
+            for le, b in zip(lesion, bad, strict=True)]
+
+
+def choose(probs: np.ndarray, y_true: list[str], classes: list[str] | tuple[str, ...],
+           unet_max: np.ndarray | None, *, malignant_sensitivity: float,
+           presence: str = "argmax", max_missed_lesions: float = 0.03) -> OperatingPoint:
+    """Both thresholds from validation images (probabilities, true class names)."""
+    t = np.asarray(y_true)
+    lesion_true = t != "normal"
+    presence_t = None
+    if presence != "argmax" and lesion_true.any():
+        score = presence_score(presence, probs, classes, unet_max)
+        presence_t = threshold_for_sensitivity(score, lesion_true, 1.0 - max_missed_lesions)
+    partial = OperatingPoint(malignant_sensitivity, 0.0, presence, max_missed_lesions,
+                             presence_t)
+    kept = is_lesion(partial, probs, classes, unet_max)
+    score = np.where(kept, malignancy(probs, classes), -np.inf)
+    mal_t = threshold_for_sensitivity(score, t == "malignant", malignant_sensitivity)
+    return OperatingPoint(malignant_sensitivity, 0.5 if mal_t is None else mal_t, presence,
+                          max_missed_lesions, presence_t, int((t == "malignant").sum()),
+                          int(lesion_true.sum()))
+
+
+def presence_figures(y_true: list[str], lesion_called: np.ndarray) -> dict:
+    """Normal scans called lesion-free, and lesion scans missed, at a presence decision."""
+    t = np.asarray(y_true)
+    normal, lesion = t == "normal", t != "normal"
+    called = np.asarray(lesion_called, dtype=bool)
+    return {"normal_scans": int(normal.sum()),
+            "normal_called_empty": int((~called[normal]).sum()),
+            "normal_empty_fraction": float((~called[normal]).mean()) if normal.any() else None,
+            "lesion_scans": int(lesion.sum()),
+            "lesion_missed": int((~called[lesion]).sum()),
+            "lesion_missed_fraction": float((~called[lesion]).mean()) if lesion.any() else None}
