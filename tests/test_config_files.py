@@ -45,3 +45,23 @@ def test_a_bare_name_says_which_file_it_read(tmp_path: Path, monkeypatch: pytest
     # a path is what it says: nothing to tell
     assert find_config(str(TOP / "demo.yaml")) == TOP / "demo.yaml"
     assert capsys.readouterr().err == ""
+
+
+def test_paper_bce_dice_is_the_paper_with_one_change() -> None:
+    """busi issue 27: every setting of paper_bce_dice.yaml is paper.yaml's except the U-Net's
+    loss, so a figure measured with it isolates that change."""
+    from dataclasses import asdict
+
+    paper = asdict(busi.config.load_config(TOP / "paper.yaml"))
+    changed = asdict(busi.config.load_config(TOP / "paper_bce_dice.yaml"))
+    assert changed["training"]["seg"].pop("loss") == "bce_dice"
+    assert paper["training"]["seg"].pop("loss") == "mse"
+    assert changed == paper
+
+    def lines(name: str) -> list[str]:  # the settings, without comments
+        text = (TOP / name).read_text().splitlines()
+        return [ln.split("#")[0].rstrip() for ln in text if ln.split("#")[0].strip()]
+
+    diff = [(a, b) for a, b in zip(lines("paper.yaml"), lines("paper_bce_dice.yaml"),
+                                   strict=True) if a != b]
+    assert diff == [("    loss: mse", "    loss: bce_dice")]

@@ -373,3 +373,40 @@ def test_runs_lists_a_cv_and_a_cv_given_as_one_run_says_which_run_to_pass(
         err = capsys.readouterr().err
         assert f"{cv_run}: this is a cross-validation run, not a {want}" in err, err
         assert re.search(rf"one of its folds' runs, e\.g\. {re.escape(str(cv_run))}/fold\d/", err)
+
+
+def test_every_arm_at_another_site_fold_models_and_their_ensemble(
+        cv_run: Path, work: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """busi issue 26: scripts/cv_at_site.py evaluates each fold's classifier at a site the CV
+    never saw and averages the folds into an ensemble whose probabilities are the mean of
+    the fold models' own (each fed by its own U-Net)."""
+    import csv
+
+    from conftest import load_script
+
+    from busi.data.synth import SynthSpec, write_dataset
+
+    site = tmp_path / "site"
+    write_dataset(site, SynthSpec(per_class=6, seed=5, height=96, width=128))
+    script = load_script("cv_at_site")
+    assert script.main([str(cv_run), "--data", str(site),
+                        "--outputs", str(work / "outputs")]) == 0
+    out = capsys.readouterr().out
+    assert "| cnn | 3 fold models |" in out and "| cnn | ensemble |" in out
+    (saved,) = list(cv_run.glob("cv_at_*.json"))
+    (arm,) = json.loads(saved.read_text())
+    assert len(arm["per_fold"]) == 3 and arm["n_images"] == 18
+    probs = []
+    for fold in arm["per_fold"]:
+        with open(Path(fold["evaluation"]) / "predictions.csv", newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        probs.append([[float(r[f"p_{c}"]) for c in ("benign", "malignant", "normal")]
+                      for r in rows])
+        truth = [r["true"] for r in rows]
+    mean = np.mean(probs, axis=0)
+    pred = np.array(["benign", "malignant", "normal"])[mean.argmax(axis=1)]
+    assert arm["ensemble"]["accuracy"] == pytest.approx(float(np.mean(pred == np.array(truth))))
+    # a second call reuses the evaluations and writes a new table beside the first
+    assert script.main([str(cv_run), "--data", str(site), "--outputs", str(work / "outputs"),
+                        "--reuse"]) == 0
+    assert len(list(cv_run.glob("cv_at_*.md"))) == 2

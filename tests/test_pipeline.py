@@ -813,7 +813,12 @@ def test_fold_ensemble_segments_test_and_new_images_with_every_fold_unet(
                  "--out", str(out)]) == 0
     full = cv2.imread(str(out / (Path(test[0]).stem.replace(" ", "_") + "_mask.png")), 0)
     small = cv2.resize(full, (32, 32), interpolation=cv2.INTER_NEAREST)
-    np.testing.assert_array_equal(small > 0, load_masks(run_dir)[test[0]] > 0)
+    with open(out / "predictions.csv", newline="") as fh:
+        (row,) = list(csv.DictReader(fh))
+    # the ensemble's mask, emptied only where the chosen point calls the scan normal
+    np.testing.assert_array_equal(
+        small > 0, (load_masks(run_dir)[test[0]] > 0) & (row["call"] != "normal"))
+    assert int(row["unet_lesion_pixels"]) == int(load_masks(run_dir)[test[0]].sum())
 
 
 def test_a_run_killed_among_its_out_of_fold_unets_resumes_without_retraining(
