@@ -283,15 +283,17 @@ def operating_point(run_dir: Path, sensitivity: float | None = None,
     """A classifier run's operating point (:class:`busi.models.decision.OperatingPoint`):
     the one it chose on its validation images when it was trained, or, for another
     ``sensitivity`` (``--sensitivity``) or ``presence`` score, one chosen now from the same
-    validation images (``val_predictions.csv``). None for a run from before busi chose
+    validation images (``val_predictions.csv``); so is a stored point chosen by an earlier
+    rule (:data:`busi.models.decision.RULE`). None for a run from before busi chose
     operating points."""
-    from busi.models.decision import OperatingPoint, choose
+    from busi.models.decision import RULE, OperatingPoint, choose
     from busi.runs import OPERATING_POINT as OP_FILE
     from busi.runs import VAL_PREDICTIONS, read_column, read_json
 
     stored = (OperatingPoint.from_dict(read_json(run_dir / OP_FILE))
               if (run_dir / OP_FILE).is_file() else None)
-    if stored is not None and sensitivity is None and presence is None:
+    if (stored is not None and stored.rule == RULE and sensitivity is None
+            and presence is None):
         return stored
     val = run_dir / VAL_PREDICTIONS
     if not val.is_file():
