@@ -41,9 +41,14 @@ def busi_without_tensorflow(*argv: str) -> subprocess.CompletedProcess:
                           env=env, timeout=900)
 
 
-def test_demo_pipeline_runs_on_jax_without_tensorflow(tmp_path: Path) -> None:
+@pytest.mark.parametrize("models", [
+    "cnn",
+    # JAX compiles VGG19 and MobileNet for minutes on 2 cores: on demand (pytest -m slow);
+    # tests/test_models.py builds them with keras.ops only, on either backend.
+    pytest.param("cnn,vgg19,mobilenet", marks=pytest.mark.slow)])
+def test_demo_pipeline_runs_on_jax_without_tensorflow(tmp_path: Path, models: str) -> None:
     work = tmp_path / "demo"
-    argv = ["demo", "--outputs", str(work), "--per-class", "8"]
+    argv = ["demo", "--outputs", str(work), "--per-class", "8", "--models", models]
     for item in TINY:
         argv += ["--set", item]
     out = busi_without_tensorflow(*argv)
@@ -53,7 +58,7 @@ def test_demo_pipeline_runs_on_jax_without_tensorflow(tmp_path: Path) -> None:
     (seg,) = list((work / "seg").iterdir())
     env = json.loads((seg / "state.json").read_text())["environment"]
     assert env["backend"] == "jax" and "tensorflow" not in env
-    for model in ("cnn", "vgg19", "mobilenet"):
+    for model in models.split(","):
         (run,) = list((work / "cls" / model).iterdir())
         assert (run / "predictions.csv").is_file() and (run / "report.html").is_file(), model
         assert list((run / "gradcam").glob("*.png")), model

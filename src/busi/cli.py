@@ -341,7 +341,13 @@ def cmd_runs(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from busi.workflows.demo import run_demo
 
-    run_demo(workdir=Path(args.outputs), per_class=args.per_class, overrides=args.overrides)
+    models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    unknown = [m for m in models if m not in ("cnn", "vgg19", "mobilenet")]
+    if unknown or not models:
+        raise BusiError(f"unknown demo classifier {', '.join(unknown) or '(none)'}",
+                        where="--models", fix="a comma-separated list of cnn, vgg19, mobilenet")
+    run_demo(workdir=Path(args.outputs), per_class=args.per_class, overrides=args.overrides,
+             models=models)
     return 0
 
 
@@ -578,11 +584,14 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=fmt, epilog=_examples("""
             busi demo
             busi demo --outputs outputs/demo --per-class 40
+            busi demo --models cnn                      # the U-Net and the paper's CNN only
         """))
     _add_outputs_arg(p, "outputs/demo", aliases=("--workdir",))  # its data and tables too
     p.add_argument("--per-class", type=_count, default=40, help="synthetic images per class")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a value of configs/demo.yaml")
+    p.add_argument("--models", default="cnn,vgg19,mobilenet",
+                   help="the classifiers to train (default: the paper's three)")
     p.set_defaults(func=cmd_demo)
     return parser
 
