@@ -51,7 +51,7 @@ def arm_at_site(cv: Path, arm: str, folds: int, data: str, outputs: str,
     """The fold models' figures and the fold ensemble's, for one arm at one site."""
     from busi.data.loading import load_dataset
     from busi.evaluation.classification import at_operating_point, compute, operating_point
-    from busi.models.decision import OperatingPoint
+    from busi.models.decision import mean_operating_point
     from busi.runs import PREDICTIONS, read_column, read_json, read_predictions
     from busi.workflows.sites import resampling_groups
 
@@ -91,12 +91,7 @@ def arm_at_site(cv: Path, arm: str, folds: int, data: str, outputs: str,
     ensemble: dict = {"accuracy": r["accuracy"], "ci95": r["ci95"],
                       "benign_malignant_auc": r["benign_malignant_auc"]}
     if all(o is not None for o in ops):
-        pres = [o.presence_threshold for o in ops]
-        op = OperatingPoint(
-            ops[0].malignant_sensitivity, float(np.mean([o.malignant_threshold for o in ops])),
-            ops[0].presence, ops[0].max_missed_lesions,
-            None if any(x is None for x in pres) else float(np.mean(pres)),
-            sum(o.n_val_malignant for o in ops), sum(o.n_val_lesion for o in ops))
+        op = mean_operating_point(ops)
         cl = at_operating_point(op, truth, mean_probs, classes, mean_peak, groups=groups)
         cl.pop("calls")
         ensemble["clinical"] = cl

@@ -410,3 +410,37 @@ def test_every_arm_at_another_site_fold_models_and_their_ensemble(
     assert script.main([str(cv_run), "--data", str(site), "--outputs", str(work / "outputs"),
                         "--reuse"]) == 0
     assert len(list(cv_run.glob("cv_at_*.md"))) == 2
+
+
+def test_predict_with_a_cv_arms_fold_ensemble_averages_its_fold_models(
+        cv_run: Path, synth_root: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """busi issue 26: `busi predict --cv CV --arm A` averages the probabilities of the arm's
+    fold classifiers, each on its own U-Net's masks, and says which runs it used."""
+    import csv
+
+    from busi.runs import cv_fold_classifier, cv_fold_unet
+
+    image = str(synth_root / "malignant" / "malignant (2).png")
+    singles = []
+    for k in range(3):
+        seg, _ = cv_fold_unet(cv_run, k)
+        run, _, _ = cv_fold_classifier(cv_run, k, "cnn", seg)
+        out = tmp_path / f"single{k}"
+        assert main(["predict", image, "--cls-run", str(run), "--out", str(out)]) == 0
+        with open(out / "predictions.csv", newline="") as fh:
+            singles.append(next(csv.DictReader(fh)))
+    out = tmp_path / "ensemble"
+    capsys.readouterr()
+    assert main(["predict", image, "--cv", str(cv_run), "--arm", "cnn", "--out", str(out)]) == 0
+    assert "the fold ensemble of arm cnn" in capsys.readouterr().out
+    with open(out / "predictions.csv", newline="") as fh:
+        (row,) = list(csv.DictReader(fh))
+    for c in ("benign", "malignant", "normal"):
+        assert float(row[f"p_{c}"]) == pytest.approx(
+            np.mean([float(r[f"p_{c}"]) for r in singles]), abs=2e-6)
+    saved = json.loads((out / "predictions.json").read_text())
+    assert len(saved["fold_ensemble"]["members"]) == 3
+    assert main(["predict", image, "--cv", str(cv_run), "--arm", "nope",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "no arm 'nope'" in capsys.readouterr().err

@@ -24,7 +24,7 @@ class FakePredictor:
 
     before_first_image = None  # a hook: what happens between the check and the predictions
 
-    def __init__(self, seg_run, cls_run, outputs_root, sensitivity=None):
+    def __init__(self, seg_run, cls_run, outputs_root, sensitivity=None, **fold_ensemble):
         self.seg, self.cls = Path(seg_run or "seg"), Path(cls_run or "cls")
         self.op, self.last_unet_max = None, 1.0  # a run from before operating points
         self.size, self.classes, self.min_confidence = (32, 32), ["benign", "normal"], 0.6

@@ -319,7 +319,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     done = predict_command(args.inputs, seg_run=args.seg_run, cls_run=args.cls_run,
                            out=args.out, outputs_root=args.outputs, explain=args.explain,
-                           min_confidence=args.min_confidence, sensitivity=args.sensitivity)
+                           min_confidence=args.min_confidence, sensitivity=args.sensitivity,
+                           cv=args.cv, arm=args.arm)
     # 3: the readable images were predicted, some others skipped (named, in skipped.csv).
     return EXIT_SKIPPED if getattr(done, "skipped", None) else 0
 
@@ -544,6 +545,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="flag calls whose top class probability is below P (0-1; default: "
                         "the classifier run's predict.min_confidence, 0.6 unless set)")
     _add_sensitivity_arg(p)
+    p.add_argument("--cv", metavar="CV_DIR",
+                   help="predict with a CV arm's fold models together (a fold ensemble: each "
+                        "fold's classifier on its own U-Net's masks, probabilities averaged) "
+                        "instead of one classifier run")
+    p.add_argument("--arm", metavar="NAME", help="with --cv: which arm (needed when it has "
+                                                 "several)")
     p.set_defaults(func=cmd_predict)
 
     data = sub.add_parser("data", help="inspect, split or synthesise data",

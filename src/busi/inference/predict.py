@@ -167,9 +167,15 @@ class Predictor:
     """
 
     def __init__(self, seg_run: str | None = None, cls_run: str | None = None,
-                 outputs_root: str = "outputs", sensitivity: float | None = None):
+                 outputs_root: str = "outputs", sensitivity: float | None = None,
+                 cv: str | None = None, arm: str | None = None):
         from busi.models.masks import load_unets, read_rule
         from busi.models.saving import load_model
+
+        self.members: list[Predictor] = []
+        if cv:
+            self._fold_ensemble(cv, arm, outputs_root, sensitivity)
+            return
 
         self.cls = resolve_cls_run(cls_run, outputs_root)
         self.seg, why = paired_seg_run(self.cls, seg_run, outputs_root, "busi predict")
@@ -194,6 +200,48 @@ class Predictor:
                             f"classifier's {self.size}", where=str(self.seg),
                             fix="use runs trained at the same image size")
 
+    def _fold_ensemble(self, cv: str, arm: str | None, outputs_root: str,
+                       sensitivity: float | None) -> None:
+        """A CV arm's fold models as one predictor: each fold's classifier on the masks of its
+        own U-Net, their probabilities averaged; the mask shown is the fold U-Nets' average
+        probability under their mean threshold; the operating point the mean of the folds'
+        (each chosen on its own validation images)."""
+        from busi.models.decision import mean_operating_point
+        from busi.models.masks import MaskRule
+        from busi.runs import cv_arms, cv_fold_classifier, cv_fold_unet, read_json
+
+        cv_dir = Path(cv)
+        if not (cv_dir / "cv.json").is_file():
+            raise BusiError("not a CV run folder (no cv.json)", where=str(cv_dir),
+                            fix="pass a folder under outputs/cv/ made by busi cv")
+        meta = read_json(cv_dir / "cv.json")
+        arms = list(cv_arms(meta))
+        if arm is None and len(arms) == 1:
+            arm = arms[0]
+        if arm not in arms:
+            raise BusiError(f"{'no --arm named' if arm is None else f'no arm {arm!r} in'} this "
+                            f"CV (its arms: {', '.join(arms) or 'none'})", where=str(cv_dir),
+                            fix="add --arm NAME, one of those")
+        for k in range(meta["folds"]):
+            seg, done = cv_fold_unet(cv_dir, k, meta)
+            run, finished, _ = cv_fold_classifier(cv_dir, k, arm, seg) if done else (None, 0, 0)
+            if not finished:
+                raise BusiError(f"fold {k} has no finished {arm} run", where=str(cv_dir),
+                                fix=f"finish the CV first: busi cv --resume {cv_dir}")
+            self.members.append(Predictor(str(seg), str(run), outputs_root, sensitivity))
+        first = self.members[0]
+        self.cls, self.seg = cv_dir, cv_dir
+        self.arm = arm
+        self.c, self.size, self.classes = first.c, first.size, first.classes
+        self.min_confidence, self.clf, self.flip_tta = first.min_confidence, first.clf, None
+        self.rule = MaskRule(float(np.mean([m.rule.threshold for m in self.members])),
+                             first.rule.postprocess)
+        ops = [m.op for m in self.members]
+        self.op = None if any(o is None for o in ops) else mean_operating_point(ops)
+        if any(m.size != self.size or m.classes != self.classes for m in self.members):
+            raise BusiError("the CV's fold models differ in image size or classes",
+                            where=str(cv_dir), fix="use a CV made by one busi cv command")
+
     def __call__(self, gray: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(mask at model size, classifier input (1, H, W, C), class probabilities) for a
         gray image. With ``mask_mode: channel`` the input is the scan and this mask, which is
@@ -201,10 +249,16 @@ class Predictor:
         from busi.models.inputs import classifier_inputs
         from busi.models.masks import as_stored, predict_probs
 
+        if self.members:  # a fold ensemble: member 0's input is the one returned (Grad-CAM)
+            calls = [m(gray) for m in self.members]
+            mean = np.mean([m.last_prob for m in self.members], axis=0)
+            self.last_unet_max = float(np.mean([m.last_unet_max for m in self.members]))
+            return (self.rule.apply(mean)[0], calls[0][1],
+                    np.mean([p for _, _, p in calls], axis=0))
         small = resize_image(gray, self.size)
         prob = as_stored(predict_probs(self.unets, small[None], flip_tta=self.flip_tta))
         mask = self.rule.apply(prob)[0]
-        self.last_unet_max = float(prob.max())
+        self.last_prob, self.last_unet_max = prob, float(prob.max())
         use_mask = None if self.c.masks == "none" else mask[None]
         x = classifier_inputs(small[None], use_mask, self.c, [gray])
         p = np.asarray(self.clf.predict_on_batch(x.astype("float32")))[0]
@@ -214,7 +268,8 @@ class Predictor:
 def predict_command(inputs: list[str], seg_run: str | None = None, cls_run: str | None = None,
                     out: str | None = None, outputs_root: str = "outputs",
                     explain: bool = False, min_confidence: float | None = None,
-                    sensitivity: float | None = None) -> Predicted:
+                    sensitivity: float | None = None, cv: str | None = None,
+                    arm: str | None = None) -> Predicted:
     """Predict every readable image; write masks, overlays, predictions.csv/.json (and
     skipped.csv when some input could not be read) into a new folder.
 
@@ -231,7 +286,12 @@ def predict_command(inputs: list[str], seg_run: str | None = None, cls_run: str 
     found = _images(inputs)
     images, skipped = _readable(found)
     stems = _output_stems(images)
-    predictor = Predictor(seg_run, cls_run, outputs_root, sensitivity)
+    if cv and (seg_run or cls_run):
+        raise BusiError("--cv uses the CV's own fold models: --seg-run / --cls-run do not apply",
+                        where="--cv", fix="leave out --seg-run and --cls-run")
+    predictor = (Predictor(seg_run, cls_run, outputs_root, sensitivity, cv=cv, arm=arm) if cv
+                 else Predictor(seg_run, cls_run, outputs_root, sensitivity))
+    members = [(str(m.seg), str(m.cls)) for m in getattr(predictor, "members", [])]
     op = predictor.op
     if op is None and sensitivity is not None:
         raise BusiError("this classifier run has no validation predictions to choose an "
@@ -312,6 +372,12 @@ def predict_command(inputs: list[str], seg_run: str | None = None, cls_run: str 
         "threshold": rule.threshold, "postprocess": rule.postprocess, "flip_tta": flip_tta,
         "min_confidence": min_confidence, "flags": FLAGS,
         "operating_point": None if op is None else {**op.as_dict(), "words": op.words()},
+        "fold_ensemble": None if not members else {
+            "cv": str(cv), "arm": predictor.arm,
+            "members": [{"seg_run": a, "cls_run": b} for a, b in members],
+            "how": "each fold's classifier on its own U-Net's masks, probabilities averaged; "
+                   "the mask: the U-Nets' mean probability at their mean threshold; Grad-CAM "
+                   "(--explain): fold 0's classifier"},
         "units": {"lesion_pixels": f"pixels of the predicted mask on the {grid} grid the "
                                    "models see (the scan resized), not of the original scan",
                   "lesion_fraction": "share of the image area inside the predicted mask "
@@ -339,7 +405,11 @@ def predict_command(inputs: list[str], seg_run: str | None = None, cls_run: str 
     print(f"{len(rows)} image(s) predicted, {n_flagged} flagged ("
           f"no lesion found by the segmenter: {counts['no_lesion_found']}; "
           f"low confidence, top probability < {min_confidence:g}: {counts['low_confidence']})")
-    print(f"runs: classifier {cls}; U-Net {seg}")
+    if members:
+        print(f"runs: the fold ensemble of arm {predictor.arm} of {cls}: "
+              + "; ".join(f"fold {k}: {b} on {a}" for k, (a, b) in enumerate(members)))
+    else:
+        print(f"runs: classifier {cls}; U-Net {seg}")
     if op is not None:
         print(f"chosen point (the classifier's validation images): {op.words()}")
     print(f"outputs: {out_dir} (predictions.csv, predictions.json, "

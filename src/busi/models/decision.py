@@ -168,3 +168,15 @@ def presence_figures(y_true: list[str], lesion_called: np.ndarray) -> dict:
             "lesion_scans": int(lesion.sum()),
             "lesion_missed": int((~called[lesion]).sum()),
             "lesion_missed_fraction": float((~called[lesion]).mean()) if lesion.any() else None}
+
+
+def mean_operating_point(ops: list[OperatingPoint]) -> OperatingPoint:
+    """One point for an ensemble of fold models (their probabilities averaged): each threshold
+    the mean of the members' own, each chosen on that member's validation images."""
+    pres = [o.presence_threshold for o in ops]
+    return OperatingPoint(
+        ops[0].malignant_sensitivity, float(np.mean([o.malignant_threshold for o in ops])),
+        ops[0].presence, ops[0].max_missed_lesions,
+        None if any(x is None for x in pres) else float(np.mean(pres)),
+        sum(o.n_val_malignant for o in ops), sum(o.n_val_lesion for o in ops),
+        f"mean of {len(ops)} fold models' points ({ops[0].rule})")
