@@ -46,7 +46,7 @@ def _evaluations(cv: Path, arm: str, k: int, data: str, outputs: str, reuse: boo
     return evaluate_on_data(data, cls_run=str(run), outputs_root=outputs)
 
 
-def arm_at_site(cv: Path, arm: str, folds: int, data: str, outputs: str,
+def arm_at_site(cv: Path, arm: str, folds: list[int], data: str, outputs: str,
                 reuse: bool) -> dict:
     """The fold models' figures and the fold ensemble's, for one arm at one site."""
     from busi.data.loading import load_dataset
@@ -57,7 +57,7 @@ def arm_at_site(cv: Path, arm: str, folds: int, data: str, outputs: str,
 
     per_fold, probs, peaks, ops = [], [], [], []
     files = truth = classes = None
-    for k in range(folds):
+    for k in folds:
         ev = _evaluations(cv, arm, k, data, outputs, reuse)
         rec = read_json(ev / "evaluation.json")
         c = rec["classification"]
@@ -114,7 +114,9 @@ def _ci(value: float | None, ci: list | None) -> str:
 
 def table(results: list[dict], site: str) -> str:
     """One Markdown table: per arm, the fold models (mean ± SD) and the fold ensemble."""
+    folds = [f["fold"] for f in results[0]["per_fold"]]
     lines = [f"# Every arm at {site}", "",
+             f"Folds: {', '.join(map(str, folds))}.", "",
              "Fold models: mean ± SD over the folds' models. Ensemble: the folds' "
              "probabilities averaged; thresholds the mean of the folds' validation-chosen "
              f"ones; 95% intervals over the site's {results[0]['unit']} "
@@ -152,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arms", help="comma-separated arms (default: every arm of the CV)")
     p.add_argument("--outputs", help="outputs root for the evaluations (default: the one "
                                      "above the CV folder)")
+    p.add_argument("--folds", help="comma-separated fold numbers (default: all; a CV still "
+                                   "running: the folds it has finished, said in the table)")
     p.add_argument("--reuse", action="store_true",
                    help="use each fold's newest evaluation of that classifier on that data")
     args = p.parse_args(argv)
@@ -163,7 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         meta = read_json(args.cv / "cv.json")
         arms = args.arms.split(",") if args.arms else list(meta["models"])
         outputs = args.outputs or str(args.cv.resolve().parents[1])
-        results = [arm_at_site(args.cv, a, meta["folds"], args.data, outputs, args.reuse)
+        folds = ([int(k) for k in args.folds.split(",")] if args.folds
+                 else list(range(meta["folds"])))
+        results = [arm_at_site(args.cv, a, folds, args.data, outputs, args.reuse)
                    for a in arms]
     except BusiError as exc:
         print(f"error: {exc}", file=sys.stderr)
