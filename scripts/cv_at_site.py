@@ -126,7 +126,8 @@ def table(results: list[dict], site: str) -> str:
              "normal | 3-class accuracy (argmax) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         f = r["per_fold"]
-        lines.append(f"| {r['arm']} | {len(f)} fold models | {_stat([x['bm_auc'] for x in f])} | "
+        n = f"{len(f)} fold model" + ("s" if len(f) > 1 else "")
+        lines.append(f"| {r['arm']} | {n} | {_stat([x['bm_auc'] for x in f])} | "
                      f"{_stat([x['sensitivity'] for x in f])} | "
                      f"{_stat([x['specificity'] for x in f])} | "
                      f"{_stat([x['normal_empty'] for x in f])} | "
