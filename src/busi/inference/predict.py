@@ -222,13 +222,16 @@ class Predictor:
             raise BusiError(f"{'no --arm named' if arm is None else f'no arm {arm!r} in'} this "
                             f"CV (its arms: {', '.join(arms) or 'none'})", where=str(cv_dir),
                             fix="add --arm NAME, one of those")
+        pairs = []  # every fold checked before any model is loaded
         for k in range(meta["folds"]):
             seg, done = cv_fold_unet(cv_dir, k, meta)
             run, finished, _ = cv_fold_classifier(cv_dir, k, arm, seg) if done else (None, 0, 0)
             if not finished:
                 raise BusiError(f"fold {k} has no finished {arm} run", where=str(cv_dir),
                                 fix=f"finish the CV first: busi cv --resume {cv_dir}")
-            self.members.append(Predictor(str(seg), str(run), outputs_root, sensitivity))
+            pairs.append((seg, run))
+        self.members = [Predictor(str(seg), str(run), outputs_root, sensitivity)
+                        for seg, run in pairs]
         first = self.members[0]
         self.cls, self.seg = cv_dir, cv_dir
         self.arm = arm
