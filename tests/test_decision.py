@@ -69,10 +69,11 @@ def test_chosen_point_meets_its_targets_on_the_validation_images() -> None:
         op = choose(probs, list(truth), CLASSES, peak, malignant_sensitivity=0.9,
                     presence=presence, max_missed_lesions=0.03)
         calls = np.array(decide(op, probs, CLASSES, peak))
-        assert (calls[truth == "malignant"] == "malignant").mean() >= 0.9
+        found = (truth == "malignant") & (calls != "normal")
+        assert (calls[found] == "malignant").mean() >= 0.9
         if presence != "argmax":
             assert (calls[truth != "normal"] == "normal").mean() <= 0.03
-        assert op.n_val_malignant == int((truth == "malignant").sum())
+        assert op.n_val_malignant == int(found.sum())
         back = OperatingPoint.from_dict(op.as_dict())
         assert back == op and "validation" in op.words()
 
@@ -122,3 +123,18 @@ def test_the_lesion_crop_needs_the_originals() -> None:
         classifier_inputs(images, masks, c)
     x = classifier_inputs(images, masks, c, [np.full((64, 80), 7, np.uint8)])
     assert x.shape == (1, 32, 32, 1) and (x == 7).all()
+
+
+def test_a_validation_cancer_called_normal_does_not_make_every_lesion_malignant() -> None:
+    """Fold 1 of the CV: 1 of 18 validation cancers was called normal by the presence
+    decision; counted as a cancer to reach, it put the malignant threshold at 0 and the
+    specificity at 0.14. The threshold is chosen on the cancers that were found."""
+    probs = _probs([(0.05, 0.05, 0.9)]          # a cancer the classifier calls normal
+                   + [(0.1, 0.9, 0.0)] * 9     # cancers, clearly
+                   + [(0.9, 0.1, 0.0)] * 10)   # benign lesions
+    truth = ["malignant"] * 10 + ["benign"] * 10
+    op = choose(probs, truth, CLASSES, None, malignant_sensitivity=0.9)
+    assert op.malignant_threshold == pytest.approx(0.9) and op.n_val_malignant == 9
+    calls = decide(op, probs, CLASSES)
+    assert calls[0] == "normal" and calls[1:10] == ["malignant"] * 9
+    assert calls[10:] == ["benign"] * 10

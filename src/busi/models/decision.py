@@ -12,9 +12,10 @@ on the test images or on another site's:
    largest-component rule" is not a decision: the U-Net draws a blob on most normal scans.
 2. **Is the lesion malignant?** ``malignancy`` = p(malignant) / (p(benign) + p(malignant)),
    the score of the benign-vs-malignant ROC curve, against the threshold that calls
-   ``malignant_sensitivity`` of the validation cancers malignant (a cancer the presence
-   decision called normal counts as missed). A clinician picks the sensitivity; the
-   specificity is what the model gives for it.
+   ``malignant_sensitivity`` of new cancers malignant among those the presence decision
+   finds (chosen on the validation cancers it finds; its own misses are reported apart, as
+   lesion scans called normal). A clinician picks the sensitivity; the specificity is what
+   the model gives for it.
 
 At another hospital the thresholds chosen on BUSI's validation images are applied unchanged,
 as a user would: that is what ``busi evaluate --data`` reports.
@@ -30,7 +31,7 @@ import numpy as np
 PRESENCE_SCORES = ("argmax", "classifier", "unet", "both")
 # How the thresholds are chosen (threshold_for_sensitivity). A stored operating point of
 # another rule is chosen again from the run's validation predictions when it is read.
-RULE = "split-conformal rank"
+RULE = "split-conformal rank of the cancers found"
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ class OperatingPoint:
                        f"{self.presence_threshold:.3f} (chosen on the {self.n_val_lesion} "
                        f"validation lesion images to miss at most "
                        f"{100 * self.max_missed_lesions:g}%)")
-        chosen = (f"chosen on the {self.n_val_malignant} validation cancers "
+        chosen = (f"chosen on the {self.n_val_malignant} validation cancers found "
                   f"({self.rule or 'their order statistic'}) for sensitivity >= "
                   f"{self.malignant_sensitivity:g}" if self.n_val_malignant else
                   "no validation cancer to choose on: the default")
@@ -149,11 +150,15 @@ def choose(probs: np.ndarray, y_true: list[str], classes: list[str] | tuple[str,
         presence_t = threshold_for_sensitivity(score, lesion_true, 1.0 - max_missed_lesions)
     partial = OperatingPoint(malignant_sensitivity, 0.0, presence, max_missed_lesions,
                              presence_t)
+    # On the cancers the presence decision keeps: one it calls normal no malignant threshold
+    # can recover, and counting it would drag the threshold to 0 (every lesion malignant:
+    # fold 1 of the CV, where 1 of 18 validation cancers was called normal, specificity 0.14).
+    # The presence decision's misses are reported on their own (lesion scans called normal).
     kept = is_lesion(partial, probs, classes, unet_max)
-    score = np.where(kept, malignancy(probs, classes), -np.inf)
-    mal_t = threshold_for_sensitivity(score, t == "malignant", malignant_sensitivity)
+    mal_t = threshold_for_sensitivity(malignancy(probs, classes), (t == "malignant") & kept,
+                                      malignant_sensitivity)
     return OperatingPoint(malignant_sensitivity, 0.5 if mal_t is None else mal_t, presence,
-                          max_missed_lesions, presence_t, int((t == "malignant").sum()),
+                          max_missed_lesions, presence_t, int(((t == "malignant") & kept).sum()),
                           int(lesion_true.sum()), RULE)
 
 
