@@ -50,11 +50,12 @@ PRESENCE_NOTE = (
     "columns are for reading, not choosing.")
 
 
-def _fold_decisions(run: Path) -> dict | None:
+def _fold_decisions(run: Path, test: tuple) -> dict | None:
     """One fold's classifier at every presence score (models/decision.py), each threshold
     chosen on that fold's validation images: the test calls per score, the run's own
     operating point's calls, and the validation scores that the choice of score rests on.
-    None for a run from before busi wrote val_predictions.csv."""
+    ``test``: the run's predictions.csv as :func:`read_predictions` gave it (read once, by
+    :func:`aggregate`). None for a run from before busi wrote val_predictions.csv."""
     from busi.evaluation.classification import operating_point
     from busi.models.decision import PRESENCE_SCORES, choose, decide, presence_score
 
@@ -63,7 +64,7 @@ def _fold_decisions(run: Path) -> dict | None:
         return None
     _, v_true, _, v_probs, classes = read_predictions(val)
     v_peak = read_column(val, "unet_max")
-    _, t_true, _, t_probs, _ = read_predictions(run / PREDICTIONS)
+    _, t_true, _, t_probs, _ = test
     t_peak = read_column(run / PREDICTIONS, "unet_max")
     own = operating_point(run)
     out: dict = {"own": decide(own, t_probs, classes, t_peak), "own_op": own, "kinds": {},
@@ -168,7 +169,7 @@ def aggregate(cv_dir: str | Path) -> dict:
                                 "recall": {c: r["report"][c]["recall"] for c in r["present"]}})
             pooled[m].append(fold_pred)
             per_image[m].append(read_per_image(run / PER_IMAGE))
-            decisions[m].append(_fold_decisions(run))
+            decisions[m].append(_fold_decisions(run, fold_pred))
     result: dict = {"folds": folds, "models": models, "segmentation": {
         "per_fold": seg_rows,
         **{key: _mean_std([row[key] for row in seg_rows])
