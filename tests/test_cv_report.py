@@ -444,3 +444,38 @@ def test_predict_with_a_cv_arms_fold_ensemble_averages_its_fold_models(
     assert main(["predict", image, "--cv", str(cv_run), "--arm", "nope",
                  "--out", str(tmp_path / "x")]) == 2
     assert "no arm 'nope'" in capsys.readouterr().err
+
+
+def test_the_presence_probe_fits_its_heads_on_each_folds_training_images_only(
+        cv_run: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """busi issue 26: scripts/presence_probe.py compares presence scores from the U-Net (its
+    maximum, a head on its encoder) with the classifiers'; the heads learn from the fold's
+    training images only, never from the validation images that choose the threshold or the
+    test images that score it."""
+    from conftest import load_script
+
+    from busi.runs import cv_fold_unet, read_json
+
+    script = load_script("presence_probe")
+    fitted: list[int] = []
+    real = script.fit_head
+
+    def spy(features, is_lesion, seed=0):
+        fitted.append(len(features))
+        return real(features, is_lesion, seed)
+
+    monkeypatch.setattr(script, "fit_head", spy)
+    assert script.main([str(cv_run), "--arms", "cnn"]) == 0
+    train_sizes = [read_json(cv_fold_unet(cv_run, k)[0] / "split.json")["train"]
+                   for k in range(3)]
+    assert fitted == [n for n in train_sizes for _ in range(2)]  # map LR and encoder head
+    out = capsys.readouterr().out
+    for score in ("unet max", "prob-map LR", "encoder head LR", "cnn 1-p(normal)",
+                  "head + cnn"):
+        assert f"| {score} |" in out
+    saved = json.loads((cv_run / "presence_probe.json").read_text())
+    assert saved["folds"] == [0, 1, 2] and len(saved["rows"]) == 5
+    for row in saved["rows"]:
+        assert 0.0 <= row["test_auc_pooled"] <= 1.0
+        # every image is in exactly one fold's test part: 12 of each class
+        assert (row["normal_scans"], row["lesion_scans"]) == (12, 24)
