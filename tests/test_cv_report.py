@@ -479,3 +479,23 @@ def test_the_presence_probe_fits_its_heads_on_each_folds_training_images_only(
         assert 0.0 <= row["test_auc_pooled"] <= 1.0
         # every image is in exactly one fold's test part: 12 of each class
         assert (row["normal_scans"], row["lesion_scans"]) == (12, 24)
+
+
+def test_the_cv_states_how_long_each_recipe_trained(cv_run: Path) -> None:
+    """busi issue 26: the time of a recipe's whole CV (its U-Nets plus its arm's classifiers)
+    is read from the runs' own records of their training seconds, folds summed."""
+    from busi.evaluation.crossval import aggregate
+    from busi.runs import cv_fold_classifier, cv_fold_unet, read_json
+
+    result = aggregate(cv_run)
+    unets, cnns = [], []
+    for k in range(3):
+        seg, _ = cv_fold_unet(cv_run, k)
+        unets.append(read_json(seg / "metrics.json")["train_seconds"])
+        run, _, _ = cv_fold_classifier(cv_run, k, "cnn", seg)
+        cnns.append(read_json(run / "state.json")["train_seconds"])
+    assert result["train_seconds"] == {"U-Nets": unets, "cnn": cnns}
+    assert all(s > 0 for s in unets + cnns)
+    table = (cv_run / "cv_results.md").read_text().split("## Training time")[1]
+    row = next(line for line in table.splitlines() if line.startswith("| cnn |"))
+    assert row.endswith(f"| {sum(cnns) / 60:.0f} min | {(sum(unets) + sum(cnns)) / 60:.0f} min |")

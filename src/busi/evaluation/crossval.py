@@ -38,6 +38,7 @@ from busi.runs import (
     read_column,
     read_json,
     read_predictions,
+    saved_state,
     write_json,
     write_predictions,
 )
@@ -116,6 +117,33 @@ def _presence_rows(folds: list[dict], y_true: list[str]) -> list[str]:
     return rows
 
 
+UNETS = "U-Nets"
+
+
+def _time_table(seconds: dict[str, list], models: list[str]) -> tuple[list[str], dict]:
+    """How long the CV trained, per fold: the U-Nets, each arm's classifiers, and a recipe's
+    whole CV (the U-Nets plus one arm's classifiers), from each run's own record of its
+    training seconds (``train_seconds``: every epoch of every session it ran in). A run made
+    before busi recorded it shows n/a and leaves the totals out."""
+    def minutes(values: list) -> str:
+        return "n/a" if any(v is None for v in values) else f"{sum(values) / 60:.0f} min"
+
+    rows = ["## Training time", "",
+            "Minutes of `model.fit` (every epoch of every session; each run's `train_seconds`"
+            "), on the machine each run ran on (its `state.json` names it). Loading, mask "
+            "prediction, evaluation and reports come on top. A recipe's whole CV is its "
+            "U-Nets plus its arm's classifiers.", "",
+            "| | " + " | ".join(f"fold {k}" for k in range(len(seconds[UNETS])))
+            + " | all folds | with the U-Nets |",
+            "|---|" + "---:|" * (len(seconds[UNETS]) + 2)]
+    for name in [UNETS, *models]:
+        per_fold = " | ".join(minutes([v]) for v in seconds[name])
+        whole = ("" if name == UNETS
+                 else minutes(seconds[UNETS] + seconds[name]))
+        rows.append(f"| {name} | {per_fold} | {minutes(seconds[name])} | {whole} |")
+    return rows + [""], seconds
+
+
 def aggregate(cv_dir: str | Path) -> dict:
     """Per-fold table, mean ± std over folds, and the pooled out-of-fold report per model.
 
@@ -133,12 +161,14 @@ def aggregate(cv_dir: str | Path) -> dict:
     groups: dict[str, list[np.ndarray | None]] = {m: [] for m in models}  # per fold
     per_image: dict[str, list] = {m: [] for m in models}  # per fold: per_image.csv rows
     decisions: dict[str, list] = {m: [] for m in models}  # per fold: _fold_decisions
+    seconds: dict[str, list] = {UNETS: [], **{m: [] for m in models}}  # per fold: train time
     for k in range(folds):
         seg, done = cv_fold_unet(cv_dir, k, meta)
         if not done:
             raise BusiError(f"fold {k} has no finished U-Net run", where=str(cv_dir),
                             fix=f"continue the CV: busi cv --resume {cv_dir}")
         s = read_json(seg / "metrics.json")
+        seconds[UNETS].append(s.get("train_seconds"))
         le = s["lesion_images"]
         # Strict JSON holds null where a figure is undefined (no lesion detected, no normal
         # scan): NaN again here, which the means and tables print as nan.
@@ -168,6 +198,7 @@ def aggregate(cv_dir: str | Path) -> dict:
                                 "roc_auc_macro": r["roc_auc_macro"],
                                 "recall": {c: r["report"][c]["recall"] for c in r["present"]}})
             pooled[m].append(fold_pred)
+            seconds[m].append(saved_state(run).get("train_seconds"))
             per_image[m].append(read_per_image(run / PER_IMAGE))
             decisions[m].append(_fold_decisions(run, fold_pred))
     result: dict = {"folds": folds, "models": models, "segmentation": {
@@ -297,6 +328,8 @@ def aggregate(cv_dir: str | Path) -> dict:
     if lead:  # the clinician's figures first, before the segmentation and per-fold tables
         at = lines.index("## Segmentation (U-Net), test fold of each split")
         lines[at:at] = ["## Summary", "", *lead]
+    time_lines, result["train_seconds"] = _time_table(seconds, models)
+    lines += time_lines
     text = "\n".join(lines) + "\n"
     atomic_write(cv_dir / "cv_results.md", text)
     write_json(cv_dir / "cv_results.json", result)
