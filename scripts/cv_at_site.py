@@ -12,8 +12,10 @@ intervals over the site's patients. Whether the ensemble pays is read there: the
 the same patients, one model against five. Nothing is chosen on the site's images.
 
 Writes ``cv_at_<site>.md`` / ``.json`` into the CV folder (a new name if it exists) and prints
-the table. ``--arms`` limits the arms; ``--reuse`` takes each fold's newest finished
-evaluation of that classifier on that data instead of evaluating again.
+the table. ``--presence classifier`` (or another score) chooses each fold's operating point
+again with that lesion-presence score, on the fold's own BUSI validation images, as a recipe
+that decides presence that way would. ``--arms`` limits the arms; ``--reuse`` takes each
+fold's newest finished evaluation of that classifier on that data instead of evaluating again.
 """
 
 from __future__ import annotations
@@ -47,8 +49,12 @@ def _evaluations(cv: Path, arm: str, k: int, data: str, outputs: str, reuse: boo
 
 
 def arm_at_site(cv: Path, arm: str, folds: list[int], data: str, outputs: str,
-                reuse: bool) -> dict:
-    """The fold models' figures and the fold ensemble's, for one arm at one site."""
+                reuse: bool, presence: str | None = None) -> dict:
+    """The fold models' figures and the fold ensemble's, for one arm at one site.
+
+    ``presence``: each fold's operating point chosen again on its own BUSI validation images
+    with that lesion-presence score (as ``busi evaluate --data`` would with a run trained
+    with it), instead of the one each run chose when it was trained."""
     from busi.data.loading import load_dataset
     from busi.evaluation.classification import at_operating_point, compute, operating_point
     from busi.models.decision import mean_operating_point
@@ -69,10 +75,13 @@ def arm_at_site(cv: Path, arm: str, folds: list[int], data: str, outputs: str,
                              "--reuse")
         probs.append(p)
         peaks.append(read_column(ev / PREDICTIONS, "unet_max"))
-        ops.append(operating_point(Path(rec["cls_run"])))
+        ops.append(operating_point(Path(rec["cls_run"]), presence=presence))
         seg = rec.get("segmentation") or {}
-        cs = (c.get("clinical") or {}).get("sensitivity_specificity") or {}
-        pf = (c.get("clinical") or {}).get("presence") or {}
+        clinical = c.get("clinical") or {}
+        if presence is not None and ops[-1] is not None:  # the figures at the new point
+            clinical = at_operating_point(ops[-1], t, p, cl, peaks[-1])
+        cs = clinical.get("sensitivity_specificity") or {}
+        pf = clinical.get("presence") or {}
         per_fold.append({
             "fold": k, "evaluation": str(ev), "accuracy": c["accuracy"],
             "bm_auc": (c.get("benign_malignant_auc") or {}).get("auc"),
@@ -95,7 +104,8 @@ def arm_at_site(cv: Path, arm: str, folds: list[int], data: str, outputs: str,
         cl = at_operating_point(op, truth, mean_probs, classes, mean_peak, groups=groups)
         cl.pop("calls")
         ensemble["clinical"] = cl
-    return {"arm": arm, "per_fold": per_fold, "ensemble": ensemble, "unit": unit,
+    return {"arm": arm, "presence": presence, "per_fold": per_fold, "ensemble": ensemble,
+            "unit": unit,
             "n_units": int(len(np.unique(groups))), "n_images": len(files)}
 
 
@@ -115,8 +125,11 @@ def _ci(value: float | None, ci: list | None) -> str:
 def table(results: list[dict], site: str) -> str:
     """One Markdown table: per arm, the fold models (mean ± SD) and the fold ensemble."""
     folds = [f["fold"] for f in results[0]["per_fold"]]
+    presence = results[0].get("presence")
     lines = [f"# Every arm at {site}", "",
-             f"Folds: {', '.join(map(str, folds))}.", "",
+             f"Folds: {', '.join(map(str, folds))}. Lesion presence: "
+             + (f"`{presence}`, each fold's threshold chosen again on its BUSI validation "
+                "images." if presence else "as each run chose it when trained."), "",
              "Fold models: mean ± SD over the folds' models. Ensemble: the folds' "
              "probabilities averaged; thresholds the mean of the folds' validation-chosen "
              f"ones; 95% intervals over the site's {results[0]['unit']} "
@@ -157,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
                                      "above the CV folder)")
     p.add_argument("--folds", help="comma-separated fold numbers (default: all; a CV still "
                                    "running: the folds it has finished, said in the table)")
+    p.add_argument("--presence", choices=["argmax", "classifier", "unet", "both"],
+                   help="choose each fold's operating point again with this lesion-presence "
+                        "score, on its own BUSI validation images (default: each run's own)")
     p.add_argument("--reuse", action="store_true",
                    help="use each fold's newest evaluation of that classifier on that data")
     args = p.parse_args(argv)
@@ -170,8 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         outputs = args.outputs or str(args.cv.resolve().parents[1])
         folds = ([int(k) for k in args.folds.split(",")] if args.folds
                  else list(range(meta["folds"])))
-        results = [arm_at_site(args.cv, a, folds, args.data, outputs, args.reuse)
-                   for a in arms]
+        results = [arm_at_site(args.cv, a, folds, args.data, outputs, args.reuse,
+                               args.presence) for a in arms]
     except BusiError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -406,10 +406,25 @@ def test_every_arm_at_another_site_fold_models_and_their_ensemble(
     mean = np.mean(probs, axis=0)
     pred = np.array(["benign", "malignant", "normal"])[mean.argmax(axis=1)]
     assert arm["ensemble"]["accuracy"] == pytest.approx(float(np.mean(pred == np.array(truth))))
-    # a second call reuses the evaluations and writes a new table beside the first
+    # a second call reuses the evaluations and writes a new table beside the first; with
+    # --presence each fold's point is chosen again on its BUSI validation images
     assert script.main([str(cv_run), "--data", str(site), "--outputs", str(work / "outputs"),
-                        "--reuse"]) == 0
+                        "--reuse", "--presence", "classifier"]) == 0
     assert len(list(cv_run.glob("cv_at_*.md"))) == 2
+    (again,) = json.loads(sorted(cv_run.glob("cv_at_*-2.json"))[0].read_text())
+    assert again["presence"] == "classifier"
+    from busi.evaluation.classification import at_operating_point, operating_point
+    from busi.runs import read_json, read_predictions
+
+    for fold in again["per_fold"]:
+        ev = Path(fold["evaluation"])
+        op = operating_point(Path(read_json(ev / "evaluation.json")["cls_run"]),
+                             presence="classifier")
+        assert op.presence == "classifier" and op.presence_threshold is not None
+        f, t, _, p, cl = read_predictions(ev / "predictions.csv")
+        pf = at_operating_point(op, t, p, cl, None)["presence"]
+        assert fold["lesion_missed"] == pf["lesion_missed_fraction"]
+        assert fold["normal_empty"] == pf["normal_empty_fraction"]
 
 
 def test_predict_with_a_cv_arms_fold_ensemble_averages_its_fold_models(
