@@ -1462,6 +1462,20 @@ def test_lesion_crop_and_the_chosen_operating_point_from_training_to_predict(
     (ev,) = json.loads((Path(out.split("reports: ")[1].split("/evaluation.md")[0])
                         / "evaluation.json").read_text())
     assert ev["clinical"]["operating_point_values"]["malignant_sensitivity"] == 1
+    # --presence: the lesion-presence decision by another score, its threshold chosen on the
+    # same validation images (the run's own decision.presence is `both`)
+    assert main(["evaluate", str(cls), "--presence", "classifier", "--outputs",
+                 str(out_root)]) == 0
+    out = capsys.readouterr().out
+    (ev,) = json.loads((Path(out.split("reports: ")[1].split("/evaluation.md")[0])
+                        / "evaluation.json").read_text())
+    point = ev["clinical"]["operating_point_values"]
+    lesion = np.array([r["true"] != "normal" for r in val])
+    from busi.models.decision import threshold_for_sensitivity
+    assert point["presence"] == "classifier"
+    assert point["presence_threshold"] == pytest.approx(
+        threshold_for_sensitivity(1 - probs[:, 2], lesion, 0.97))
+    assert "a lesion when the 1 - p(normal) is >=" in out
     # another site: the run's thresholds, unchanged
     assert main(["evaluate", "--data", str(unseen_root), "--cls-run", str(cls),
                  "--outputs", str(out_root)]) == 0
@@ -1481,3 +1495,8 @@ def test_lesion_crop_and_the_chosen_operating_point_from_training_to_predict(
     assert row["call"] in ("benign", "malignant", "normal")
     saved = json.loads((tmp_path / "p" / "predictions.json").read_text())
     assert saved["operating_point"]["malignant_sensitivity"] == 0.9
+    assert main(["predict", image, "--cls-run", str(cls), "--out", str(tmp_path / "q"),
+                 "--presence", "argmax"]) == 0
+    saved = json.loads((tmp_path / "q" / "predictions.json").read_text())
+    assert saved["operating_point"]["presence"] == "argmax"
+    assert saved["operating_point"]["presence_threshold"] is None

@@ -246,6 +246,18 @@ def _add_sensitivity_arg(p: argparse.ArgumentParser) -> None:
                         "threshold chosen on the run's validation images is applied unchanged")
 
 
+def _add_presence_arg(p: argparse.ArgumentParser) -> None:
+    from busi.models.decision import PRESENCE_SCORES
+
+    p.add_argument("--presence", choices=PRESENCE_SCORES,
+                   help="how lesion presence is decided: the classifier's argmax, or a score "
+                        "(classifier: 1 - p(normal); unet: the U-Net's highest lesion "
+                        "probability; both: their mean) with its threshold chosen on the "
+                        "classifier run's validation images to miss at most "
+                        "decision.max_missed_lesions of their lesions (default: the run's own "
+                        "decision.presence)")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from busi.workflows.evaluate import evaluate_command
     from busi.workflows.sites import evaluate_on_data
@@ -263,10 +275,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                 + f" --cls-run {args.runs[0]}")
         evaluate_on_data(args.data, cls_run=args.cls_run,
                          seg_run=seg_runs[0] if seg_runs else None, outputs_root=args.outputs,
-                         allow_overlap=args.allow_overlap, sensitivity=args.sensitivity)
+                         allow_overlap=args.allow_overlap, sensitivity=args.sensitivity,
+                         presence=args.presence)
         return 0
     evaluate_command(runs=args.runs, seg_runs=seg_runs, outputs_root=args.outputs,
-                     sensitivity=args.sensitivity)
+                     sensitivity=args.sensitivity, presence=args.presence)
     return 0
 
 
@@ -320,7 +333,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     done = predict_command(args.inputs, seg_run=args.seg_run, cls_run=args.cls_run,
                            out=args.out, outputs_root=args.outputs, explain=args.explain,
                            min_confidence=args.min_confidence, sensitivity=args.sensitivity,
-                           cv=args.cv, arm=args.arm)
+                           cv=args.cv, arm=args.arm, presence=args.presence)
     # 3: the readable images were predicted, some others skipped (named, in skipped.csv).
     return EXIT_SKIPPED if getattr(done, "skipped", None) else 0
 
@@ -446,6 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "runs' own training or validation images (same pixels or pHash near "
                         "duplicates; refused without this flag); the report states how many")
     _add_sensitivity_arg(p)
+    _add_presence_arg(p)
     _add_outputs_arg(p, "outputs")
     p.set_defaults(func=cmd_evaluate)
 
@@ -545,6 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="flag calls whose top class probability is below P (0-1; default: "
                         "the classifier run's predict.min_confidence, 0.6 unless set)")
     _add_sensitivity_arg(p)
+    _add_presence_arg(p)
     p.add_argument("--cv", metavar="CV_DIR",
                    help="predict with a CV arm's fold models together (a fold ensemble: each "
                         "fold's classifier on its own U-Net's masks, probabilities averaged) "

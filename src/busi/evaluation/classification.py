@@ -302,6 +302,11 @@ def operating_point(run_dir: Path, sensitivity: float | None = None,
     peak = read_column(val, "unet_max")
     kind = presence or (stored.presence if stored else "argmax")
     if kind in ("unet", "both") and peak is None:
+        if presence is not None:  # asked for by name: not silently another decision
+            raise BusiError(f"presence {presence!r} needs the U-Net's scores of the run's "
+                            "validation images, and this run has none (it learnt without "
+                            "a U-Net, or predates them)", where=str(val),
+                            fix="use --presence classifier or argmax")
         kind = "argmax"
     return choose(probs, y_true, classes, peak,
                   malignant_sensitivity=sensitivity or (stored.malignant_sensitivity
@@ -608,13 +613,15 @@ def _run_title(run_dir: Path) -> str:
     return f"{model_of(run_dir)} ({inputs_of(run_dir)}) -- {run_dir.name}"
 
 
-def evaluate_run(run_dir: str | Path, sensitivity: float | None = None) -> dict:
+def evaluate_run(run_dir: str | Path, sensitivity: float | None = None,
+                 presence: str | None = None) -> dict:
     """Compute one classifier run's report; write its report files if it has none yet.
 
     A finished run writes its own reports once; a later ``busi evaluate`` only
     reads it (its tables go to ``outputs/eval/<run>/``), so evaluating never
     modifies an earlier run's folder. ``sensitivity``: the operating point for that
-    malignant sensitivity, chosen on the run's validation images, instead of its own.
+    malignant sensitivity, chosen on the run's validation images, instead of its own;
+    ``presence``: likewise, with that lesion-presence score (models/decision.py).
     """
     from busi.runs import read_column
 
@@ -623,7 +630,7 @@ def evaluate_run(run_dir: str | Path, sensitivity: float | None = None) -> dict:
     groups = split_groups(run_dir, files)
     r = compute(files, y_true, y_pred, probs, classes, groups=groups)
     r["unet_missed"] = missed_lesions(read_per_image(run_dir / PER_IMAGE))
-    op = operating_point(run_dir, sensitivity)
+    op = operating_point(run_dir, sensitivity, presence)
     if op is not None:
         r["clinical"] = at_operating_point(op, y_true, probs, classes,
                                            read_column(run_dir / PREDICTIONS, "unet_max"),
@@ -635,7 +642,8 @@ def evaluate_run(run_dir: str | Path, sensitivity: float | None = None) -> dict:
         f"{r['ci95']['accuracy'][1]:.3f}), macro-F1 {r['macro_f1']:.3f} (95% CI "
         f"{r['ci95']['macro_f1'][0]:.3f}-{r['ci95']['macro_f1'][1]:.3f}; "
         f"{r['ci95_method']})") + clinical_text(r)
-    if sensitivity is None and not (run_dir / "classification_report.json").is_file():
+    if (sensitivity is None and presence is None
+            and not (run_dir / "classification_report.json").is_file()):
         write_run_reports(run_dir, r, title)
     return r
 

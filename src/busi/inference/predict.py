@@ -168,13 +168,13 @@ class Predictor:
 
     def __init__(self, seg_run: str | None = None, cls_run: str | None = None,
                  outputs_root: str = "outputs", sensitivity: float | None = None,
-                 cv: str | None = None, arm: str | None = None):
+                 cv: str | None = None, arm: str | None = None, presence: str | None = None):
         from busi.models.masks import load_unets, read_rule
         from busi.models.saving import load_model
 
         self.members: list[Predictor] = []
         if cv:
-            self._fold_ensemble(cv, arm, outputs_root, sensitivity)
+            self._fold_ensemble(cv, arm, outputs_root, sensitivity, presence)
             return
 
         self.cls = resolve_cls_run(cls_run, outputs_root)
@@ -194,14 +194,14 @@ class Predictor:
 
         # The thresholds chosen on the classifier's validation images (models/decision.py);
         # None for a run from before busi chose them: then only the argmax call is given.
-        self.op = operating_point(self.cls, sensitivity)
+        self.op = operating_point(self.cls, sensitivity, presence)
         if tuple(self.unets[0].input_shape[1:3]) != self.size:
             raise BusiError(f"U-Net input {self.unets[0].input_shape[1:3]} differs from the "
                             f"classifier's {self.size}", where=str(self.seg),
                             fix="use runs trained at the same image size")
 
     def _fold_ensemble(self, cv: str, arm: str | None, outputs_root: str,
-                       sensitivity: float | None) -> None:
+                       sensitivity: float | None, presence: str | None = None) -> None:
         """A CV arm's fold models as one predictor: each fold's classifier on the masks of its
         own U-Net, their probabilities averaged; the mask shown is the fold U-Nets' average
         probability under their mean threshold; the operating point the mean of the folds'
@@ -230,8 +230,8 @@ class Predictor:
                 raise BusiError(f"fold {k} has no finished {arm} run", where=str(cv_dir),
                                 fix=f"finish the CV first: busi cv --resume {cv_dir}")
             pairs.append((seg, run))
-        self.members = [Predictor(str(seg), str(run), outputs_root, sensitivity)
-                        for seg, run in pairs]
+        self.members = [Predictor(str(seg), str(run), outputs_root, sensitivity,
+                                  presence=presence) for seg, run in pairs]
         first = self.members[0]
         self.cls, self.seg = cv_dir, cv_dir
         self.arm = arm
@@ -272,7 +272,7 @@ def predict_command(inputs: list[str], seg_run: str | None = None, cls_run: str 
                     out: str | None = None, outputs_root: str = "outputs",
                     explain: bool = False, min_confidence: float | None = None,
                     sensitivity: float | None = None, cv: str | None = None,
-                    arm: str | None = None) -> Predicted:
+                    arm: str | None = None, presence: str | None = None) -> Predicted:
     """Predict every readable image; write masks, overlays, predictions.csv/.json (and
     skipped.csv when some input could not be read) into a new folder.
 
@@ -292,14 +292,15 @@ def predict_command(inputs: list[str], seg_run: str | None = None, cls_run: str 
     if cv and (seg_run or cls_run):
         raise BusiError("--cv uses the CV's own fold models: --seg-run / --cls-run do not apply",
                         where="--cv", fix="leave out --seg-run and --cls-run")
-    predictor = (Predictor(seg_run, cls_run, outputs_root, sensitivity, cv=cv, arm=arm) if cv
-                 else Predictor(seg_run, cls_run, outputs_root, sensitivity))
+    predictor = Predictor(seg_run, cls_run, outputs_root, sensitivity, cv=cv, arm=arm,
+                          presence=presence)
     members = [(str(m.seg), str(m.cls)) for m in getattr(predictor, "members", [])]
     op = predictor.op
-    if op is None and sensitivity is not None:
+    if op is None and (sensitivity is not None or presence is not None):
         raise BusiError("this classifier run has no validation predictions to choose an "
                         "operating point on (it predates them)", where=str(predictor.cls),
-                        fix="leave out --sensitivity, or retrain the classifier")
+                        fix="leave out --sensitivity and --presence, or retrain the "
+                            "classifier")
     seg, cls, rule, flip_tta = predictor.seg, predictor.cls, predictor.rule, predictor.flip_tta
     if min_confidence is None:
         min_confidence = predictor.min_confidence

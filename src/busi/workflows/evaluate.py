@@ -24,7 +24,8 @@ from busi.runs import (
 
 
 def evaluate_command(runs: list[str] | None = None, seg_runs: list[str] | None = None,
-                     outputs_root: str = "outputs", sensitivity: float | None = None) -> Path:
+                     outputs_root: str = "outputs", sensitivity: float | None = None,
+                     presence: str | None = None) -> Path:
     """``busi evaluate``: finished classifier runs side by side (the newest split's by default),
     into a new ``outputs/eval/<run>/`` -- evaluating never modifies a run's own folder.
     ``seg_runs``: U-Nets whose test figures are reported too, side by side when several; with
@@ -47,7 +48,7 @@ def evaluate_command(runs: list[str] | None = None, seg_runs: list[str] | None =
     if segs:
         said.append(f"U-Net run(s) {', '.join(map(str, segs))}")
     print("busi evaluate: " + "; ".join(said))
-    results = [evaluate_run(r, sensitivity) for r in run_dirs]
+    results = [evaluate_run(r, sensitivity, presence) for r in run_dirs]
     out = new_run_dir(Path(outputs_root) / EVAL_DIR)
     parts = [f"# Evaluation, {time.strftime('%Y-%m-%d %H:%M')}", "", "## Summary", ""]
     for r in results:  # the clinician's figures of each run first; the tables follow

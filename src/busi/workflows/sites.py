@@ -30,7 +30,8 @@ from busi.runs import (
 
 def evaluate_on_data(data: str | Path | list[str | Path], cls_run: str | None = None,
                      seg_run: str | None = None, outputs_root: str = "outputs",
-                     allow_overlap: bool = False, sensitivity: float | None = None) -> Path:
+                     allow_overlap: bool = False, sensitivity: float | None = None,
+                     presence: str | None = None) -> Path:
     """Run trained models on other labelled data (other hospitals') and report, no retraining.
 
     ``data`` is one site or several: each a BUSI-layout folder or a CSV manifest
@@ -94,7 +95,7 @@ def evaluate_on_data(data: str | Path | list[str | Path], cls_run: str | None = 
     for site in sites:
         site.out = out if len(sites) == 1 else out / site.slug
         site.out.mkdir(parents=True, exist_ok=True)
-    internal = _internal_figures(cls, seg, sensitivity)
+    internal = _internal_figures(cls, seg, sensitivity, presence)
     names = ", ".join(s.name for s in sites)
     parts = [f"# Evaluation on {names}, {time.strftime('%Y-%m-%d %H:%M')}", "",
              f"Classifier run: {cls or 'none (segmentation only)'}; segmentation run: "
@@ -104,7 +105,7 @@ def evaluate_on_data(data: str | Path | list[str | Path], cls_run: str | None = 
     for site in sites:
         print(f"== {site.name} ({site.data})")
         record, section = _evaluate_site(site, cfg, cls, seg, clf, unets, len(sites) > 1,
-                                         sensitivity)
+                                         sensitivity, presence)
         records.append(record)
         parts += section
     table = _sites_table(internal, records, model_classes)
@@ -172,10 +173,12 @@ def _load_sites(paths: list[str | Path], model_classes: tuple[str, ...], cfg) ->
 
 
 def _evaluate_site(site: _Site, cfg, cls: Path | None, seg: Path | None, clf, unets: list,
-                   several: bool, sensitivity: float | None = None) -> tuple[dict, list[str]]:
+                   several: bool, sensitivity: float | None = None,
+                   presence: str | None = None) -> tuple[dict, list[str]]:
     """One site's figures and files (into ``site.out``): its record for evaluation.json
     and its section of evaluation.md. The classifier's operating point is the one chosen
-    on its own validation images (for ``sensitivity`` if given), applied unchanged."""
+    on its own validation images (for ``sensitivity`` and ``presence`` if given), applied
+    unchanged."""
     from busi.evaluation.classification import (
         PER_IMAGE,
         at_operating_point,
@@ -258,7 +261,7 @@ def _evaluate_site(site: _Site, cfg, cls: Path | None, seg: Path | None, clf, un
         pred = [model_classes[int(i)] for i in probs_cls.argmax(1)]
         r = compute(ds.files, names, pred, probs_cls, list(model_classes), groups=groups,
                     unit_name=site.unit_name)
-        op = operating_point(cls, sensitivity)
+        op = operating_point(cls, sensitivity, presence)
         if op is not None:
             r["clinical"] = at_operating_point(op, names, probs_cls, list(model_classes), peak,
                                                groups=groups)
@@ -309,7 +312,7 @@ def _evaluate_site(site: _Site, cfg, cls: Path | None, seg: Path | None, clf, un
 
 
 def _internal_figures(cls: Path | None, seg: Path | None,
-                      sensitivity: float | None = None) -> dict:
+                      sensitivity: float | None = None, presence: str | None = None) -> dict:
     """The runs' own test-split figures, from their own files: the classifier's
     predictions.csv (intervals over its split's duplicate groups, as its report) and the
     U-Net's metrics.json. A figure a run lacks is None."""
@@ -326,7 +329,7 @@ def _internal_figures(cls: Path | None, seg: Path | None,
         files, y_true, y_pred, probs, classes = read_predictions(cls / PREDICTIONS)
         groups = split_groups(cls, files)
         r = compute(files, y_true, y_pred, probs, classes, groups=groups)
-        op = operating_point(cls, sensitivity)
+        op = operating_point(cls, sensitivity, presence)
         if op is not None:
             r["clinical"] = at_operating_point(op, y_true, probs, classes,
                                                read_column(cls / PREDICTIONS, "unet_max"),
