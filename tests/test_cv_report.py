@@ -73,7 +73,8 @@ def test_cv_tests_every_image_once_and_pools_the_predictions(cv_run: Path,
     md = (cv_run / "cv_results.md").read_text()
     assert "mean ± std" in md and "pooled" in md
     # every class's pooled recall beside the headline, equal to the pooled predictions'
-    row = next(line for line in md.splitlines() if line.startswith("| cnn |"))
+    summary = md[md.index("| arm | accuracy (mean ± std)"):]  # not the validation table
+    row = next(line for line in summary.splitlines() if line.startswith("| cnn |"))
     recall_malignant = np.mean([pr == "malignant"
                                 for tr, pr in zip(t, p, strict=True) if tr == "malignant"])
     assert "recall malignant" in md and row.split("|")[-3].strip() == f"{recall_malignant:.2f}"
@@ -514,3 +515,33 @@ def test_the_cv_states_how_long_each_recipe_trained(cv_run: Path) -> None:
     table = (cv_run / "cv_results.md").read_text().split("## Training time")[1]
     row = next(line for line in table.splitlines() if line.startswith("| cnn |"))
     assert row.endswith(f"| {sum(cnns) / 60:.0f} min | {(sum(unets) + sum(cnns)) / 60:.0f} min |")
+
+
+def test_the_cv_gives_each_arms_validation_figures_to_choose_by(cv_run: Path) -> None:
+    """busi issue 26: an arm is chosen on validation images only; the CV pools each fold's
+    val_predictions.csv (never its test predictions) into the table placed first."""
+    from sklearn.metrics import roc_auc_score
+
+    from busi.evaluation.crossval import aggregate
+    from busi.runs import cv_fold_classifier, cv_fold_unet, read_json, read_predictions
+
+    result = aggregate(cv_run)
+    truth, probs, losses = [], [], []
+    for k in range(3):
+        seg, _ = cv_fold_unet(cv_run, k)
+        run, _, _ = cv_fold_classifier(cv_run, k, "cnn", seg)
+        _, t, _, p, classes = read_predictions(run / "val_predictions.csv")
+        truth += t
+        probs.append(p)
+        losses.append(read_json(run / "state.json")["best"])
+    probs = np.concatenate(probs)
+    truth = np.array(truth)
+    got = result["validation"]["cnn"]
+    assert got["n"] == len(truth)
+    assert got["accuracy"] == pytest.approx(np.mean(
+        np.array(classes)[probs.argmax(1)] == truth))
+    assert got["normal_lesion_auc"] == pytest.approx(
+        roc_auc_score(truth != "normal", 1 - probs[:, classes.index("normal")]))
+    assert got["val_loss"] == pytest.approx(np.mean(losses))
+    text = (cv_run / "cv_results.md").read_text()
+    assert text.index("## Validation figures, to choose an arm by") < text.index("## Summary")

@@ -69,7 +69,8 @@ def _fold_decisions(run: Path, test: tuple) -> dict | None:
     t_peak = read_column(run / PREDICTIONS, "unet_max")
     own = operating_point(run)
     out: dict = {"own": decide(own, t_probs, classes, t_peak), "own_op": own, "kinds": {},
-                 "val_true": v_true, "val_scores": {}}
+                 "val_true": v_true, "val_probs": v_probs, "classes": classes,
+                 "val_loss": saved_state(run).get("best"), "val_scores": {}}
     for kind in PRESENCE_SCORES:
         if kind in ("unet", "both") and (v_peak is None or t_peak is None):
             continue
@@ -91,6 +92,47 @@ def _mean_std(values: list[float]) -> dict[str, float]:
 def _num(value: float | None) -> float:
     """A figure read from strict JSON: null (undefined) as NaN."""
     return float("nan") if value is None else float(value)
+
+
+VALIDATION_NOTE = (
+    "The figures to choose an arm by: each fold's validation images (never its test images), "
+    "pooled over the folds. Benign vs malignant AUC on p(malignant) / (p(benign) + "
+    "p(malignant)); normal vs lesion AUC on 1 - p(normal); the lowest validation loss is the "
+    "mean over the folds of each run's best epoch (its checkpoint). The test tables below are "
+    "for reading, not choosing.")
+
+
+def _validation_row(arm: str, folds: list[dict]) -> tuple[str, dict]:
+    """One arm's pooled validation figures (:data:`VALIDATION_NOTE`) from its folds'
+    :func:`_fold_decisions`: a Markdown row and its record."""
+    from sklearn.metrics import f1_score, roc_auc_score
+
+    from busi.models.decision import malignancy
+
+    classes = folds[0]["classes"]
+    t = np.array([c for f in folds for c in f["val_true"]])
+    probs = np.concatenate([f["val_probs"] for f in folds])
+    pred = np.array(classes)[probs.argmax(axis=1)]
+    bm = np.isin(t, ["benign", "malignant"])
+    lesion = t != "normal"
+
+    def auc(y: np.ndarray, score: np.ndarray) -> float | None:
+        return float(roc_auc_score(y, score)) if 0 < y.sum() < len(y) else None
+
+    losses = [f["val_loss"] for f in folds if f["val_loss"] is not None]
+    rec = {"n": len(t), "accuracy": float(np.mean(pred == t)),
+           "macro_f1": float(f1_score(t, pred, average="macro")),
+           "benign_malignant_auc": auc(t[bm] == "malignant", malignancy(probs[bm], classes)),
+           "normal_lesion_auc": (auc(lesion, 1.0 - probs[:, classes.index("normal")])
+                                 if "normal" in classes else None),
+           "val_loss": float(np.mean(losses)) if len(losses) == len(folds) else None}
+
+    def num(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.3f}"
+
+    return (f"| {arm} | {rec['n']} | {num(rec['accuracy'])} | {num(rec['macro_f1'])} | "
+            f"{num(rec['benign_malignant_auc'])} | {num(rec['normal_lesion_auc'])} | "
+            f"{num(rec['val_loss'])} |", rec)
 
 
 def _presence_rows(folds: list[dict], y_true: list[str]) -> list[str]:
@@ -237,6 +279,11 @@ def aggregate(cv_dir: str | Path) -> dict:
                "|---|---:|---:|---:|---:|---:|" + "---:|" * len(classes_all)]
     methods: list[tuple[str, str]] = []
     lead: list[str] = []  # the clinician's summary of each arm, placed first
+    validation = ["## Validation figures, to choose an arm by", "", VALIDATION_NOTE, "",
+                  "| arm | validation images | accuracy | macro-F1 | benign vs malignant AUC "
+                  "| normal vs lesion AUC | lowest validation loss (mean) |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+    result["validation"] = {}
     result["classification"] = {}
     detail = []
     for m in models:
@@ -267,6 +314,8 @@ def aggregate(cv_dir: str | Path) -> dict:
             r["clinical"] = clinical_figures(t, [c for d in decisions[m] for c in d["own"]],
                                              words, groups=group_of, folds=fold_of)
             presence_rows = _presence_rows(decisions[m], t)
+            row, result["validation"][m] = _validation_row(m, decisions[m])
+            validation.append(row)
         if rows_all:  # the folds' per-image tables, pooled like their predictions
             write_per_image_rows(pdir / PER_IMAGE, rows_all)
         # One operating point and one resampling for all arms (same folds): said once, below.
@@ -328,6 +377,9 @@ def aggregate(cv_dir: str | Path) -> dict:
     if lead:  # the clinician's figures first, before the segmentation and per-fold tables
         at = lines.index("## Segmentation (U-Net), test fold of each split")
         lines[at:at] = ["## Summary", "", *lead]
+    if result["validation"]:  # what an arm is chosen by comes before what it is read by
+        at = lines.index("## Summary") if lead else len(lines)
+        lines[at:at] = [*validation, ""]
     time_lines, result["train_seconds"] = _time_table(seconds, models)
     lines += time_lines
     text = "\n".join(lines) + "\n"
