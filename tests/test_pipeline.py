@@ -1500,3 +1500,30 @@ def test_lesion_crop_and_the_chosen_operating_point_from_training_to_predict(
     saved = json.loads((tmp_path / "q" / "predictions.json").read_text())
     assert saved["operating_point"]["presence"] == "argmax"
     assert saved["operating_point"]["presence_threshold"] is None
+
+
+def test_a_unet_run_keeps_a_presence_head_fitted_on_its_training_images(
+        seg_run: Path, synth_root: Path) -> None:
+    """busi issue 26: train-seg fits the lesion-presence head on the U-Net's training images
+    only and keeps it, with every image's score, beside masks.npz."""
+    from busi.config import load_config
+    from busi.data.loading import dataset_from_config
+    from busi.data.split import read_manifest
+    from busi.models.presence import HEAD_FILE, PresenceHead, head_scores, pooled_features
+    from busi.models.saving import load_model
+    from busi.runs import read_split
+
+    scores = head_scores(seg_run)
+    cfg = load_config(seg_run / "config.yaml")
+    ds = dataset_from_config(cfg)
+    assert scores is not None and sorted(scores) == sorted(ds.files)
+    split = read_split(seg_run)
+    parts = read_manifest(split["manifest"], cfg.split.val_size,
+                          cfg.runtime.seed).partition(split["fold"])
+    train = ds.index(parts["train"])
+    features = pooled_features(load_model(seg_run / "best.keras"), ds.images)
+    lesion = np.array([ds.classes[k] != "normal" for k in ds.labels])
+    refit = PresenceHead.fit(features[train], lesion[train], cfg.runtime.seed)
+    saved = PresenceHead.load(seg_run / HEAD_FILE)
+    assert saved.c == refit.c and np.allclose(saved.weights, refit.weights, atol=1e-6)
+    assert np.allclose([scores[f] for f in ds.files], refit.score(features), atol=1e-5)

@@ -91,14 +91,18 @@ class PresenceHead:
         z = ((features - self.mean) / self.scale) @ self.weights + self.bias
         return 1.0 / (1.0 + np.exp(-z))
 
-    def save(self, path: Path) -> Path:
-        """Atomically: a reader never sees half a head."""
+    def save(self, path: Path, files: list[str] | None = None,
+             scores: np.ndarray | None = None) -> Path:
+        """Atomically (a reader never sees half a head), with the scores of the run's own
+        images by file id when given, as ``masks.npz`` keeps their masks."""
         import os
 
         path = Path(path)
         tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+        extra = {} if files is None else {"files": np.array(files, dtype=str),
+                                          "scores": np.asarray(scores, dtype=np.float32)}
         np.savez(tmp, mean=self.mean, scale=self.scale, weights=self.weights,
-                 bias=np.float64(self.bias), c=np.float64(self.c))
+                 bias=np.float64(self.bias), c=np.float64(self.c), **extra)
         os.replace(tmp, path)
         return path
 
@@ -110,3 +114,26 @@ class PresenceHead:
         except (OSError, KeyError, ValueError) as exc:
             raise BusiError(f"cannot read the presence head: {exc}", where=str(path),
                             fix="delete it so that it is fitted again") from None
+
+
+def fit_for_run(unet, images: np.ndarray, is_lesion: np.ndarray, train_idx: np.ndarray,
+                seed: int = 0) -> tuple[PresenceHead, np.ndarray]:
+    """A U-Net run's head, fitted on its training images only, and every image's score."""
+    features = pooled_features(unet, images)
+    head = PresenceHead.fit(features[train_idx], np.asarray(is_lesion)[train_idx], seed)
+    return head, head.score(features)
+
+
+def head_scores(seg_run: Path) -> dict[str, float] | None:
+    """The presence head's score of every image of a U-Net run, by file id; None for a run
+    without a head (made before busi fitted one, or trained without normal scans)."""
+    path = Path(seg_run) / HEAD_FILE
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as z:
+            return dict(zip(z["files"].tolist(), z["scores"].astype(float).tolist(),
+                            strict=True))
+    except (OSError, KeyError, ValueError) as exc:
+        raise BusiError(f"cannot read the presence head: {exc}", where=str(path),
+                        fix="delete it so that it is fitted again") from None

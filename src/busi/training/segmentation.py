@@ -173,6 +173,22 @@ def training_seconds(final: float, out_of_fold: list[float]) -> dict[str, Any]:
             "train_seconds_out_of_fold": [round(s, 1) for s in out_of_fold]}
 
 
+def write_presence_head(run_dir: Path, model, ds: Dataset, train_idx: np.ndarray,
+                        seed: int) -> Path | None:
+    """Fit the lesion-presence head on the U-Net's training images (models/presence.py) and
+    keep it, with every image's score, in the run's presence_head.npz. Data without normal
+    (or without lesion) training images gives no head, said, not a failed run."""
+    from busi.models.presence import HEAD_FILE, fit_for_run
+
+    lesion = np.array([ds.classes[k] != "normal" for k in ds.labels])
+    try:
+        head, scores = fit_for_run(model, ds.images, lesion, train_idx, seed)
+    except BusiError as exc:
+        print(f"busi: no lesion-presence head for this U-Net: {exc.args[0]}", file=sys.stderr)
+        return None
+    return head.save(run_dir / HEAD_FILE, ds.files, scores)
+
+
 def background_loss(loss: str, val_masks: np.ndarray) -> tuple[float, str] | None:
     """The validation MSE of a U-Net that calls every pixel background (the mean of the 0/1
     masks), drawn on the loss curve: the paper's MSE U-Net can settle exactly there."""
@@ -261,6 +277,7 @@ def train_segmentation(cfg: Config, *, resume: str | None = None,
                 for i, f in enumerate(parts["test"])}
     write_json(run_dir / "test_scores.json", per_file)
     save_masks(run_dir / "masks.npz", ds.files, probs, source, rule, t.flip_tta, members)
+    write_presence_head(run_dir, model, ds, idx["train"], cfg.runtime.seed)
     plots.plot_history(run_dir / "history.csv", run_dir / "loss_curve.png",
                         title="U-Net: training and validation loss",
                         baseline=background_loss(t.loss, ds.masks[idx["val"]]))
