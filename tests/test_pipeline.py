@@ -1527,3 +1527,22 @@ def test_a_unet_run_keeps_a_presence_head_fitted_on_its_training_images(
     saved = PresenceHead.load(seg_run / HEAD_FILE)
     assert saved.c == refit.c and np.allclose(saved.weights, refit.weights, atol=1e-6)
     assert np.allclose([scores[f] for f in ds.files], refit.score(features), atol=1e-5)
+
+
+def test_an_older_unet_run_gets_its_presence_head_added(seg_run: Path) -> None:
+    """scripts/add_presence_head.py: a U-Net run from before the head gets the same head as
+    train-seg would have fitted, as a new file; nothing else in the run changes."""
+    import shutil
+
+    from conftest import load_script
+
+    from busi.models.presence import HEAD_FILE, head_scores
+
+    old = seg_run.parent / f"{seg_run.name}-older"
+    shutil.copytree(seg_run, old)
+    (old / HEAD_FILE).unlink()
+    before = {p: p.stat().st_mtime_ns for p in old.rglob("*") if p.is_file()}
+    assert load_script("add_presence_head").main([str(old)]) == 0
+    assert head_scores(old) == pytest.approx(head_scores(seg_run), abs=1e-6)
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    shutil.rmtree(old)

@@ -14,7 +14,7 @@ from busi import runtime
 from busi.config import Config
 from busi.data.augment import build_augment
 from busi.data.batches import Batches
-from busi.data.loading import Dataset
+from busi.data.loading import Dataset, dataset_from_config
 from busi.data.split import _take_groups, image_groups
 from busi.errors import BusiError
 from busi.evaluation.segmentation import per_image, summarise, tune_threshold
@@ -187,6 +187,27 @@ def write_presence_head(run_dir: Path, model, ds: Dataset, train_idx: np.ndarray
         print(f"busi: no lesion-presence head for this U-Net: {exc.args[0]}", file=sys.stderr)
         return None
     return head.save(run_dir / HEAD_FILE, ds.files, scores)
+
+
+def add_presence_head(seg_run: str | Path) -> Path | None:
+    """Fit the presence head of a finished U-Net run made before busi fitted one, from the
+    run's own config, data, split and best checkpoint; a new file in the run, nothing else
+    touched. A run that has one keeps it."""
+    from busi.data.split import read_manifest
+    from busi.models.presence import HEAD_FILE
+    from busi.runs import read_config, require_run
+
+    seg_run = require_run(str(seg_run), "seg", option="a U-Net run")
+    if (seg_run / HEAD_FILE).is_file():
+        return seg_run / HEAD_FILE
+    cfg = read_config(seg_run)
+    ds = dataset_from_config(cfg)
+    split = read_split(seg_run)
+    check_same_data(split, ds, cfg.data.image_size, where=str(seg_run))
+    parts = read_manifest(split["manifest"], cfg.split.val_size,
+                          cfg.runtime.seed).partition(split.get("fold"))
+    model = load_model(seg_run / "best.keras")
+    return write_presence_head(seg_run, model, ds, ds.index(parts["train"]), cfg.runtime.seed)
 
 
 def background_loss(loss: str, val_masks: np.ndarray) -> tuple[float, str] | None:
