@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
                                      "above the CV folder)")
     p.add_argument("--folds", help="comma-separated fold numbers (default: all; a CV still "
                                    "running: the folds it has finished, said in the table)")
-    p.add_argument("--presence", choices=["argmax", "classifier", "unet", "both"],
+    p.add_argument("--presence", choices=["argmax", "classifier", "unet", "both", "head",
+                                           "head_classifier"],
                    help="choose each fold's operating point again with this lesion-presence "
                         "score, on its own BUSI validation images (default: each run's own)")
     p.add_argument("--reuse", action="store_true",

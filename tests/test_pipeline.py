@@ -1546,3 +1546,31 @@ def test_an_older_unet_run_gets_its_presence_head_added(seg_run: Path) -> None:
     assert head_scores(old) == pytest.approx(head_scores(seg_run), abs=1e-6)
     assert {p: p.stat().st_mtime_ns for p in before} == before
     shutil.rmtree(old)
+
+
+def test_lesion_presence_by_the_unets_encoder_head(work: Path, seg_run: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """busi issue 26: a classifier on a U-Net with a presence head records the head's score
+    of its validation and test images (unet_head) and can decide presence by it, alone or
+    averaged with 1 - p(normal), its threshold chosen on the validation images."""
+    from busi.models.decision import threshold_for_sensitivity
+    from busi.models.presence import head_scores
+
+    out_root = work / "head"
+    assert run(work, "train-cls", "--model", "cnn", "--seg-run", str(seg_run),
+               "--set", f"outputs.root={out_root}",
+               "--set", "decision.presence=head_classifier") == 0
+    capsys.readouterr()
+    (cls,) = list((out_root / "cls" / "cnn").iterdir())
+    with open(cls / "val_predictions.csv", newline="") as fh:
+        val = list(csv.DictReader(fh))
+    head = head_scores(seg_run)
+    assert all(float(r["unet_head"]) == pytest.approx(head[r["file"]], abs=1e-6) for r in val)
+    op = json.loads((cls / "operating_point.json").read_text())
+    score = np.array([(1 - float(r["p_normal"]) + float(r["unet_head"])) / 2 for r in val])
+    lesion = np.array([r["true"] != "normal" for r in val])
+    assert op["presence"] == "head_classifier"
+    assert op["presence_threshold"] == pytest.approx(threshold_for_sensitivity(score, lesion,
+                                                                               0.97))
+    assert main(["evaluate", str(cls), "--presence", "head", "--outputs", str(out_root)]) == 0
+    assert "a lesion when the U-Net encoder's presence head is >=" in capsys.readouterr().out

@@ -247,8 +247,10 @@ class DecisionConfig:
     # the share of validation cancers the malignant threshold must call malignant
     malignant_sensitivity: float = field(default=0.9, metadata=_range(0, 1, lo_open=True))
     # lesion or not: argmax (the classifier's own call), or a score with a threshold:
-    # classifier (1 - p(normal)), unet (its highest lesion probability), both (their mean)
-    presence: Literal["argmax", "classifier", "unet", "both"] = "argmax"
+    # classifier (1 - p(normal)), unet (its highest lesion probability), both (their mean),
+    # head (the U-Net encoder's presence head), head_classifier (its mean with 1 - p(normal))
+    presence: Literal["argmax", "classifier", "unet", "both", "head",
+                      "head_classifier"] = "argmax"
     # the share of validation lesion images the presence threshold may call lesion-free
     max_missed_lesions: float = field(default=0.03, metadata=_range(0, 1, hi_open=True))
 

@@ -278,6 +278,14 @@ def sensitivity_specificity(y_true: np.ndarray, y_pred: np.ndarray,
             "ci95": {"sensitivity": ci.get("malignant"), "specificity": ci.get("benign")}}
 
 
+def unet_columns(path: Path) -> dict[str, np.ndarray | None]:
+    """The U-Net's presence scores a predictions file holds: ``unet_max`` and ``unet_head``
+    (models/decision.py, :data:`~busi.models.decision.UNET_SCORE`)."""
+    from busi.runs import read_column
+
+    return {"max": read_column(path, "unet_max"), "head": read_column(path, "unet_head")}
+
+
 def operating_point(run_dir: Path, sensitivity: float | None = None,
                     presence: str | None = None):
     """A classifier run's operating point (:class:`busi.models.decision.OperatingPoint`):
@@ -286,9 +294,9 @@ def operating_point(run_dir: Path, sensitivity: float | None = None,
     validation images (``val_predictions.csv``); so is a stored point chosen by an earlier
     rule (:data:`busi.models.decision.RULE`). None for a run from before busi chose
     operating points."""
-    from busi.models.decision import RULE, OperatingPoint, choose
+    from busi.models.decision import RULE, OperatingPoint, choose, has_scores
     from busi.runs import OPERATING_POINT as OP_FILE
-    from busi.runs import VAL_PREDICTIONS, read_column, read_json
+    from busi.runs import VAL_PREDICTIONS, read_json
 
     stored = (OperatingPoint.from_dict(read_json(run_dir / OP_FILE))
               if (run_dir / OP_FILE).is_file() else None)
@@ -299,9 +307,9 @@ def operating_point(run_dir: Path, sensitivity: float | None = None,
     if not val.is_file():
         return None
     _, y_true, _, probs, classes = read_predictions(val)
-    peak = read_column(val, "unet_max")
+    peak = unet_columns(val)
     kind = presence or (stored.presence if stored else "argmax")
-    if kind in ("unet", "both") and peak is None:
+    if not has_scores(kind, peak):
         if presence is not None:  # asked for by name: not silently another decision
             raise BusiError(f"presence {presence!r} needs the U-Net's scores of the run's "
                             "validation images, and this run has none (it learnt without "
@@ -336,9 +344,9 @@ def at_operating_point(op, y_true: list[str], probs: np.ndarray, classes: list[s
                        unet_max: np.ndarray | None, groups: np.ndarray | None = None,
                        folds: np.ndarray | None = None) -> dict:
     """:func:`clinical_figures` of one model's calls at ``op``."""
-    from busi.models.decision import decide
+    from busi.models.decision import decide, has_scores
 
-    if op.presence in ("unet", "both") and unet_max is None:
+    if not has_scores(op.presence, unet_max):
         raise BusiError(f"the operating point's presence decision ({op.presence}) needs the "
                         "U-Net's probabilities, and these predictions have none",
                         fix="evaluate with the run's U-Net (--seg-run)")
@@ -623,7 +631,6 @@ def evaluate_run(run_dir: str | Path, sensitivity: float | None = None,
     malignant sensitivity, chosen on the run's validation images, instead of its own;
     ``presence``: likewise, with that lesion-presence score (models/decision.py).
     """
-    from busi.runs import read_column
 
     run_dir = Path(run_dir)
     files, y_true, y_pred, probs, classes = read_predictions(run_dir / PREDICTIONS)
@@ -633,7 +640,7 @@ def evaluate_run(run_dir: str | Path, sensitivity: float | None = None,
     op = operating_point(run_dir, sensitivity, presence)
     if op is not None:
         r["clinical"] = at_operating_point(op, y_true, probs, classes,
-                                           read_column(run_dir / PREDICTIONS, "unet_max"),
+                                           unet_columns(run_dir / PREDICTIONS),
                                            groups=groups)
     title = _run_title(run_dir)
     r["title"] = title

@@ -35,9 +35,9 @@ from busi.runs import (
     cv_arms,
     cv_fold_classifier,
     cv_fold_unet,
-    read_column,
     read_json,
     read_predictions,
+    read_split,
     saved_state,
     write_json,
     write_predictions,
@@ -57,22 +57,36 @@ def _fold_decisions(run: Path, test: tuple) -> dict | None:
     operating point's calls, and the validation scores that the choice of score rests on.
     ``test``: the run's predictions.csv as :func:`read_predictions` gave it (read once, by
     :func:`aggregate`). None for a run from before busi wrote val_predictions.csv."""
-    from busi.evaluation.classification import operating_point
-    from busi.models.decision import PRESENCE_SCORES, choose, decide, presence_score
+    from busi.evaluation.classification import operating_point, unet_columns
+    from busi.models.decision import (
+        PRESENCE_SCORES,
+        choose,
+        decide,
+        has_scores,
+        presence_score,
+    )
 
     val = run / VAL_PREDICTIONS
     if not val.is_file():
         return None
-    _, v_true, _, v_probs, classes = read_predictions(val)
-    v_peak = read_column(val, "unet_max")
-    _, t_true, _, t_probs, _ = test
-    t_peak = read_column(run / PREDICTIONS, "unet_max")
+    v_files, v_true, _, v_probs, classes = read_predictions(val)
+    v_peak = unet_columns(val)
+    t_files, t_true, _, t_probs, _ = test
+    t_peak = unet_columns(run / PREDICTIONS)
+    if v_peak["head"] is None:  # a classifier older than its U-Net's head (add_presence_head)
+        from busi.models.presence import head_scores
+
+        seg = read_split(run).get("seg_run")
+        head = head_scores(Path(seg)) if seg and Path(seg).is_dir() else None
+        if head is not None and all(f in head for f in [*v_files, *t_files]):
+            v_peak["head"] = np.array([head[f] for f in v_files])
+            t_peak["head"] = np.array([head[f] for f in t_files])
     own = operating_point(run)
     out: dict = {"own": decide(own, t_probs, classes, t_peak), "own_op": own, "kinds": {},
                  "val_true": v_true, "val_probs": v_probs, "classes": classes,
                  "val_loss": saved_state(run).get("best"), "val_scores": {}}
     for kind in PRESENCE_SCORES:
-        if kind in ("unet", "both") and (v_peak is None or t_peak is None):
+        if not (has_scores(kind, v_peak) and has_scores(kind, t_peak)):
             continue
         op = choose(v_probs, v_true, classes, v_peak,
                     malignant_sensitivity=own.malignant_sensitivity, presence=kind,

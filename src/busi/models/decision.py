@@ -28,7 +28,12 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-PRESENCE_SCORES = ("argmax", "classifier", "unet", "both")
+PRESENCE_SCORES = ("argmax", "classifier", "unet", "both", "head", "head_classifier")
+# Which of the U-Net's scores a presence kind reads: its highest lesion probability ("max",
+# the ``unet_max`` column) or its encoder's presence head ("head", ``unet_head``;
+# models/presence.py).
+UNET_SCORE = {"unet": "max", "both": "max", "head": "head", "head_classifier": "head"}
+UnetScores = "np.ndarray | dict[str, np.ndarray | None] | None"
 # How the thresholds are chosen (threshold_for_sensitivity). A stored operating point of
 # another rule is chosen again from the run's validation predictions when it is read.
 RULE = "split-conformal rank of the cancers found"
@@ -71,7 +76,10 @@ class OperatingPoint:
 MALIGNANCY = "p(malignant) / (p(benign) + p(malignant))"
 PRESENCE_WORDS = {"classifier": "1 - p(normal)",
                   "unet": "U-Net's highest lesion probability",
-                  "both": "mean of 1 - p(normal) and the U-Net's highest lesion probability"}
+                  "both": "mean of 1 - p(normal) and the U-Net's highest lesion probability",
+                  "head": "U-Net encoder's presence head",
+                  "head_classifier": "mean of 1 - p(normal) and the U-Net encoder's presence "
+                                     "head"}
 
 
 def _column(probs: np.ndarray, classes: list[str] | tuple[str, ...], name: str) -> np.ndarray:
@@ -85,16 +93,33 @@ def malignancy(probs: np.ndarray, classes: list[str] | tuple[str, ...]) -> np.nd
     return np.where(total > 0, m / np.where(total > 0, total, 1.0), 0.5)
 
 
+def unet_score(kind: str, unet) -> np.ndarray | None:
+    """The U-Net score a presence ``kind`` reads (:data:`UNET_SCORE`) from ``unet``: a dict
+    ``{"max": ..., "head": ...}``, or one array (the highest lesion probabilities, as runs
+    before the head stored them); None when it is not there."""
+    key = UNET_SCORE.get(kind)
+    if key is None or unet is None:
+        return None
+    got = unet.get(key) if isinstance(unet, dict) else (unet if key == "max" else None)
+    return None if got is None else np.asarray(got, dtype=float)
+
+
+def has_scores(kind: str, unet) -> bool:
+    """Whether ``unet`` holds what presence ``kind`` needs."""
+    return kind not in UNET_SCORE or unet_score(kind, unet) is not None
+
+
 def presence_score(kind: str, probs: np.ndarray, classes: list[str] | tuple[str, ...],
-                   unet_max: np.ndarray | None) -> np.ndarray:
-    """The lesion-presence score of each image for ``kind`` (not ``argmax``)."""
+                   unet_max) -> np.ndarray:
+    """The lesion-presence score of each image for ``kind`` (not ``argmax``). ``unet_max``:
+    the U-Net's scores (:func:`unet_score`)."""
     clf = 1.0 - _column(probs, classes, "normal")
     if kind == "classifier":
         return clf
-    if unet_max is None:
-        raise ValueError(f"presence {kind!r} needs the U-Net's probabilities")
-    unet = np.asarray(unet_max, dtype=float)
-    return unet if kind == "unet" else (clf + unet) / 2.0
+    unet = unet_score(kind, unet_max)
+    if unet is None:
+        raise ValueError(f"presence {kind!r} needs the U-Net's {UNET_SCORE[kind]} scores")
+    return unet if kind in ("unet", "head") else (clf + unet) / 2.0
 
 
 def threshold_for_sensitivity(scores: np.ndarray, positive: np.ndarray,

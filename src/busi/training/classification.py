@@ -142,6 +142,11 @@ def classifier_augment(augment: Augment | None) -> Augment | None:
     return apply
 
 
+def _columns(scores: dict) -> dict:
+    """The U-Net's presence scores as predictions-file columns (those it has)."""
+    return {f"unet_{k}": v for k, v in scores.items() if v is not None}
+
+
 def write_operating_point(run_dir: Path, cfg: Config, val_probs: np.ndarray,
                           val_true: list[str], classes: tuple[str, ...] | list[str],
                           val_unet_max: np.ndarray | None) -> None:
@@ -152,7 +157,9 @@ def write_operating_point(run_dir: Path, cfg: Config, val_probs: np.ndarray,
 
     d = cfg.decision
     presence = d.presence
-    if presence in ("unet", "both") and val_unet_max is None:
+    from busi.models.decision import has_scores
+
+    if not has_scores(presence, val_unet_max):
         print(f"busi: warning: decision.presence {presence!r} needs a U-Net run, and this "
               "classifier has none: the presence decision is the classifier's argmax",
               file=sys.stderr)
@@ -300,13 +307,17 @@ def train_classifier(cfg: Config, *, seg_run: str | None = None, resume: str | N
     peaks = None
     if seg_path is not None:  # the U-Net's own lesion-presence score (models/decision.py)
         from busi.models.masks import unet_max
+        from busi.models.presence import head_scores
 
-        stored_max = unet_max(seg_path)
-        peaks = {k: np.array([stored_max[f] for f in parts[k]]) for k in ("val", "test")}
+        stored_max, stored_head = unet_max(seg_path), head_scores(seg_path)
+        peaks = {k: {"max": np.array([stored_max[f] for f in parts[k]]),
+                     "head": (None if stored_head is None
+                              else np.array([stored_head[f] for f in parts[k]]))}
+                 for k in ("val", "test")}
     write_predictions(run_dir / PREDICTIONS, parts["test"], ds.labels[idx["test"]],
-                      probs, ds.classes, None if peaks is None else {"unet_max": peaks["test"]})
+                      probs, ds.classes, None if peaks is None else _columns(peaks["test"]))
     write_predictions(run_dir / VAL_PREDICTIONS, parts["val"], ds.labels[idx["val"]],
-                      val_probs, ds.classes, None if peaks is None else {"unet_max": peaks["val"]})
+                      val_probs, ds.classes, None if peaks is None else _columns(peaks["val"]))
     write_operating_point(run_dir, cfg, val_probs, [ds.classes[k] for k in ds.labels[idx["val"]]],
                           ds.classes, None if peaks is None else peaks["val"])
     unet = None
