@@ -56,9 +56,14 @@ def arm_at_site(cv: Path, arm: str, folds: list[int], data: str, outputs: str,
     with that lesion-presence score (as ``busi evaluate --data`` would with a run trained
     with it), instead of the one each run chose when it was trained."""
     from busi.data.loading import load_dataset
-    from busi.evaluation.classification import at_operating_point, compute, operating_point
+    from busi.evaluation.classification import (
+        at_operating_point,
+        compute,
+        operating_point,
+        unet_columns,
+    )
     from busi.models.decision import mean_operating_point
-    from busi.runs import PREDICTIONS, read_column, read_json, read_predictions
+    from busi.runs import PREDICTIONS, read_json, read_predictions
     from busi.workflows.sites import resampling_groups
 
     per_fold, probs, peaks, ops = [], [], [], []
@@ -74,7 +79,7 @@ def arm_at_site(cv: Path, arm: str, folds: list[int], data: str, outputs: str,
             raise SystemExit(f"{ev}: the folds' evaluations list other images; rerun without "
                              "--reuse")
         probs.append(p)
-        peaks.append(read_column(ev / PREDICTIONS, "unet_max"))
+        peaks.append(unet_columns(ev / PREDICTIONS))
         ops.append(operating_point(Path(rec["cls_run"]), presence=presence))
         seg = rec.get("segmentation") or {}
         clinical = c.get("clinical") or {}
@@ -94,7 +99,8 @@ def arm_at_site(cv: Path, arm: str, folds: list[int], data: str, outputs: str,
     where = {name: i for i, name in enumerate(ds.files)}
     groups = np.asarray(groups)[[where[f] for f in files]]
     mean_probs = np.mean(probs, axis=0)
-    mean_peak = None if any(p is None for p in peaks) else np.mean(peaks, axis=0)
+    mean_peak = {key: (None if any(p[key] is None for p in peaks)
+                       else np.mean([p[key] for p in peaks], axis=0)) for key in ("max", "head")}
     pred = [classes[i] for i in mean_probs.argmax(axis=1)]
     r = compute(files, truth, pred, mean_probs, classes, groups=groups, unit_name=unit)
     ensemble: dict = {"accuracy": r["accuracy"], "ci95": r["ci95"],

@@ -1548,7 +1548,7 @@ def test_an_older_unet_run_gets_its_presence_head_added(seg_run: Path) -> None:
     shutil.rmtree(old)
 
 
-def test_lesion_presence_by_the_unets_encoder_head(work: Path, seg_run: Path,
+def test_lesion_presence_by_the_unets_encoder_head(work: Path, seg_run: Path, synth_root: Path,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     """busi issue 26: a classifier on a U-Net with a presence head records the head's score
     of its validation and test images (unet_head) and can decide presence by it, alone or
@@ -1574,3 +1574,13 @@ def test_lesion_presence_by_the_unets_encoder_head(work: Path, seg_run: Path,
                                                                                0.97))
     assert main(["evaluate", str(cls), "--presence", "head", "--outputs", str(out_root)]) == 0
     assert "a lesion when the U-Net encoder's presence head is >=" in capsys.readouterr().out
+    # new images: the same U-Net pass gives the head's score, and the call uses it
+    image = sorted((synth_root / "normal").glob("*.png"))[0]
+    out = work / "head-predict"
+    assert main(["predict", str(image), "--cls-run", str(cls), "--out", str(out)]) == 0
+    with open(out / "predictions.csv", newline="") as fh:
+        (row,) = list(csv.DictReader(fh))
+    assert 0 <= float(row["unet_head"]) <= 1
+    lesion = (1 - float(row["p_normal"]) + float(row["unet_head"])) / 2 >= op["presence_threshold"]
+    assert (row["call"] != "normal") == lesion
+    assert row["call"] != "normal" or int(row["lesion_pixels"]) == 0

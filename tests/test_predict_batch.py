@@ -27,6 +27,7 @@ class FakePredictor:
     def __init__(self, seg_run, cls_run, outputs_root, sensitivity=None, **fold_ensemble):
         self.seg, self.cls = Path(seg_run or "seg"), Path(cls_run or "cls")
         self.op, self.last_unet_max = None, 1.0  # a run from before operating points
+        self.last_unet_head = None  # and before the presence head
         self.size, self.classes, self.min_confidence = (32, 32), ["benign", "normal"], 0.6
         self.rule, self.flip_tta = SimpleNamespace(threshold=0.5, postprocess="none"), False
         if FakePredictor.before_first_image:

@@ -189,6 +189,10 @@ class Predictor:
         self.min_confidence = cfg.predict.min_confidence  # the run's; --min-confidence wins
         self.rule, self.flip_tta = read_rule(self.seg)
         self.unets = load_unets(self.seg)  # one U-Net, or a run's fold ensemble
+        from busi.models.presence import run_head
+
+        self.head = run_head(self.seg)  # the lesion-presence head on its encoder, if any
+        self.last_unet_head: float | None = None
         self.clf = load_model(self.cls / "best.keras")
         from busi.evaluation.classification import operating_point
 
@@ -256,12 +260,19 @@ class Predictor:
             calls = [m(gray) for m in self.members]
             mean = np.mean([m.last_prob for m in self.members], axis=0)
             self.last_unet_max = float(np.mean([m.last_unet_max for m in self.members]))
+            heads = [m.last_unet_head for m in self.members]
+            self.last_unet_head = None if None in heads else float(np.mean(heads))
             return (self.rule.apply(mean)[0], calls[0][1],
                     np.mean([p for _, _, p in calls], axis=0))
         small = resize_image(gray, self.size)
         prob = as_stored(predict_probs(self.unets, small[None], flip_tta=self.flip_tta))
         mask = self.rule.apply(prob)[0]
         self.last_prob, self.last_unet_max = prob, float(prob.max())
+        if self.head is not None:
+            from busi.models.presence import pooled_features
+
+            self.last_unet_head = float(self.head.score(pooled_features(self.unets[0],
+                                                                        small[None]))[0])
         use_mask = None if self.c.masks == "none" else mask[None]
         x = classifier_inputs(small[None], use_mask, self.c, [gray])
         p = np.asarray(self.clf.predict_on_batch(x.astype("float32")))[0]
@@ -321,8 +332,10 @@ def predict_command(inputs: list[str], seg_run: str | None = None, cls_run: str 
             skipped.append((str(path), why))
             continue
         mask, x, p = predictor(gray)
-        call = (decide(op, p[None], classes, np.array([predictor.last_unet_max]))[0]
-                if op is not None else "")
+        head = predictor.last_unet_head
+        unet = {"max": np.array([predictor.last_unet_max]),
+                "head": None if head is None else np.array([head])}
+        call = decide(op, p[None], classes, unet)[0] if op is not None else ""
         # Called lesion-free at the chosen point: the mask written is empty, whatever blob
         # the U-Net drew (its size stays in unet_lesion_pixels).
         drawn = np.zeros_like(mask) if call == "normal" else mask
@@ -355,11 +368,12 @@ def predict_command(inputs: list[str], seg_run: str | None = None, cls_run: str 
                      "cls_run": str(cls), "seg_run": str(seg), "call": call,
                      "malignancy": round(float(malignancy(p[None], classes)[0]), 6),
                      "unet_max": round(predictor.last_unet_max, 6),
-                     "unet_lesion_pixels": int(mask.sum())})
+                     "unet_lesion_pixels": int(mask.sum()),
+                     "unet_head": "" if head is None else round(head, 6)})
     # New columns after the old ones, so a script that reads columns by position still works.
     header = ["file", "pred", *[f"p_{k}" for k in classes], "lesion_pixels", "output_stem",
               "lesion_pixels_grid", "lesion_fraction", "flags", "cls_run", "seg_run", "call",
-              "malignancy", "unet_max", "unet_lesion_pixels"]
+              "malignancy", "unet_max", "unet_lesion_pixels", "unet_head"]
     buf_csv = io.StringIO()
     writer = csv.DictWriter(buf_csv, header, lineterminator="\n")  # quotes commas, quotes, ...
     writer.writeheader()
@@ -392,6 +406,8 @@ def predict_command(inputs: list[str], seg_run: str | None = None, cls_run: str 
                           "validation images (operating_point); empty for runs from before",
                   "malignancy": "p(malignant) / (p(benign) + p(malignant))",
                   "unet_max": "the U-Net's highest lesion probability in the scan",
+                  "unet_head": "the U-Net encoder's presence head: p(lesion) (empty for a "
+                               "U-Net run without one)",
                   "unet_lesion_pixels": "pixels the U-Net drew on the model grid; the mask "
                                         "written (lesion_pixels, <name>_mask.png) is empty "
                                         "when the call at the chosen point is normal"},

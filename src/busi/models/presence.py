@@ -137,3 +137,9 @@ def head_scores(seg_run: Path) -> dict[str, float] | None:
     except (OSError, KeyError, ValueError) as exc:
         raise BusiError(f"cannot read the presence head: {exc}", where=str(path),
                         fix="delete it so that it is fitted again") from None
+
+
+def run_head(seg_run: Path) -> PresenceHead | None:
+    """A U-Net run's presence head, or None for a run without one."""
+    path = Path(seg_run) / HEAD_FILE
+    return PresenceHead.load(path) if path.is_file() else None

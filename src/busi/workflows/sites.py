@@ -254,10 +254,17 @@ def _evaluate_site(site: _Site, cfg, cls: Path | None, seg: Path | None, clf, un
         x = classifier_inputs(ds.images, use, c, original_images(ds)
                               if needs_originals(c) and use is not None else None)
         probs_cls = clf.predict(x.astype("float32"), batch_size=64, verbose=0)
-        peak = (None if seg is None
-                else probs.reshape(len(probs), -1).max(axis=1).astype(float))
+        peak = None
+        if seg is not None:  # the U-Net's presence scores (models/decision.py)
+            from busi.models.presence import pooled_features, run_head
+
+            head = run_head(seg)
+            peak = {"max": probs.reshape(len(probs), -1).max(axis=1).astype(float),
+                    "head": (None if head is None
+                             else head.score(pooled_features(unets[0], ds.images)))}
         write_predictions(site.out / PREDICTIONS, ds.files, labels, probs_cls, model_classes,
-                          None if peak is None else {"unet_max": peak})
+                          None if peak is None else {f"unet_{k}": v for k, v in peak.items()
+                                                     if v is not None})
         pred = [model_classes[int(i)] for i in probs_cls.argmax(1)]
         r = compute(ds.files, names, pred, probs_cls, list(model_classes), groups=groups,
                     unit_name=site.unit_name)
