@@ -8,8 +8,10 @@ on the test images or on another site's:
    lesion unless "normal" is its most probable class), or a score with a threshold that
    lets at most ``max_missed_lesions`` of the validation lesion images through:
    ``classifier`` = 1 - p(normal); ``unet`` = the U-Net's highest lesion probability in the
-   scan; ``both`` = the mean of the two. "Whatever survives the mask threshold and the
-   largest-component rule" is not a decision: the U-Net draws a blob on most normal scans.
+   scan; ``both`` = the mean of the two; ``head`` = the U-Net's presence head
+   (models/presence.py); ``head_classifier`` = its mean with 1 - p(normal). "Whatever
+   survives the mask threshold and the largest-component rule" is not a decision: the U-Net
+   draws a blob on most normal scans.
 2. **Is the lesion malignant?** ``malignancy`` = p(malignant) / (p(benign) + p(malignant)),
    the score of the benign-vs-malignant ROC curve, against the threshold that calls
    ``malignant_sensitivity`` of new cancers malignant among those the presence decision
