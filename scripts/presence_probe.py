@@ -35,24 +35,6 @@ from pathlib import Path
 import numpy as np
 
 
-def bottleneck_model(unet):
-    """The U-Net cut at its deepest encoder output: the input of its first ``dec<k>_up`` layer
-    (every busi U-Net, plain or with a pretrained encoder, names its decoder that way)."""
-    import keras
-
-    first_up = next(layer for layer in unet.layers
-                    if layer.name.startswith("dec") and layer.name.endswith("_up"))
-    return keras.Model(unet.inputs, first_up.input)
-
-
-def encoder_features(unet, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    """Global mean and maximum of the deepest encoder features, (N, 2C), for uint8 images."""
-    x = images[..., None].astype("float32") / 255.0
-    b = np.asarray(bottleneck_model(unet).predict(x, batch_size=batch_size, verbose=0),
-                   dtype=np.float32)
-    return np.concatenate([b.mean(axis=(1, 2)), b.max(axis=(1, 2))], axis=1)
-
-
 def map_statistics(probs: np.ndarray) -> np.ndarray:
     """Six summaries of each probability map (N, H, W) -> (N, 6)."""
     flat = np.sort(probs.reshape(len(probs), -1), axis=1)
@@ -63,14 +45,10 @@ def map_statistics(probs: np.ndarray) -> np.ndarray:
 
 
 def fit_head(features: np.ndarray, is_lesion: np.ndarray, seed: int = 0):
-    """A standardised logistic regression, C chosen by 5-fold CV on these images."""
-    from sklearn.linear_model import LogisticRegressionCV
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+    """busi's own presence head (busi.models.presence.PresenceHead): C by 5-fold CV here."""
+    from busi.models.presence import PresenceHead
 
-    return make_pipeline(StandardScaler(), LogisticRegressionCV(
-        Cs=[1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0], cv=5, scoring="roc_auc", max_iter=5000,
-        random_state=seed)).fit(features, is_lesion)
+    return PresenceHead.fit(features, is_lesion, seed)
 
 
 def _logit(p: np.ndarray) -> np.ndarray:
@@ -83,6 +61,7 @@ def fold_scores(cv: Path, k: int, arms: list[str]) -> dict:
     from busi.config import load_config
     from busi.data.loading import dataset_from_config
     from busi.data.split import read_manifest
+    from busi.models.presence import pooled_features
     from busi.models.saving import load_model
     from busi.runs import (
         PREDICTIONS,
@@ -106,12 +85,12 @@ def fold_scores(cv: Path, k: int, arms: list[str]) -> dict:
     probs = np.zeros(ds.images.shape, np.float32)
     probs[ds.index(z["files"].tolist())] = z["probs"] / 255.0
     stats = map_statistics(probs)
-    feats = encoder_features(load_model(seg / "best.keras"), ds.images)
+    feats = pooled_features(load_model(seg / "best.keras"), ds.images)
     scores: dict[str, tuple[np.ndarray, np.ndarray]] = {
         "unet max": (stats[idx["val"], 0], stats[idx["test"], 0])}
     for name, x in (("prob-map LR", stats), ("encoder head LR", feats)):
         head = fit_head(x[idx["train"]], lesion[idx["train"]], cfg.runtime.seed)
-        scores[name] = tuple(head.predict_proba(x[idx[p]])[:, 1] for p in ("val", "test"))
+        scores[name] = tuple(head.score(x[idx[p]]) for p in ("val", "test"))
     files = np.array(ds.files)
     for arm in arms:
         run, finished, _ = cv_fold_classifier(cv, k, arm, seg)

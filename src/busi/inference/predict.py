@@ -192,6 +192,10 @@ class Predictor:
         from busi.models.presence import run_head
 
         self.head = run_head(self.seg)  # the lesion-presence head on its encoder, if any
+        if self.head is not None:  # built once, not per image
+            from busi.models.presence import bottleneck_model
+
+            self.encoder = bottleneck_model(self.unets[0])
         self.last_unet_head: float | None = None
         self.clf = load_model(self.cls / "best.keras")
         from busi.evaluation.classification import operating_point
@@ -271,8 +275,8 @@ class Predictor:
         if self.head is not None:
             from busi.models.presence import pooled_features
 
-            self.last_unet_head = float(self.head.score(pooled_features(self.unets[0],
-                                                                        small[None]))[0])
+            self.last_unet_head = float(self.head.score(pooled_features(
+                self.unets[0], small[None], encoder=self.encoder))[0])
         use_mask = None if self.c.masks == "none" else mask[None]
         x = classifier_inputs(small[None], use_mask, self.c, [gray])
         p = np.asarray(self.clf.predict_on_batch(x.astype("float32")))[0]

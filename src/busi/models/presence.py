@@ -42,14 +42,17 @@ def bottleneck_model(unet):
     return keras.Model(unet.inputs, first_up.input)
 
 
-def pooled_features(unet, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+def pooled_features(unet, images: np.ndarray, batch_size: int = 32,
+                    encoder=None) -> np.ndarray:
     """Global mean and maximum of the deepest encoder features (N, 2C), for uint8 images
-    (N, H, W) scaled as the U-Net's training scaled them."""
+    (N, H, W) scaled as the U-Net's training scaled them. ``encoder``: the U-Net's
+    :func:`bottleneck_model`, built once by a caller that scores image after image."""
     if len(images) == 0:
         return np.zeros((0, 0), np.float32)
     x = images[..., None].astype("float32") / 255.0
-    b = np.asarray(bottleneck_model(unet).predict(x, batch_size=batch_size, verbose=0),
-                   dtype=np.float32)
+    encoder = encoder or bottleneck_model(unet)
+    b = np.asarray(encoder.predict_on_batch(x) if len(x) <= batch_size
+                   else encoder.predict(x, batch_size=batch_size, verbose=0), dtype=np.float32)
     return np.concatenate([b.mean(axis=(1, 2)), b.max(axis=(1, 2))], axis=1)
 
 
