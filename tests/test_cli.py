@@ -149,6 +149,20 @@ def test_cv_with_models_none_trains_the_unets_only(synth_root: Path, tmp_path: P
     assert seen["models"] == ()
 
 
+def test_cv_without_models_cross_validates_the_configs_own_classifier(
+        synth_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """busi issue 26: `busi cv --config configs/cpu.yaml` is the CV of cpu.yaml's recipe (one
+    arm, its classifier and settings), the fold ensemble `busi predict` then defaults to."""
+    import busi.workflows.cv
+
+    seen = {}
+    monkeypatch.setattr(busi.workflows.cv, "run_cv", lambda cfg, **kw: seen.update(kw, cfg=cfg))
+    assert main(["cv", "--config", "cpu", "--data", str(synth_root)]) == 0
+    assert seen["models"] == (seen["cfg"].model.classifier.name,) != ("cnn",)
+    assert main(["cv", "--config", "paper", "--data", str(synth_root)]) == 0
+    assert seen["models"] == ("cnn",)
+
+
 # --------------------------------------------------------------------------- issue 16: flags
 
 

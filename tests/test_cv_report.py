@@ -462,6 +462,54 @@ def test_predict_with_a_cv_arms_fold_ensemble_averages_its_fold_models(
     assert "no arm 'nope'" in capsys.readouterr().err
 
 
+def test_predict_defaults_to_a_newer_one_arm_cvs_fold_ensemble(
+        cv_run: Path, synth_root: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """busi issue 26: with neither --cls-run nor --cv, `busi predict` uses the latest finished
+    one-arm CV (the recipe's fold models averaged) when it is newer than the latest finished
+    classifier run, and that run otherwise; a bare `--cv` is the latest finished CV."""
+    import csv
+    import shutil
+
+    from busi.inference.predict import default_cv
+    from busi.runs import cv_fold_classifier, cv_fold_unet
+
+    root = tmp_path / "outputs"
+    cv = root / "cv" / cv_run.name
+    shutil.copytree(cv_run, cv)  # a copied CV keeps working: cv.json's paths are relative
+    meta = json.loads((cv / "cv.json").read_text())
+    meta["models"] = ["cnn"]  # one arm: no --arm needed to say which fold models
+    (cv / "cv.json").write_text(json.dumps(meta))
+    image = str(synth_root / "malignant" / "malignant (2).png")
+
+    def probs(*args: str) -> list[float]:
+        out = tmp_path / f"p{len(list(tmp_path.iterdir()))}"
+        assert main(["predict", image, "--outputs", str(root), "--out", str(out), *args]) == 0
+        with open(out / "predictions.csv", newline="") as fh:
+            (row,) = list(csv.DictReader(fh))
+        return [float(row[f"p_{c}"]) for c in ("benign", "malignant", "normal")]
+
+    capsys.readouterr()
+    by_default = probs()
+    assert f"the fold ensemble of CV {cv}" in capsys.readouterr().out
+    assert probs("--cv") == by_default
+    assert f"CV {cv} (the latest finished)" in capsys.readouterr().out
+    assert probs("--cv", str(cv), "--arm", "cnn") == by_default
+    # a classifier run newer than the CV is the default again
+    seg, _ = cv_fold_unet(cv, 0)
+    run, _, _ = cv_fold_classifier(cv, 0, "cnn", seg)
+    assert default_cv(str(root)) == str(cv)
+    shutil.copytree(run, root / "cls" / "cnn" / "29991231-000000")
+    assert default_cv(str(root)) is None
+    # an unfinished CV is never a default
+    shutil.rmtree(root / "cls")
+    (cv / "fold1" / "cls").rename(cv / "fold1" / "gone")
+    assert default_cv(str(root)) is None
+    assert main(["predict", image, "--outputs", str(root), "--cv",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "no finished CV" in capsys.readouterr().err
+
+
 def test_the_presence_probe_fits_its_heads_on_each_folds_training_images_only(
         cv_run: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """busi issue 26: scripts/presence_probe.py compares presence scores from the U-Net (its

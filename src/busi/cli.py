@@ -290,15 +290,15 @@ def cmd_cv(args: argparse.Namespace) -> int:
 
     models = tuple(m.strip() for m in (args.models or "").split(",") if m.strip())
     arms = dict(parse_arm(a) for a in args.arm or [])
-    if args.models is None and not args.resume and not arms:
-        models = ("cnn",)
+    _check_resume_args(args)
+    cfg = None if args.resume else load_cli_config(args)
+    if args.models is None and cfg is not None and not arms:
+        models = (cfg.model.classifier.name,)  # the config's own recipe
     if not models and not arms and not args.resume:
         raise BusiError("no classifier named", where="--models",
                         fix="name one or more, e.g. --models cnn,vgg19,mobilenet, or "
                             "--models none for the U-Nets only")
     models = () if models == ("none",) else models
-    _check_resume_args(args)
-    cfg = None if args.resume else load_cli_config(args)
     run_cv(cfg, folds=args.folds, models=models, resume=args.resume, arms=arms)
     return 0
 
@@ -479,7 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", type=int, default=None,
                    help="number of folds (default 5; a resumed CV keeps its own)")
     p.add_argument("--models", default=None,
-                   help="comma-separated classifiers to train per fold (default: cnn; "
+                   help="comma-separated classifiers to train per fold (default: the config's "
+                        "model.classifier.name, with its settings; "
                         "none: segmentation only); with --resume, classifiers to add to the "
                         "CV, trained on its folds and U-Nets")
     p.add_argument("--arm", action="append", metavar="'NAME: KEY=VALUE ...'",
@@ -562,10 +563,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "the classifier run's predict.min_confidence, 0.6 unless set)")
     _add_sensitivity_arg(p)
     _add_presence_arg(p)
-    p.add_argument("--cv", metavar="CV_DIR",
+    p.add_argument("--cv", metavar="CV_DIR", nargs="?", const="latest",  # predict.LATEST_CV
                    help="predict with a CV arm's fold models together (a fold ensemble: each "
                         "fold's classifier on its own U-Net's masks, probabilities averaged) "
-                        "instead of one classifier run")
+                        "instead of one classifier run; without CV_DIR the latest finished CV. "
+                        "With neither --cv nor --cls-run: a finished one-arm CV if it is newer "
+                        "than the latest classifier run")
     p.add_argument("--arm", metavar="NAME", help="with --cv: which arm (needed when it has "
                                                  "several)")
     p.set_defaults(func=cmd_predict)

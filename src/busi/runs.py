@@ -158,6 +158,35 @@ def cv_fold_classifier(cv_dir: str | Path, k: int, arm: str, seg: Path | None,
     return run, bool(done), len(runs) - len(paired)
 
 
+def cv_folds_done(cv_dir: str | Path, meta: dict[str, Any], arms: list[str]) -> int:
+    """How many of a CV's folds have a finished U-Net and a finished run of each of ``arms``
+    on that U-Net."""
+    def fold_done(k: int) -> bool:
+        try:
+            seg, done = cv_fold_unet(cv_dir, k, meta)
+        except BusiError:
+            return False
+        return done and all(cv_fold_classifier(cv_dir, k, a, seg)[1] for a in arms)
+
+    return sum(fold_done(k) for k in range(int(meta.get("folds", 0))))
+
+
+def latest_cv(outputs_root: str | Path, *, single_arm: bool = False) -> Path | None:
+    """The newest CV under ``<outputs_root>/cv`` whose every fold finished (its U-Net and all
+    its arms): a fold ensemble ``busi predict`` can use. ``single_arm``: only a CV of one
+    arm (no ``--arm`` needed to say which fold models)."""
+    for run in reversed(list_runs(Path(outputs_root) / CV_DIR)):
+        meta = _json_or_none(run / "cv.json")
+        if not isinstance(meta, dict) or not meta.get("folds") or not meta.get("models"):
+            continue
+        arms = list(meta["models"])
+        if single_arm and len(arms) != 1:
+            continue
+        if cv_folds_done(run, meta, arms) == meta["folds"]:
+            return run
+    return None
+
+
 def cv_of(run_dir: str | Path) -> Path | None:
     """The CV folder a fold run lies in (``<cv>/fold<k>/seg/<run>``,
     ``<cv>/fold<k>/cls/<arm>/<run>``), or None for a run outside any CV."""
@@ -612,7 +641,7 @@ def paired_seg_run(cls: Path, seg_run: str | None, outputs_root: str,
     own = read_split(cls).get("seg_run")
     if seg_run:
         seg = resolve_seg_run(seg_run, outputs_root)
-        if own and not same_path(own, seg):
+        if own and not trained_on(cls, seg):  # a moved or copied CV still pairs
             print(f"busi: warning: {command}: --seg-run {seg} is not the U-Net run classifier "
                   f"{cls} was trained with ({own}); its masks can differ from the ones the "
                   "classifier learnt from", file=sys.stderr)
@@ -741,14 +770,7 @@ def describe_run(kind: str, run_dir: str | Path) -> dict[str, Any]:
         folds = meta.get("folds", 0) if isinstance(meta, dict) else 0
         row["model"] = "U-Nets" + "".join(f", {a}" for a in arms)
 
-        def fold_done(k: int) -> bool:  # its U-Net, and each arm's run on that U-Net
-            try:
-                seg, done = cv_fold_unet(run_dir, k, meta)
-            except BusiError:
-                return False
-            return done and all(cv_fold_classifier(run_dir, k, a, seg)[1] for a in arms)
-
-        complete = sum(fold_done(k) for k in range(folds))
+        complete = cv_folds_done(run_dir, meta, arms) if isinstance(meta, dict) else 0
         row["finished"] = bool(folds) and complete == folds
         row["status"] = (f"finished, {folds} folds" if row["finished"]
                          else f"not finished ({complete} of {folds or '?'} folds done)")

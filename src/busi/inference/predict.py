@@ -33,7 +33,9 @@ from busi.data.loading import IMAGE_EXTENSIONS, MASK_RE, decode, resize_image, t
 from busi.errors import BusiError
 from busi.models.decision import decide, malignancy
 from busi.runs import (
+    CV_DIR,
     atomic_write,
+    latest_cv,
     new_run_dir,
     paired_seg_run,
     read_config,
@@ -283,6 +285,41 @@ class Predictor:
         return mask, x, p
 
 
+LATEST_CV = "latest"  # what the CLI passes for ``--cv`` without a folder
+
+
+def resolve_cv(cv: str, outputs_root: str) -> str:
+    """``--cv``'s folder; without one (:data:`LATEST_CV`) the newest finished CV."""
+    if cv != LATEST_CV:
+        return cv
+    found = latest_cv(outputs_root)
+    if found is None:
+        raise BusiError(f"no finished CV under {Path(outputs_root) / CV_DIR}", where="--cv",
+                        fix="name one (--cv outputs/cv/<run>), or make one: busi cv --config "
+                            "configs/cpu.yaml --folds 5")
+    print(f"busi predict: CV {found} (the latest finished)")
+    return str(found)
+
+
+def default_cv(outputs_root: str) -> str | None:
+    """Without ``--cls-run`` or ``--cv``: the newest finished one-arm CV when it started
+    after the newest finished classifier run -- the recipe's fold models averaged, which
+    beat each fold model alone at another hospital (docs/RESULTS.md) -- else None (that
+    classifier run). Run names start with their start time."""
+    cv = latest_cv(outputs_root, single_arm=True)
+    if cv is None:
+        return None
+    try:
+        cls = resolve_cls_run(None, outputs_root)
+    except BusiError:  # no classifier run: the CV it is
+        cls = None
+    if cls is not None and cv.name[:15] < cls.name[:15]:
+        return None
+    print(f"busi predict: the fold ensemble of CV {cv} (the latest finished model; "
+          "--cls-run for one classifier run)")
+    return str(cv)
+
+
 def predict_command(inputs: list[str], seg_run: str | None = None, cls_run: str | None = None,
                     out: str | None = None, outputs_root: str = "outputs",
                     explain: bool = False, min_confidence: float | None = None,
@@ -307,6 +344,8 @@ def predict_command(inputs: list[str], seg_run: str | None = None, cls_run: str 
     if cv and (seg_run or cls_run):
         raise BusiError("--cv uses the CV's own fold models: --seg-run / --cls-run do not apply",
                         where="--cv", fix="leave out --seg-run and --cls-run")
+    cv = (resolve_cv(cv, outputs_root) if cv else None if cls_run or seg_run
+          else default_cv(outputs_root))
     predictor = Predictor(seg_run, cls_run, outputs_root, sensitivity, cv=cv, arm=arm,
                           presence=presence)
     members = [(str(m.seg), str(m.cls)) for m in getattr(predictor, "members", [])]
