@@ -28,9 +28,14 @@ from pathlib import Path
 import numpy as np
 
 
-def _evaluations(cv: Path, arm: str, k: int, data: str, outputs: str, reuse: bool) -> Path:
-    """The evaluation folder of fold ``k``'s ``arm`` classifier on ``data``."""
-    from busi.runs import cv_fold_classifier, cv_fold_unet, read_json
+def _evaluations(cv: Path, arm: str, k: int, data: str, outputs: str, reuse: bool,
+                 presence: str | None = None) -> Path:
+    """The evaluation folder of fold ``k``'s ``arm`` classifier on ``data``: with ``reuse``
+    an earlier one that has the U-Net scores ``presence`` reads (one made before the U-Net
+    had its presence head does not)."""
+    from busi.evaluation.classification import unet_columns
+    from busi.models.decision import has_scores
+    from busi.runs import PREDICTIONS, cv_fold_classifier, cv_fold_unet, read_json
     from busi.workflows.sites import evaluate_on_data
 
     seg, done = cv_fold_unet(cv, k)
@@ -43,7 +48,8 @@ def _evaluations(cv: Path, arm: str, k: int, data: str, outputs: str, reuse: boo
             f = ev / "evaluation.json"
             if f.is_file():
                 j = read_json(f)
-                if j.get("cls_run") == str(run) and j.get("data") == str(data):
+                if (j.get("cls_run") == str(run) and j.get("data") == str(data)
+                        and has_scores(presence or "argmax", unet_columns(ev / PREDICTIONS))):
                     return ev
     return evaluate_on_data(data, cls_run=str(run), outputs_root=outputs)
 
@@ -69,7 +75,7 @@ def arm_at_site(cv: Path, arm: str, folds: list[int], data: str, outputs: str,
     per_fold, probs, peaks, ops = [], [], [], []
     files = truth = classes = None
     for k in folds:
-        ev = _evaluations(cv, arm, k, data, outputs, reuse)
+        ev = _evaluations(cv, arm, k, data, outputs, reuse, presence)
         rec = read_json(ev / "evaluation.json")
         c = rec["classification"]
         f, t, _, p, cl = read_predictions(ev / PREDICTIONS)

@@ -1584,3 +1584,23 @@ def test_lesion_presence_by_the_unets_encoder_head(work: Path, seg_run: Path, sy
     lesion = (1 - float(row["p_normal"]) + float(row["unet_head"])) / 2 >= op["presence_threshold"]
     assert (row["call"] != "normal") == lesion
     assert row["call"] != "normal" or int(row["lesion_pixels"]) == 0
+    # a classifier run made before its U-Net had the head (no unet_head column) reads the
+    # head's scores of its images from the U-Net run, as a CV's tables do
+    import shutil
+
+    from busi.evaluation.classification import operating_point
+
+    older = out_root / "cls" / "cnn" / f"{cls.name}-older"
+    shutil.copytree(cls, older)
+    for name in ("val_predictions.csv", "predictions.csv"):
+        with open(older / name, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        with open(older / name, "w", newline="") as fh:
+            w = csv.DictWriter(fh, [k for k in rows[0] if k != "unet_head"],
+                               extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+    again = operating_point(older, presence="head_classifier")
+    assert again.presence_threshold == pytest.approx(op["presence_threshold"], abs=1e-6)
+    assert main(["evaluate", str(older), "--presence", "head", "--outputs", str(out_root)]) == 0
+    shutil.rmtree(older)

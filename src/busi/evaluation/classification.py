@@ -278,12 +278,32 @@ def sensitivity_specificity(y_true: np.ndarray, y_pred: np.ndarray,
             "ci95": {"sensitivity": ci.get("malignant"), "specificity": ci.get("benign")}}
 
 
-def unet_columns(path: Path) -> dict[str, np.ndarray | None]:
+def unet_columns(path: Path, seg_run: str | Path | None = None,
+                 ) -> dict[str, np.ndarray | None]:
     """The U-Net's presence scores a predictions file holds: ``unet_max`` and ``unet_head``
-    (models/decision.py, :data:`~busi.models.decision.UNET_SCORE`)."""
+    (models/decision.py, :data:`~busi.models.decision.UNET_SCORE`).
+
+    A file written before its U-Net had a presence head (``scripts/add_presence_head.py``
+    fitted one since) takes the head's scores from ``seg_run``'s ``presence_head.npz`` when
+    that scored every image of the file: the U-Net's own data, never another site's."""
+    from busi.models.presence import head_scores
     from busi.runs import read_column
 
-    return {"max": read_column(path, "unet_max"), "head": read_column(path, "unet_head")}
+    cols = {"max": read_column(path, "unet_max"), "head": read_column(path, "unet_head")}
+    if cols["head"] is None and seg_run is not None and Path(seg_run).is_dir():
+        head = head_scores(Path(seg_run))
+        files = read_predictions(path)[0] if head else []
+        if head and all(f in head for f in files):
+            cols["head"] = np.array([head[f] for f in files])
+    return cols
+
+
+def own_unet(run_dir: Path) -> Path | None:
+    """The U-Net run a classifier run learnt from (its split.json), or None."""
+    from busi.runs import read_split
+
+    seg = read_split(run_dir).get("seg_run")
+    return Path(seg) if isinstance(seg, str) else None
 
 
 def operating_point(run_dir: Path, sensitivity: float | None = None,
@@ -307,7 +327,7 @@ def operating_point(run_dir: Path, sensitivity: float | None = None,
     if not val.is_file():
         return None
     _, y_true, _, probs, classes = read_predictions(val)
-    peak = unet_columns(val)
+    peak = unet_columns(val, own_unet(run_dir))
     kind = presence or (stored.presence if stored else "argmax")
     if not has_scores(kind, peak):
         if presence is not None:  # asked for by name: not silently another decision
@@ -640,7 +660,8 @@ def evaluate_run(run_dir: str | Path, sensitivity: float | None = None,
     op = operating_point(run_dir, sensitivity, presence)
     if op is not None:
         r["clinical"] = at_operating_point(op, y_true, probs, classes,
-                                           unet_columns(run_dir / PREDICTIONS),
+                                           unet_columns(run_dir / PREDICTIONS,
+                                                        own_unet(run_dir)),
                                            groups=groups)
     title = _run_title(run_dir)
     r["title"] = title

@@ -37,7 +37,6 @@ from busi.runs import (
     cv_fold_unet,
     read_json,
     read_predictions,
-    read_split,
     saved_state,
     write_json,
     write_predictions,
@@ -57,7 +56,7 @@ def _fold_decisions(run: Path, test: tuple) -> dict | None:
     operating point's calls, and the validation scores that the choice of score rests on.
     ``test``: the run's predictions.csv as :func:`read_predictions` gave it (read once, by
     :func:`aggregate`). None for a run from before busi wrote val_predictions.csv."""
-    from busi.evaluation.classification import operating_point, unet_columns
+    from busi.evaluation.classification import operating_point, own_unet, unet_columns
     from busi.models.decision import (
         PRESENCE_SCORES,
         choose,
@@ -69,18 +68,10 @@ def _fold_decisions(run: Path, test: tuple) -> dict | None:
     val = run / VAL_PREDICTIONS
     if not val.is_file():
         return None
-    v_files, v_true, _, v_probs, classes = read_predictions(val)
-    v_peak = unet_columns(val)
-    t_files, t_true, _, t_probs, _ = test
-    t_peak = unet_columns(run / PREDICTIONS)
-    if v_peak["head"] is None:  # a classifier older than its U-Net's head (add_presence_head)
-        from busi.models.presence import head_scores
-
-        seg = read_split(run).get("seg_run")
-        head = head_scores(Path(seg)) if seg and Path(seg).is_dir() else None
-        if head is not None and all(f in head for f in [*v_files, *t_files]):
-            v_peak["head"] = np.array([head[f] for f in v_files])
-            t_peak["head"] = np.array([head[f] for f in t_files])
+    _, v_true, _, v_probs, classes = read_predictions(val)
+    v_peak = unet_columns(val, own_unet(run))  # a run older than its U-Net's head: the head's
+    t_peak = unet_columns(run / PREDICTIONS, own_unet(run))  # own scores of its images
+    _, t_true, _, t_probs, _ = test
     own = operating_point(run)
     out: dict = {"own": decide(own, t_probs, classes, t_peak), "own_op": own, "kinds": {},
                  "val_true": v_true, "val_probs": v_probs, "classes": classes,
