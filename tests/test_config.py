@@ -202,8 +202,10 @@ def test_a_key_value_pair_is_checked_like_any_other_value() -> None:
 
 @pytest.mark.parametrize("model, expected", [
     # (weights, mask_mode, learning_rate, epochs, early_stopping_patience)
+    ("efficientnet_lite0", ("data/weights/efficientnet_lite0_notop.npz", "lesion_crop", 1e-4,
+                            20, 6)),                   # the default: ImageNet, lesion crop
     ("mobilenet", ("unet", "channel", 1e-4, 20, 6)),   # fine-tuning a pretrained base
-    ("cnn", ("unet", "multiply", 1e-3, 80, 15)),       # the paper's CNN from scratch
+    ("cnn", ("none", "multiply", 1e-3, 80, 15)),       # the paper's CNN from scratch
     ("vgg19", ("none", "multiply", 1e-4, 60, 10)),     # no ImageNet file offline
 ])
 def test_cpu_yaml_gives_each_classifier_family_its_own_settings(
