@@ -254,8 +254,7 @@ def _add_presence_arg(p: argparse.ArgumentParser) -> None:
                         "(classifier: 1 - p(normal); unet: the U-Net's highest lesion "
                         "probability; both: their mean; head: the U-Net's presence head; "
                         "head_classifier: its mean with 1 - p(normal)) with its threshold chosen "
-                        "on the "
-                        "classifier run's validation images to miss at most "
+                        "on the classifier run's validation images to miss at most "
                         "decision.max_missed_lesions of their lesions (default: the run's own "
                         "decision.presence)")
 

@@ -477,11 +477,12 @@ OPERATING_POINT = "operating_point.json"
 
 def write_predictions(path: Path, files: list[str], labels: np.ndarray, probs: np.ndarray,
                       classes: tuple[str, ...] | list[str],
-                      extra: dict[str, np.ndarray] | None = None) -> None:
+                      unet: dict[str, np.ndarray | None] | None = None) -> None:
     """``file,true,pred,p_<class>...``, written by the csv module: a file name with a comma,
-    a quote or a line break is quoted and escaped, so it reads back as it was. ``extra``
-    columns (e.g. ``unet_max``, what the presence decision reads) follow the probabilities."""
-    extra = extra or {}
+    a quote or a line break is quoted and escaped, so it reads back as it was. ``unet``: the
+    U-Net's presence scores (``{"max": ..., "head": ...}``, what the presence decision
+    reads), each one it has as a ``unet_<key>`` column after the probabilities."""
+    extra = {f"unet_{k}": v for k, v in (unet or {}).items() if v is not None}
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["file", "true", "pred", *[f"p_{c}" for c in classes], *extra])

@@ -69,8 +69,8 @@ def _fold_decisions(run: Path, test: tuple) -> dict | None:
     if not val.is_file():
         return None
     _, v_true, _, v_probs, classes = read_predictions(val)
-    v_peak = unet_columns(val, own_unet(run))  # a run older than its U-Net's head: the head's
-    t_peak = unet_columns(run / PREDICTIONS, own_unet(run))  # own scores of its images
+    seg = own_unet(run)  # a run older than its U-Net's head reads the head's scores there
+    v_peak, t_peak = unet_columns(val, seg), unet_columns(run / PREDICTIONS, seg)
     _, t_true, _, t_probs, _ = test
     own = operating_point(run)
     out: dict = {"own": decide(own, t_probs, classes, t_peak), "own_op": own, "kinds": {},

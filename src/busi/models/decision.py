@@ -35,7 +35,6 @@ PRESENCE_SCORES = ("argmax", "classifier", "unet", "both", "head", "head_classif
 # the ``unet_max`` column) or its encoder's presence head ("head", ``unet_head``;
 # models/presence.py).
 UNET_SCORE = {"unet": "max", "both": "max", "head": "head", "head_classifier": "head"}
-UnetScores = "np.ndarray | dict[str, np.ndarray | None] | None"
 # How the thresholds are chosen (threshold_for_sensitivity). A stored operating point of
 # another rule is chosen again from the run's validation predictions when it is read.
 RULE = "split-conformal rank of the cancers found"

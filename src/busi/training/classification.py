@@ -142,11 +142,6 @@ def classifier_augment(augment: Augment | None) -> Augment | None:
     return apply
 
 
-def _columns(scores: dict) -> dict:
-    """The U-Net's presence scores as predictions-file columns (those it has)."""
-    return {f"unet_{k}": v for k, v in scores.items() if v is not None}
-
-
 def write_operating_point(run_dir: Path, cfg: Config, val_probs: np.ndarray,
                           val_true: list[str], classes: tuple[str, ...] | list[str],
                           val_unet_max: np.ndarray | None) -> None:
@@ -315,9 +310,9 @@ def train_classifier(cfg: Config, *, seg_run: str | None = None, resume: str | N
                               else np.array([stored_head[f] for f in parts[k]]))}
                  for k in ("val", "test")}
     write_predictions(run_dir / PREDICTIONS, parts["test"], ds.labels[idx["test"]],
-                      probs, ds.classes, None if peaks is None else _columns(peaks["test"]))
+                      probs, ds.classes, None if peaks is None else peaks["test"])
     write_predictions(run_dir / VAL_PREDICTIONS, parts["val"], ds.labels[idx["val"]],
-                      val_probs, ds.classes, None if peaks is None else _columns(peaks["val"]))
+                      val_probs, ds.classes, None if peaks is None else peaks["val"])
     write_operating_point(run_dir, cfg, val_probs, [ds.classes[k] for k in ds.labels[idx["val"]]],
                           ds.classes, None if peaks is None else peaks["val"])
     unet = None

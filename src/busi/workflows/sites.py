@@ -263,8 +263,7 @@ def _evaluate_site(site: _Site, cfg, cls: Path | None, seg: Path | None, clf, un
                     "head": (None if head is None
                              else head.score(pooled_features(unets[0], ds.images)))}
         write_predictions(site.out / PREDICTIONS, ds.files, labels, probs_cls, model_classes,
-                          None if peak is None else {f"unet_{k}": v for k, v in peak.items()
-                                                     if v is not None})
+                          peak)
         pred = [model_classes[int(i)] for i in probs_cls.argmax(1)]
         r = compute(ds.files, names, pred, probs_cls, list(model_classes), groups=groups,
                     unit_name=site.unit_name)
