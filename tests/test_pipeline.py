@@ -1574,6 +1574,11 @@ def test_lesion_presence_by_the_unets_encoder_head(work: Path, seg_run: Path, sy
                                                                                0.97))
     assert main(["evaluate", str(cls), "--presence", "head", "--outputs", str(out_root)]) == 0
     assert "a lesion when the U-Net encoder's presence head is >=" in capsys.readouterr().out
+    # at another site: the site's images and the run's own test split (the table's first
+    # row) both decided by the head's score
+    assert main(["evaluate", "--data", str(synth_root), "--cls-run", str(cls), "--presence",
+                 "head_classifier", "--outputs", str(out_root), "--allow-overlap"]) == 0
+    assert "presence head" in capsys.readouterr().out
     # new images: the same U-Net pass gives the head's score, and the call uses it
     image = sorted((synth_root / "normal").glob("*.png"))[0]
     out = work / "head-predict"

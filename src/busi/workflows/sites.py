@@ -326,9 +326,11 @@ def _internal_figures(cls: Path | None, seg: Path | None,
         at_operating_point,
         compute,
         operating_point,
+        own_unet,
         split_groups,
+        unet_columns,
     )
-    from busi.runs import read_column, read_predictions
+    from busi.runs import read_predictions
 
     out: dict = {"classification": None, "dice": None, "n_lesion_images": None}
     if cls is not None and (cls / PREDICTIONS).is_file():
@@ -337,8 +339,10 @@ def _internal_figures(cls: Path | None, seg: Path | None,
         r = compute(files, y_true, y_pred, probs, classes, groups=groups)
         op = operating_point(cls, sensitivity, presence)
         if op is not None:
+            # Both U-Net scores (max and head), as the run's own report reads them: a
+            # head presence kind needs the head's.
             r["clinical"] = at_operating_point(op, y_true, probs, classes,
-                                               read_column(cls / PREDICTIONS, "unet_max"),
+                                               unet_columns(cls / PREDICTIONS, own_unet(cls)),
                                                groups=groups)
         r["n_units"] = len(np.unique(groups)) if groups is not None else len(files)
         r["unit_name"] = "duplicate groups" if groups is not None else "images"
