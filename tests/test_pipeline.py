@@ -1363,6 +1363,26 @@ def test_a_model_file_keras_refuses_or_cannot_read_is_one_clear_error(
     assert not (tmp_path / "e").exists()
 
 
+def test_an_evaluation_that_fails_part_way_leaves_no_folder(
+        cls_run: Path, synth_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A site that fails after the evaluation folder was made (here: its classification)
+    is one clear error, and the half-written folder is gone: outputs/eval/ holds only
+    finished evaluations."""
+    from busi.errors import BusiError
+    from busi.workflows import sites
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise BusiError("this site cannot be evaluated", where="site.csv", fix="none")
+
+    monkeypatch.setattr(sites, "_evaluate_site", broken)
+    out = tmp_path / "ev"
+    assert main(["evaluate", "--data", str(synth_root), "--cls-run", str(cls_run),
+                 "--outputs", str(out), "--allow-overlap"]) == 2
+    assert "this site cannot be evaluated" in capsys.readouterr().err
+    assert list((out / "eval").iterdir()) == [], "a half-written evaluation folder is left"
+
+
 # --------------------------------------------------------------------------- issue 11: outputs
 
 

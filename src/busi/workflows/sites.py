@@ -4,6 +4,7 @@ retraining, each site's intervals resampling its patients.
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -63,7 +64,6 @@ def evaluate_on_data(data: str | Path | list[str | Path], cls_run: str | None = 
     """
     from busi.models.masks import load_unets
     from busi.models.saving import load_model
-    from busi.reporting.report import report_after_run
 
     paths = [data] if isinstance(data, (str, Path)) else list(data)
     if seg_run and not cls_run:  # the U-Net alone
@@ -91,11 +91,28 @@ def evaluate_on_data(data: str | Path | list[str | Path], cls_run: str | None = 
     # the output folder exists: a refused site leaves nothing behind.
     _check_overlap(sites, [r for r in (cls, seg) if r is not None],
                    cfg.split.near_duplicate_distance, allow_overlap)
+    # The runs' own figures (and their operating point, which a --presence the run cannot
+    # serve refuses) before the folder too.
+    internal = _internal_figures(cls, seg, sensitivity, presence)
     out = new_run_dir(Path(outputs_root) / EVAL_DIR)
+    try:
+        return _write_evaluation(out, sites, cfg, cls, seg, clf, unets, internal,
+                                 sensitivity, presence)
+    except BaseException:  # a failure (or Ctrl-C) part-way leaves no half-written evaluation
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _write_evaluation(out: Path, sites: list, cfg, cls: Path | None, seg: Path | None, clf,
+                      unets: list, internal: dict, sensitivity: float | None,
+                      presence: str | None) -> Path:
+    """Every site's evaluation into ``out``, then the side-by-side table and the report."""
+    from busi.reporting.report import report_after_run
+
+    model_classes = tuple(cfg.data.classes)
     for site in sites:
         site.out = out if len(sites) == 1 else out / site.slug
         site.out.mkdir(parents=True, exist_ok=True)
-    internal = _internal_figures(cls, seg, sensitivity, presence)
     names = ", ".join(s.name for s in sites)
     parts = [f"# Evaluation on {names}, {time.strftime('%Y-%m-%d %H:%M')}", "",
              f"Classifier run: {cls or 'none (segmentation only)'}; segmentation run: "
