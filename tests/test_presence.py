@@ -44,6 +44,20 @@ def test_the_head_scores_as_scikit_learn_fitted_it_and_survives_a_round_trip(
     assert not list(tmp_path.glob(".*.tmp.npz"))
 
 
+def test_fitting_the_head_warns_nothing() -> None:
+    """train-seg fits the head on every run: scikit-learn's deprecation warnings about its
+    defaults would be printed to every user, so the fit asks for what it means by name."""
+    import warnings
+
+    rng = np.random.default_rng(2)
+    y = rng.random(80) < 0.6
+    x = rng.normal(size=(80, 4)) + np.outer(y, [1.0, 0, 0, 0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        head = PresenceHead.fit(x, y)
+    assert isinstance(head.c, float) and head.weights.shape == (4,)
+
+
 def test_the_head_refuses_what_it_cannot_use(tmp_path: Path) -> None:
     x = np.zeros((10, 4))
     with pytest.raises(BusiError, match="all lesion scans"):

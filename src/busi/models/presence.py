@@ -79,11 +79,16 @@ class PresenceHead:
                             where="data", fix="train on data with normal scans")
         scaler = StandardScaler().fit(features)
         folds = int(min(5, y.sum(), (~y).sum()))
+        # scikit-learn 1.8+ warns (twice, on every train-seg) unless the L2 penalty and the
+        # new fitted attributes are asked for by name; older releases know neither keyword.
+        modern = ({"l1_ratios": (0.0,), "use_legacy_attributes": False}
+                  if "use_legacy_attributes" in LogisticRegressionCV().get_params() else {})
         lr = LogisticRegressionCV(Cs=list(CS), cv=max(2, folds), scoring="roc_auc",
-                                  max_iter=5000, random_state=seed)
+                                  max_iter=5000, random_state=seed, **modern)
         lr.fit(scaler.transform(features), y)
         return cls(scaler.mean_.astype(np.float64), scaler.scale_.astype(np.float64),
-                   lr.coef_[0].astype(np.float64), float(lr.intercept_[0]), float(lr.C_[0]))
+                   lr.coef_[0].astype(np.float64), float(lr.intercept_[0]),
+                   float(np.ravel(lr.C_)[0]))
 
     def score(self, features: np.ndarray) -> np.ndarray:
         """p(lesion) per image."""
