@@ -91,21 +91,23 @@ def evaluate_on_data(data: str | Path | list[str | Path], cls_run: str | None = 
     # the output folder exists: a refused site leaves nothing behind.
     _check_overlap(sites, [r for r in (cls, seg) if r is not None],
                    cfg.split.near_duplicate_distance, allow_overlap)
-    # The runs' own figures (and their operating point, which a --presence the run cannot
-    # serve refuses) before the folder too.
-    internal = _internal_figures(cls, seg, sensitivity, presence)
+    # The classifier's operating point, chosen once on its validation images (for
+    # --sensitivity / --presence if given; one the run cannot serve is refused here) and
+    # applied unchanged to its own test split and to every site; all before the folder too.
+    from busi.evaluation.classification import operating_point
+
+    op = operating_point(cls, sensitivity, presence) if cls is not None else None
+    internal = _internal_figures(cls, seg, op)
     out = new_run_dir(Path(outputs_root) / EVAL_DIR)
     try:
-        return _write_evaluation(out, sites, cfg, cls, seg, clf, unets, internal,
-                                 sensitivity, presence)
+        return _write_evaluation(out, sites, cfg, cls, seg, clf, unets, internal, op)
     except BaseException:  # a failure (or Ctrl-C) part-way leaves no half-written evaluation
         shutil.rmtree(out, ignore_errors=True)
         raise
 
 
 def _write_evaluation(out: Path, sites: list, cfg, cls: Path | None, seg: Path | None, clf,
-                      unets: list, internal: dict, sensitivity: float | None,
-                      presence: str | None) -> Path:
+                      unets: list, internal: dict, op) -> Path:
     """Every site's evaluation into ``out``, then the side-by-side table and the report."""
     from busi.reporting.report import report_after_run
 
@@ -121,8 +123,7 @@ def _write_evaluation(out: Path, sites: list, cfg, cls: Path | None, seg: Path |
     records = []
     for site in sites:
         print(f"== {site.name} ({site.data})")
-        record, section = _evaluate_site(site, cfg, cls, seg, clf, unets, len(sites) > 1,
-                                         sensitivity, presence)
+        record, section = _evaluate_site(site, cfg, cls, seg, clf, unets, len(sites) > 1, op)
         records.append(record)
         parts += section
     table = _sites_table(internal, records, model_classes)
@@ -190,12 +191,10 @@ def _load_sites(paths: list[str | Path], model_classes: tuple[str, ...], cfg) ->
 
 
 def _evaluate_site(site: _Site, cfg, cls: Path | None, seg: Path | None, clf, unets: list,
-                   several: bool, sensitivity: float | None = None,
-                   presence: str | None = None) -> tuple[dict, list[str]]:
+                   several: bool, op=None) -> tuple[dict, list[str]]:
     """One site's figures and files (into ``site.out``): its record for evaluation.json
-    and its section of evaluation.md. The classifier's operating point is the one chosen
-    on its own validation images (for ``sensitivity`` and ``presence`` if given), applied
-    unchanged."""
+    and its section of evaluation.md. ``op``: the classifier's operating point, chosen on
+    its own validation images, applied unchanged (None: argmax figures only)."""
     from busi.evaluation.classification import (
         PER_IMAGE,
         at_operating_point,
@@ -204,7 +203,6 @@ def _evaluate_site(site: _Site, cfg, cls: Path | None, seg: Path | None, clf, un
         markdown_table,
         missed_lesions,
         model_of,
-        operating_point,
         present_classes_view,
         read_per_image,
         write_per_image,
@@ -284,7 +282,6 @@ def _evaluate_site(site: _Site, cfg, cls: Path | None, seg: Path | None, clf, un
         pred = [model_classes[int(i)] for i in probs_cls.argmax(1)]
         r = compute(ds.files, names, pred, probs_cls, list(model_classes), groups=groups,
                     unit_name=site.unit_name)
-        op = operating_point(cls, sensitivity, presence)
         if op is not None:
             r["clinical"] = at_operating_point(op, names, probs_cls, list(model_classes), peak,
                                                groups=groups)
@@ -334,15 +331,13 @@ def _evaluate_site(site: _Site, cfg, cls: Path | None, seg: Path | None, clf, un
     return record, parts
 
 
-def _internal_figures(cls: Path | None, seg: Path | None,
-                      sensitivity: float | None = None, presence: str | None = None) -> dict:
+def _internal_figures(cls: Path | None, seg: Path | None, op=None) -> dict:
     """The runs' own test-split figures, from their own files: the classifier's
-    predictions.csv (intervals over its split's duplicate groups, as its report) and the
-    U-Net's metrics.json. A figure a run lacks is None."""
+    predictions.csv (intervals over its split's duplicate groups, as its report; at ``op``,
+    its operating point) and the U-Net's metrics.json. A figure a run lacks is None."""
     from busi.evaluation.classification import (
         at_operating_point,
         compute,
-        operating_point,
         own_unet,
         split_groups,
         unet_columns,
@@ -354,7 +349,6 @@ def _internal_figures(cls: Path | None, seg: Path | None,
         files, y_true, y_pred, probs, classes = read_predictions(cls / PREDICTIONS)
         groups = split_groups(cls, files)
         r = compute(files, y_true, y_pred, probs, classes, groups=groups)
-        op = operating_point(cls, sensitivity, presence)
         if op is not None:
             # Both U-Net scores (max and head), as the run's own report reads them: a
             # head presence kind needs the head's.
