@@ -557,10 +557,59 @@ def test_evaluate_puts_two_unets_side_by_side_with_a_paired_difference(
     assert (f"Paired, on the {len(shared)} lesion images both were tested on: lesion Dice of "
             f"{seg_run.name} (" in text and f"minus {other_seg_run.name} (" in text)
     assert f"= {diff:+.3f} (95% CI " in text
-    capsys.readouterr()
-    assert main(["evaluate", "--data", str(work), "--seg-run", str(seg_run),
-                 "--seg-run", str(other_seg_run), "--outputs", str(tmp_path)]) == 2
-    assert "one --seg-run" in capsys.readouterr().err
+
+
+def test_evaluate_puts_two_unets_side_by_side_at_another_site(
+        seg_run: Path, other_seg_run: Path, cls_run: Path, unseen_root: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """busi issue 27: the paper's from-scratch U-Net beside cpu.yaml's at a second hospital.
+    Each U-Net measured alone in its own folder, each image's figures written, then one
+    table with the paired Dice difference over the same lesion images, every interval
+    resampling the site's patients."""
+    manifest = _site_manifest(unseen_root, tmp_path / "site.csv", patients=4)
+    assert main(["evaluate", "--data", str(manifest), "--seg-run", str(seg_run),
+                 "--seg-run", str(other_seg_run), "--outputs", str(tmp_path / "o")]) == 0
+    printed = capsys.readouterr().out
+    (out,) = (tmp_path / "o" / "eval").iterdir()
+    scores, dice = [], []
+    for s in (seg_run, other_seg_run):
+        summary = json.loads((out / s.name / "segmentation.json").read_text())
+        sc = json.loads((out / s.name / "segmentation_scores.json").read_text())
+        assert len(sc) == 18 and sum(v["lesion_px"] > 0 for v in sc.values()) == 12
+        lesion = [v["dice"] for v in sc.values() if v["lesion_px"] > 0]
+        assert summary["lesion_images"]["dice"]["mean"] == pytest.approx(np.mean(lesion))
+        assert summary["intervals"]["unit_name"] == "patients"
+        scores.append(sc)
+        dice.append(summary["lesion_images"]["dice"]["mean"])
+    report = (out / "evaluation.md").read_text()
+    for s, d in zip((seg_run, other_seg_run), dice, strict=True):
+        (row,) = [ln for ln in report.splitlines() if ln.startswith(f"| {s.name} (")]
+        assert f"| 18 | {d:.3f} (" in row, row
+        assert f"## site.csv: U-Net {s.name}" in report.replace(f"{tmp_path.name}/", "")
+    shared = [f for f in scores[0] if scores[0][f]["lesion_px"] > 0]
+    diff = np.mean([scores[0][f]["dice"] - scores[1][f]["dice"] for f in shared])
+    said = (f"Paired, on the same 12 lesion images: lesion Dice of {seg_run.name} (")
+    assert said in report and said in printed
+    assert f"= {diff:+.3f} (95% CI " in report and "95% intervals resample patients." in report
+    record = json.loads((out / "evaluation.json").read_text())
+    assert record["seg_runs"] == [str(seg_run), str(other_seg_run)]
+    assert [r["seg_run"] for r in record["sites"][0]["unets"]] == record["seg_runs"]
+    assert (out / "report.html").is_file()
+    # a classifier with two U-Nets at a site is one clear error, as is one U-Net named twice
+    for argv, words in ((["--cls-run", str(cls_run), "--seg-run", str(other_seg_run)],
+                         "one --seg-run segments the images"),
+                        (["--seg-run", str(seg_run)], "named twice")):
+        assert main(["evaluate", "--data", str(manifest), "--seg-run", str(seg_run), *argv,
+                     "--outputs", str(tmp_path / "bad")]) == 2
+        assert words in capsys.readouterr().err
+    # U-Nets of two image sizes: no paired Dice, one clear error, no folder
+    other = _copy_run(other_seg_run, tmp_path / "runs" / "seg" / "64px")
+    (other / "config.yaml").write_text((other / "config.yaml").read_text().replace(
+        "- 32\n- 32", "- 64\n- 64").replace("[32, 32]", "[64, 64]"))
+    assert main(["evaluate", "--data", str(manifest), "--seg-run", str(seg_run),
+                 "--seg-run", str(other), "--outputs", str(tmp_path / "bad")]) == 2
+    assert "read images differently" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_evaluate_compares_unets_before_any_classifier_exists(

@@ -261,15 +261,19 @@ def _add_presence_arg(p: argparse.ArgumentParser) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from busi.workflows.evaluate import evaluate_command
-    from busi.workflows.sites import evaluate_on_data
+    from busi.workflows.sites import evaluate_on_data, unets_on_data
 
     seg_runs = args.seg_run or []
     if args.data:
-        if len(seg_runs) > 1:
-            raise BusiError("with --data, one --seg-run segments the images",
+        if len(seg_runs) > 1 and (args.cls_run or args.runs):
+            raise BusiError("with --data and a classifier, one --seg-run segments the images",
                             fix="give --seg-run once (or leave it out for the classifier's own "
-                                "U-Net); several U-Nets side by side is `busi evaluate "
-                                "--seg-run A --seg-run B` on their own test split")
+                                "U-Net); several U-Nets side by side at a site is `busi evaluate "
+                                "--data SITE --seg-run A --seg-run B`, without a classifier")
+        if len(seg_runs) > 1:
+            unets_on_data(args.data, seg_runs, outputs_root=args.outputs,
+                          allow_overlap=args.allow_overlap)
+            return 0
         if args.runs:
             raise BusiError("with --data, name the classifier with --cls-run, not as a run folder",
                             fix="busi evaluate " + " ".join(f"--data {d}" for d in args.data)
@@ -434,6 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
             # image,mask,label[,patient]; 95% intervals resample its patients, not images):
             busi evaluate --data other_site.csv --cls-run outputs/cls/cnn/B   # + its own U-Net
             busi evaluate --data other_site.csv --seg-run outputs/seg/A       # the U-Net only
+            # two U-Nets side by side there, paired Dice difference over its patients:
+            busi evaluate --data other_site.csv --seg-run outputs/seg/A --seg-run outputs/seg/B
             # several sites side by side, with the run's own test figures as the first row:
             busi evaluate --data site_a.csv --data site_b/ --cls-run outputs/cls/cnn/B
         """))
@@ -442,7 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also report this U-Net's Dice/IoU/HD95 (repeat it: U-Nets side by "
                         "side, each on its own test split); with --data, the U-Net that "
                         "segments the images (default: the classifier's own), and without "
-                        "--cls-run the U-Net alone is measured (no classifier)")
+                        "--cls-run the U-Net alone is measured (no classifier; repeated: "
+                        "U-Nets side by side at that site)")
     p.add_argument("--data", metavar="PATH", action="append",
                    help="evaluate trained runs on this data (BUSI-layout folder, or CSV manifest "
                         "with columns image,mask,label and optionally patient) instead of their "

@@ -185,7 +185,8 @@ def fmt_stat(stat: dict) -> str:
 
 
 def unets_side_by_side(names: list[str], metrics: list[dict], scores: list[dict[str, dict]],
-                       lesion: dict[str, bool], groups: dict[str, object] | None = None
+                       lesion: dict[str, bool], groups: dict[str, object] | None = None,
+                       unit_name: str = "duplicate groups", images: str = "test images"
                        ) -> list[str]:
     """U-Net runs side by side on their test splits (Markdown lines): lesion Dice and IoU with
     95% intervals, HD95 both ways, missed lesions, normal scans predicted empty, training
@@ -195,11 +196,13 @@ def unets_side_by_side(names: list[str], metrics: list[dict], scores: list[dict[
     ``metrics`` are the runs' metrics.json, ``scores`` their test_scores.json (per file:
     dice, iou, hd95); ``lesion`` says which files have a lesion. ``groups`` maps a file to
     its duplicate group so an interval resamples groups, not images (None: images; a file
-    it lacks is a unit of its own). Paired, because two models on the same images differ
-    far less in their difference than two separate intervals suggest: the hard images are
-    hard for both. Runs tested on partly different images (another seed, another fold)
-    are paired on the images they share, and the lines say how many those are; runs that
-    share none get no paired figure, and a line says so.
+    it lacks is a unit of its own); ``unit_name`` names those groups (at another site:
+    "patients"), ``images`` the images column ("test images" on the runs' own split).
+    Paired, because two models on the same images differ far less in their difference than
+    two separate intervals suggest: the hard images are hard for both. Runs tested on
+    partly different images (another seed, another fold) are paired on the images they
+    share, and the lines say how many those are; runs that share none get no paired
+    figure, and a line says so.
     """
 
     def values(s: dict[str, dict], key: str, files: list[str]) -> np.ndarray:
@@ -216,7 +219,7 @@ def unets_side_by_side(names: list[str], metrics: list[dict], scores: list[dict[
             return "n/a"
         return f"{mean:.3f}" + ("" if ci is None else f" ({ci[0]:.3f}-{ci[1]:.3f})")
 
-    lines = ["| U-Net run | test images | lesion Dice (95% CI) | IoU (95% CI) | HD95, misses "
+    lines = [f"| U-Net run | {images} | lesion Dice (95% CI) | IoU (95% CI) | HD95, misses "
              "counted (px) | HD95, detected (px) | missed lesions | normal scans predicted "
              "empty | training time |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, m, s in zip(names, metrics, scores, strict=True):
@@ -253,7 +256,7 @@ def unets_side_by_side(names: list[str], metrics: list[dict], scores: list[dict[
         lines += ["", said + f"Paired, on {on}: lesion Dice of {first} "
                              f"minus {name} = {float(np.mean(diff)):+.3f}"
                   + ("" if ci is None else f" (95% CI {ci[0]:+.3f} to {ci[1]:+.3f})")
-                  + f"; 95% intervals resample {'duplicate groups' if groups else 'images'}."]
+                  + f"; 95% intervals resample {unit_name if groups else 'images'}."]
     return lines
 
 

@@ -522,7 +522,8 @@ def _eval_blocks(run: Path, when: str) -> tuple[str, list[Block]]:
     blocks: list[Block] = [("md", f"Report written {when}; folder `{run}`."),
                            ("md", (run / "evaluation.md").read_text())]
     for png in sorted(run.rglob("*.png")):
-        blocks.append(("img", png, png.stem))
+        # the path, not the stem: U-Nets side by side have one gallery name in each folder
+        blocks.append(("img", png, str(png.relative_to(run).with_suffix(""))))
     return title, blocks
 
 

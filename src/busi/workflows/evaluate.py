@@ -88,7 +88,7 @@ def evaluate_command(runs: list[str] | None = None, seg_runs: list[str] | None =
     return out
 
 
-def _unet_said(seg: Path) -> str:
+def unet_said(seg: Path) -> str:
     """A U-Net run's design in a few words, e.g. 'plain encoder, base 64, mse, lr 5e-05'."""
     try:
         cfg = read_config(seg)
@@ -126,6 +126,6 @@ def _unets_table(segs: list[Path]) -> list[str]:
             manifest = str(Path(read_split(s)["manifest"]).resolve())
             groups.update((f, f"{manifest}#{g}") for f, g in zip(files, found.tolist(),
                                                                  strict=True))
-    return unets_side_by_side([f"{s.name} ({_unet_said(s)})" for s in segs],
+    return unets_side_by_side([f"{s.name} ({unet_said(s)})" for s in segs],
                               [read_json(s / "metrics.json") for s in segs], scores, lesion,
                               groups or None)

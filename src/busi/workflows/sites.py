@@ -143,7 +143,121 @@ def _write_evaluation(out: Path, sites: list, cfg, cls: Path | None, seg: Path |
     return out
 
 
+def unets_on_data(data: str | Path | list[str | Path], seg_runs: list[str],
+                  outputs_root: str = "outputs", allow_overlap: bool = False) -> Path:
+    """``busi evaluate --data SITE --seg-run A --seg-run B``: U-Nets side by side on another
+    site's images, segmentation only -- e.g. the paper's U-Net trained from scratch beside
+    cpu.yaml's pretrained encoder, at a hospital neither saw.
+
+    Each U-Net is measured as ``evaluate_on_data`` measures one (its own stored mask rule,
+    its folder of files), then one table per site puts them side by side with the paired
+    difference in lesion Dice of the first against each other one: on the same images,
+    the hard scans are hard for both, so the difference is far surer than two separate
+    intervals suggest. Every interval resamples the site's patients. The U-Nets must read
+    images alike (one image size, one class list): Dice on two pixel grids is not one
+    measurement.
+    """
+    from busi.models.masks import load_unets
+    from busi.workflows.evaluate import unet_said
+
+    paths = [data] if isinstance(data, (str, Path)) else list(data)
+    segs = [resolve_seg_run(r, outputs_root) for r in seg_runs]
+    if len({s.resolve() for s in segs}) < len(segs):
+        raise BusiError("one U-Net run is named twice by --seg-run",
+                        fix="give each --seg-run another run folder")
+    cfgs = [read_config(s) for s in segs]
+    reads = {(tuple(c.data.image_size), tuple(c.data.classes)) for c in cfgs}
+    if len(reads) > 1:
+        said = "; ".join(f"{s.name}: {'x'.join(map(str, c.data.image_size))}, classes "
+                         f"{', '.join(c.data.classes)}" for s, c in zip(segs, cfgs, strict=True))
+        raise BusiError(f"these U-Nets read images differently ({said}): per-image Dice on "
+                        "two pixel grids or class lists is not one measurement",
+                        fix="compare U-Nets of one data.image_size and data.classes, or "
+                            "measure each alone: busi evaluate --data SITE --seg-run RUN")
+    cfg = cfgs[0]
+    sites = _load_sites(paths, tuple(cfg.data.classes), cfg)  # all read before any file
+    print("busi evaluate: U-Net runs " + ", ".join(f"{s} ({unet_said(s)})" for s in segs)
+          + " side by side (segmentation only: no --cls-run)")
+    unets = [load_unets(s) for s in segs]
+    _check_overlap(sites, segs, cfg.split.near_duplicate_distance, allow_overlap)
+    out = new_run_dir(Path(outputs_root) / EVAL_DIR)
+    try:
+        return _write_unets_evaluation(out, sites, cfgs, segs, unets)
+    except BaseException:  # a failure (or Ctrl-C) part-way leaves no half-written evaluation
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _write_unets_evaluation(out: Path, sites: list[_Site], cfgs: list, segs: list[Path],
+                            unets: list[list]) -> Path:
+    """Each U-Net on each site into ``out/<U-Net run>/[<site>/]``, then per site the table
+    of them side by side, into ``evaluation.md`` / ``evaluation.json`` and the report."""
+    from busi.evaluation.segmentation import unets_side_by_side
+    from busi.reporting.report import report_after_run
+    from busi.workflows.evaluate import unet_said
+
+    folders: list[str] = []
+    for s in segs:  # a folder per U-Net, named after its run (-2 when two share a name)
+        name, k = s.name, 2
+        while name in folders:
+            name, k = f"{s.name}-{k}", k + 1
+        folders.append(name)
+    names = ", ".join(s.name for s in sites)
+    parts = [f"# U-Nets side by side on {names}, {time.strftime('%Y-%m-%d %H:%M')}", "",
+             "Segmentation only (no classifier). U-Net runs: "
+             + "; ".join(f"`{s}` ({unet_said(s)})" for s in segs)
+             + f". {len(sites)} site{'s' if len(sites) > 1 else ''}, "
+             f"{sum(len(s.ds) for s in sites)} images.", ""]
+    sections: list[str] = []
+    records = []
+    for site in sites:
+        runs, scores = [], []
+        for seg, folder, cfg, members in zip(segs, folders, cfgs, unets, strict=True):
+            site.out = out / folder / (site.slug if len(sites) > 1 else "")
+            site.out.mkdir(parents=True, exist_ok=True)
+            print(f"== {site.name} ({site.data}): U-Net {seg.name}")
+            record, section = _evaluate_site(site, cfg, None, seg, None, members,
+                                             len(sites) > 1, None, root=out)
+            sections += [f"## {site.name}: U-Net {seg.name}", *section[1:]]
+            runs.append(record)
+            if record["segmentation"] is not None:
+                scores.append(read_json(site.out / SITE_SCORES))
+        record = {"data": str(site.data), "site": site.name, "unets": runs, "side_by_side": []}
+        if len(scores) == len(segs):
+            files = [str(f) for f in site.ds.files]
+            unit = dict(zip(files, site.groups.tolist(), strict=True))
+            metrics = [{**r["segmentation"], "train_seconds": _train_seconds(seg)}
+                       for r, seg in zip(runs, segs, strict=True)]
+            table = unets_side_by_side(
+                [f"{s.name} ({unet_said(s)})" for s in segs], metrics, scores,
+                {f: v["lesion_px"] > 0 for sc in scores for f, v in sc.items()},
+                {f: unit[f] for f in scores[0]}, unit_name=site.unit_name, images="images")
+            record["side_by_side"] = table
+        else:
+            table = ["No image of this site has a mask to score: no U-Net figures."]
+        print(f"U-Nets side by side on {site.name}:\n" + "\n".join(table))
+        parts += [f"## U-Nets side by side on {site.name}", "",
+                  f"{len(site.ds)} images of {len(np.unique(site.groups))} {site.unit_name}; "
+                  f"95% intervals resample {site.unit_name}: {site.unit_note}.", "", *table, ""]
+        records.append(record)
+    atomic_write(out / "evaluation.md", "\n".join(parts + sections))
+    write_json(out / "evaluation.json", {"data": [str(s.data) for s in sites],
+                                         "seg_runs": [str(s) for s in segs], "sites": records})
+    print(f"reports: {out}/evaluation.md, evaluation.json")
+    report_after_run(out)
+    return out
+
+
+def _train_seconds(seg: Path) -> float | None:
+    """A U-Net run's training time from its metrics.json (None if it has none)."""
+    try:
+        return read_json(seg / "metrics.json").get("train_seconds")
+    except BusiError:
+        return None
+
+
 GALLERY_EACH = 6  # a site's failure gallery: this many wrong calls and this many worst Dice
+SITE_SCORES = "segmentation_scores.json"  # each scored image's Dice, IoU, HD95 at the site
 
 
 class _Site:
@@ -191,10 +305,12 @@ def _load_sites(paths: list[str | Path], model_classes: tuple[str, ...], cfg) ->
 
 
 def _evaluate_site(site: _Site, cfg, cls: Path | None, seg: Path | None, clf, unets: list,
-                   several: bool, op=None) -> tuple[dict, list[str]]:
+                   several: bool, op=None, root: Path | None = None) -> tuple[dict, list[str]]:
     """One site's figures and files (into ``site.out``): its record for evaluation.json
     and its section of evaluation.md. ``op``: the classifier's operating point, chosen on
-    its own validation images, applied unchanged (None: argmax figures only)."""
+    its own validation images, applied unchanged (None: argmax figures only). ``root``:
+    the folder of that evaluation.md, which the section's file paths are relative to
+    (default: the evaluation folder, ``site.out`` or the one above it)."""
     from busi.evaluation.classification import (
         PER_IMAGE,
         at_operating_point,
@@ -221,8 +337,8 @@ def _evaluate_site(site: _Site, cfg, cls: Path | None, seg: Path | None, clf, un
     ds, names, labels, groups = site.ds, site.names, site.labels, site.groups
     model_classes = tuple(cfg.data.classes)
     n_units = len(np.unique(groups))
-    root = site.out.parent if several else site.out  # paths in evaluation.md are under it
-    where = f" Files: `{site.slug}/`." if several else ""
+    root = root or (site.out.parent if several else site.out)  # evaluation.md's folder
+    where = f" Files: `{site.out.relative_to(root)}/`." if site.out != root else ""
     counts = ", ".join(f"{k} {names.count(k)}" for k in model_classes if k in names)
     parts = [f"## {site.name}", "",
              f"Data `{site.data}`: {len(ds)} images ({counts}) of {n_units} {site.unit_name}. "
@@ -256,6 +372,14 @@ def _evaluate_site(site: _Site, cfg, cls: Path | None, seg: Path | None, clf, un
                             "intervals": patient_intervals(scores, groups[scored],
                                                            site.unit_name)})
             write_json(site.out / "segmentation.json", summary)
+            # Each image's figures, as a U-Net run's test_scores.json: U-Nets side by side
+            # pair them by file, and a reader finds the scans a U-Net fails on.
+            at = np.flatnonzero(scored)
+            write_json(site.out / SITE_SCORES, {
+                ds.files[i]: {**{m: float(scores[m][k]) for m in ("dice", "iou", "hd95")},
+                              "lesion_px": int((ds.masks[i] > 0).sum()),
+                              "predicted_px": int((predicted[i] > 0.5).sum())}
+                for k, i in enumerate(at)})
             record["segmentation"] = summary
             print(segmentation_text(summary))
             parts += [segmentation_markdown(summary).replace(f"# Segmentation on {site.data}",
