@@ -28,7 +28,6 @@ one exists) and prints the table.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -119,7 +118,9 @@ def table(folds: list[dict], max_missed: float) -> tuple[list[str], list[dict]]:
         val_auc, test_s, test_y, called = [], [], [], []
         for f in folds:
             sv, st = f["scores"][name]
-            val_auc.append(roc_auc_score(f["val"], sv))
+            # a validation part with scans of one kind only (small data) has no AUC
+            val_auc.append(float(roc_auc_score(f["val"], sv)) if len(np.unique(f["val"])) > 1
+                           else float("nan"))
             thr = threshold_for_sensitivity(sv, f["val"], 1.0 - max_missed)
             test_s.append(st)
             test_y.append(f["test"])
@@ -131,7 +132,10 @@ def table(folds: list[dict], max_missed: float) -> tuple[list[str], list[dict]]:
                "lesion_missed": int((~c[y]).sum()), "lesion_scans": int(y.sum())}
         records.append(rec)
         empty, missed = (~c[~y]).mean(), (~c[y]).mean()
-        rows.append(f"| {name} | {np.mean(val_auc):.3f} ({min(val_auc):.3f}-{max(val_auc):.3f}) "
+        ok = [a for a in val_auc if np.isfinite(a)]
+        val = (f"{np.mean(ok):.3f} ({min(ok):.3f}-{max(ok):.3f})" if ok else "n/a") + (
+            f", {len(ok)} of {len(val_auc)} folds" if len(ok) < len(val_auc) else "")
+        rows.append(f"| {name} | {val} "
                     f"| {rec['test_auc_pooled']:.3f} | {rec['normal_called_empty']}/"
                     f"{rec['normal_scans']} ({empty:.2f}) | {rec['lesion_missed']}/"
                     f"{rec['lesion_scans']} ({missed:.3f}) |")
@@ -146,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-missed", type=float, default=0.03,
                    help="share of validation lesion scans the threshold may miss (0.03)")
     args = p.parse_args(argv)
-    from busi.runs import read_json
+    from busi.runs import read_json, write_json
 
     meta = read_json(args.cv / "cv.json")
     arms = args.arms.split(",") if args.arms else list(meta.get("models") or [])
@@ -167,8 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     while out.exists() or out.with_suffix(".json").exists():
         i += 1
         out = args.cv / f"presence_probe-{i}.md"
-    out.with_suffix(".json").write_text(json.dumps({"folds": ks, "arms": arms,
-                                                    "rows": records}, indent=1))
+    write_json(out.with_suffix(".json"), {"folds": ks, "arms": arms, "rows": records})
     out.write_text(text)
     print(text + f"\nwritten: {out}")
     return 0

@@ -537,12 +537,32 @@ def test_the_presence_probe_fits_its_heads_on_each_folds_training_images_only(
     for score in ("unet max", "prob-map LR", "encoder head LR", "cnn 1-p(normal)",
                   "head + cnn"):
         assert f"| {score} |" in out
-    saved = json.loads((cv_run / "presence_probe.json").read_text())
+    assert "nan" not in out.lower()
+    saved = json.loads((cv_run / "presence_probe.json").read_text(),  # strict JSON: no NaN
+                       parse_constant=lambda c: pytest.fail(f"{c} in presence_probe.json"))
     assert saved["folds"] == [0, 1, 2] and len(saved["rows"]) == 5
     for row in saved["rows"]:
         assert 0.0 <= row["test_auc_pooled"] <= 1.0
         # every image is in exactly one fold's test part: 12 of each class
         assert (row["normal_scans"], row["lesion_scans"]) == (12, 24)
+
+
+def test_the_presence_probe_leaves_out_a_fold_without_both_kinds_of_validation_scan() -> None:
+    """A small CV's validation part may hold lesion scans only: that fold has no validation
+    AUC; the row averages the others and says how many, instead of printing nan."""
+    from conftest import load_script
+
+    script = load_script("presence_probe")
+    rng = np.random.default_rng(0)
+    y = np.arange(12) < 6
+
+    def fold(val: np.ndarray) -> dict:
+        return {"scores": {"s": (rng.random(len(val)), rng.random(12))}, "val": val, "test": y}
+
+    rows, records = script.table([fold(y), fold(np.ones(8, bool))], 0.03)
+    first = records[0]["val_auc_per_fold"][0]
+    assert rows[0].startswith(f"| s | {first:.3f} ({first:.3f}-{first:.3f}), 1 of 2 folds |")
+    assert np.isnan(records[0]["val_auc_per_fold"][1])
 
 
 def test_the_cv_states_how_long_each_recipe_trained(cv_run: Path) -> None:
