@@ -197,11 +197,8 @@ def _write_unets_evaluation(out: Path, sites: list[_Site], cfgs: list, segs: lis
     from busi.workflows.evaluate import unet_said
 
     folders: list[str] = []
-    for s in segs:  # a folder per U-Net, named after its run (-2 when two share a name)
-        name, k = s.name, 2
-        while name in folders:
-            name, k = f"{s.name}-{k}", k + 1
-        folders.append(name)
+    for s in segs:  # a folder per U-Net, named after its run
+        folders.append(_unique_name(s.name, set(folders)))
     names = ", ".join(s.name for s in sites)
     parts = [f"# U-Nets side by side on {names}, {time.strftime('%Y-%m-%d %H:%M')}", "",
              "Segmentation only (no classifier). U-Net runs: "
@@ -296,12 +293,17 @@ def _load_sites(paths: list[str | Path], model_classes: tuple[str, ...], cfg) ->
         groups, unit_name, unit_note = resampling_groups(str(data), ds,
                                                          cfg.split.near_duplicate_distance)
         site = _Site(Path(data), ds, groups, unit_name, unit_note, model_classes)
-        taken = {s.slug for s in sites}
-        base, k = site.slug, 2
-        while site.slug in taken:
-            site.slug, k = f"{base}-{k}", k + 1
+        site.slug = _unique_name(site.slug, {s.slug for s in sites})
         sites.append(site)
     return sites
+
+
+def _unique_name(base: str, taken: set[str]) -> str:
+    """``base``, or ``base-2``, ``base-3`` ... the first not in ``taken`` (folder names)."""
+    name, k = base, 2
+    while name in taken:
+        name, k = f"{base}-{k}", k + 1
+    return name
 
 
 def _evaluate_site(site: _Site, cfg, cls: Path | None, seg: Path | None, clf, unets: list,
