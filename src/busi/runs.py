@@ -22,6 +22,7 @@ import os
 import re
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -61,6 +62,21 @@ def new_run_dir(parent: str | Path, name: str = "") -> Path:
         except FileExistsError:
             continue
     raise BusiError("could not find a free run folder name", where=str(parent))
+
+
+def unique_name(base: str, taken: Iterable[str], fold_case: bool = False) -> str:
+    """``base``, or ``base-2``, ``base-3`` ... the first not in ``taken``.
+
+    For names of files or folders written side by side in one run folder (a site's,
+    a U-Net's, an image's outputs); ``fold_case`` compares them as a case-insensitive
+    disk would, where X.png and x.png would overwrite each other.
+    """
+    key = str.casefold if fold_case else str
+    seen = {key(t) for t in taken}
+    name, k = base, 2
+    while key(name) in seen:
+        name, k = f"{base}-{k}", k + 1
+    return name
 
 
 def list_runs(parent: str | Path) -> list[Path]:

@@ -40,6 +40,7 @@ from busi.runs import (
     paired_seg_run,
     read_config,
     resolve_cls_run,
+    unique_name,
     write_json,
 )
 
@@ -148,12 +149,9 @@ def _output_stems(images: list[Path]) -> list[str]:
     stems: list[str] = []
     taken: dict[str, Path] = {}
     for path in images:
-        base = stem = path.stem.replace(" ", "_")
-        k = 1
-        while stem.casefold() in taken:
-            k += 1
-            stem = f"{base}-{k}"
-        if k > 1:
+        base = path.stem.replace(" ", "_")
+        stem = unique_name(base, taken, fold_case=True)
+        if stem != base:
             print(f"busi: warning: {path} has the same name as {taken[base.casefold()]}; its "
                   f"outputs are named {stem}_*", file=sys.stderr)
         taken[stem.casefold()] = path

@@ -24,6 +24,7 @@ from busi.runs import (
     read_split,
     resolve_cls_run,
     resolve_seg_run,
+    unique_name,
     write_json,
     write_predictions,
 )
@@ -198,7 +199,7 @@ def _write_unets_evaluation(out: Path, sites: list[_Site], cfgs: list, segs: lis
 
     folders: list[str] = []
     for s in segs:  # a folder per U-Net, named after its run
-        folders.append(_unique_name(s.name, set(folders)))
+        folders.append(unique_name(s.name, folders))
     names = ", ".join(s.name for s in sites)
     parts = [f"# U-Nets side by side on {names}, {time.strftime('%Y-%m-%d %H:%M')}", "",
              "Segmentation only (no classifier). U-Net runs: "
@@ -293,17 +294,9 @@ def _load_sites(paths: list[str | Path], model_classes: tuple[str, ...], cfg) ->
         groups, unit_name, unit_note = resampling_groups(str(data), ds,
                                                          cfg.split.near_duplicate_distance)
         site = _Site(Path(data), ds, groups, unit_name, unit_note, model_classes)
-        site.slug = _unique_name(site.slug, {s.slug for s in sites})
+        site.slug = unique_name(site.slug, {s.slug for s in sites})
         sites.append(site)
     return sites
-
-
-def _unique_name(base: str, taken: set[str]) -> str:
-    """``base``, or ``base-2``, ``base-3`` ... the first not in ``taken`` (folder names)."""
-    name, k = base, 2
-    while name in taken:
-        name, k = f"{base}-{k}", k + 1
-    return name
 
 
 def _evaluate_site(site: _Site, cfg, cls: Path | None, seg: Path | None, clf, unets: list,
