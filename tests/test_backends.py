@@ -64,11 +64,20 @@ def test_demo_pipeline_runs_on_jax_without_tensorflow(tmp_path: Path, models: st
         assert list((run / "gradcam").glob("*.png")), model
 
 
-def test_image_data_generator_without_tensorflow_names_the_extra(tmp_path: Path) -> None:
-    out = busi_without_tensorflow(
-        "demo", "--outputs", str(tmp_path / "d"), "--per-class", "4",
-        "--set", "augmentation.engine=image_data_generator", *sum((["--set", t] for t in TINY),
-                                                                   []))
+@pytest.mark.parametrize("command", ["demo", "train-seg"])
+def test_image_data_generator_without_tensorflow_names_the_extra(
+        tmp_path: Path, synth_root: Path, command: str) -> None:
+    """The paper's engine lives in tf.keras: without TensorFlow it is refused before any data
+    is written or read and before a run folder exists, not at the first training batch."""
+    work = tmp_path / "d"
+    argv = (["demo", "--outputs", str(work), "--per-class", "4"] if command == "demo" else
+            ["train-seg", "--config", "demo", "--data", str(synth_root), "--outputs", str(work),
+             "--set", f"data.cache_dir={tmp_path / 'cache'}",
+             "--set", f"split.manifest_dir={tmp_path / 'splits'}"])
+    out = busi_without_tensorflow(*argv, "--set", "augmentation.engine=image_data_generator",
+                                  *sum((["--set", t] for t in TINY), []))
     assert out.returncode == 2, out.stderr[-2000:]
     assert "busi[tensorflow]" in out.stderr and "augmentation.engine" in out.stderr
     assert "Traceback" not in out.stderr
+    assert not work.exists(), sorted(p.name for p in work.rglob("*"))
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "splits").exists()

@@ -332,7 +332,8 @@ def test_a_small_cnn_beats_chance_on_synthetic_images(tmp_path: Path) -> None:
 
     root = tmp_path / "data"
     write_dataset(root, SynthSpec(per_class=40, seed=3, height=96, width=128))
-    ds = load_dataset(root, size=(64, 64), cache_dir=None)
+    # 48x48 and 25 epochs: 0.77-0.97 over three seeds (64x64, 30 epochs: 0.87-0.90, twice the time).
+    ds = load_dataset(root, size=(48, 48), cache_dir=None)
     rng = np.random.default_rng(0)
     order = rng.permutation(len(ds))
     test, train = order[:30], order[30:]
@@ -341,11 +342,11 @@ def test_a_small_cnn_beats_chance_on_synthetic_images(tmp_path: Path) -> None:
     # Deterministic ops, as the pipeline tests before this one leave the process (TensorFlow
     # cannot turn them off again): the same result alone and inside the whole suite.
     runtime.setup(0, deterministic=True)
-    model = build_classifier("cnn", (64, 64), 3, "none")
+    model = build_classifier("cnn", (48, 48), 3, "none")
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy",
                   metrics=["accuracy"])
     x = ds.images[..., None].astype("float32")
-    model.fit(x[train], ds.labels[train], epochs=30, batch_size=16, verbose=0)
+    model.fit(x[train], ds.labels[train], epochs=25, batch_size=16, verbose=0)
     accuracy = float(np.mean(model.predict(x[test], verbose=0).argmax(1) == ds.labels[test]))
     # >= 17 of 30 right: guessing (p = 1/3) gets there with probability ~0.5%.
     assert accuracy > 0.55, f"accuracy {accuracy:.2f}; chance is 0.33"

@@ -16,6 +16,7 @@ Both take float32 batches (B, H, W, 1) and return the same shapes.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 
 import numpy as np
@@ -87,16 +88,36 @@ def _random_transform(generator, img_shape: tuple[int, ...], rng: np.random.Gene
             "brightness": None}
 
 
+def _no_tensorflow() -> BusiError:
+    return BusiError("augmentation engine 'image_data_generator' needs TensorFlow, which is "
+                     "not installed", where="augmentation.engine",
+                     fix="pip install 'busi[tensorflow]' (the Keras port of "
+                         "ImageDataGenerator lives in tf.keras), or set "
+                         "augmentation.engine: layers (runs on every backend)")
+
+
+def require_engine(cfg: AugmentationConfig) -> None:
+    """Refuse an engine this installation cannot run, before data is read or a run folder made.
+
+    ImageDataGenerator exists only in tf.keras, so on a JAX-only install the paper's engine
+    fails; found at the first training batch, that left an unusable run folder behind.
+    """
+    if cfg.engine != "image_data_generator":
+        return
+    try:
+        found = importlib.util.find_spec("tensorflow") is not None
+    except ImportError:  # a finder that refuses the module outright
+        found = False
+    if not found:
+        raise _no_tensorflow()
+
+
 def image_data_generator(cfg: AugmentationConfig) -> Augment:
     """The paper's engine: one affine per image, drawn once, applied to image and mask."""
     try:
         from tensorflow.keras.preprocessing.image import ImageDataGenerator
     except ImportError:
-        raise BusiError("augmentation engine 'image_data_generator' needs TensorFlow, which is "
-                        "not installed", where="augmentation.engine",
-                        fix="pip install 'busi[tensorflow]' (the Keras port of "
-                            "ImageDataGenerator lives in tf.keras), or set "
-                            "augmentation.engine: layers (runs on every backend)") from None
+        raise _no_tensorflow() from None
     width, height = _shift(cfg.width_shift_range), _shift(cfg.height_shift_range)
     if _generator_swaps_axes(ImageDataGenerator):
         width, height = height, width

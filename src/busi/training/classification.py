@@ -22,7 +22,7 @@ import numpy as np
 
 from busi import runtime
 from busi.config import ClassifierConfig, Config
-from busi.data.augment import Augment, build_augment
+from busi.data.augment import Augment, build_augment, require_engine
 from busi.data.batches import Batches
 from busi.data.loading import dataset_from_config, original_images
 from busi.data.split import get_manifest, read_manifest
@@ -185,6 +185,7 @@ def train_classifier(cfg: Config, *, seg_run: str | None = None, resume: str | N
                 print(f"busi: warning: --seg-run {seg_run} ignored: a resumed run keeps the "
                       f"segmentation run it started with ({saved or 'none'})", file=sys.stderr)
             seg_run = saved
+    require_engine(cfg.augmentation)
     c = cfg.model.classifier
     fine_epochs = fine_tune_epochs(c)
     frozen = c.freeze_base and c.name != "cnn"

@@ -12,7 +12,7 @@ import numpy as np
 
 from busi import runtime
 from busi.config import Config
-from busi.data.augment import build_augment
+from busi.data.augment import build_augment, require_engine
 from busi.data.batches import Batches
 from busi.data.loading import Dataset, dataset_from_config
 from busi.data.split import _take_groups, image_groups
@@ -226,6 +226,7 @@ def train_segmentation(cfg: Config, *, resume: str | None = None,
     last.keras, history.csv, loss_curve.png, metrics.json/.md, overlays/, and
     masks.npz (the predicted mask of every image, which ``train-cls`` reads).
     """
+    require_engine(cfg.augmentation)  # a resumed run's config is the one passed in
     if resume:  # the run's own config decides the data; nothing is written before the checks
         cfg, run_dir, state = start_run(cfg, SEG_DIR, resume, config_source)
         ds, manifest = load_data(cfg)

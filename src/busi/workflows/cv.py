@@ -175,7 +175,10 @@ def run_cv(cfg: Config, *, folds: int | None = None, models: tuple[str, ...] = (
         cfg = cv_config(cfg, folds)
         arms = wanted
         _check_arms(cfg, arms)
+        from busi.data.augment import require_engine
         from busi.training.loop import load_data
+
+        require_engine(cfg.augmentation)
 
         load_data(cfg)  # missing or bad data, an impossible split: refused before the folder
         cv_dir = new_run_dir(Path(cfg.outputs.root) / CV_DIR, cfg.outputs.run_name)

@@ -14,6 +14,7 @@ def run_demo(workdir: Path = Path("outputs/demo"), per_class: int = 40,
              models: tuple[str, ...] = ("cnn", "vgg19", "mobilenet")) -> Path:
     """``busi demo``: the whole pipeline on synthetic data, so that a newcomer sees every step
     and its outputs in a few minutes on a CPU, with the same functions as a real run."""
+    from busi.data.augment import require_engine
     from busi.data.check import check_dataset, format_report
     from busi.data.synth import SynthSpec, write_dataset
     from busi.training.classification import train_classifier
@@ -26,6 +27,7 @@ def run_demo(workdir: Path = Path("outputs/demo"), per_class: int = 40,
     base = [("data.root", str(data)), ("data.cache_dir", str(workdir / "cache")),
             ("split.manifest_dir", str(workdir / "splits")), ("outputs.root", str(workdir))]
     cfg = load_config(find_config("demo"), [*base, *(overrides or [])])
+    require_engine(cfg.augmentation)  # before the synthetic data is written
     if not data.exists():
         print(f"[1/5] writing {per_class} synthetic images per class to {data}")
         write_dataset(data, SynthSpec(per_class=per_class, seed=cfg.runtime.seed))
