@@ -178,8 +178,7 @@ def run_cv(cfg: Config, *, folds: int | None = None, models: tuple[str, ...] = (
         from busi.data.augment import require_engine
         from busi.training.loop import load_data
 
-        require_engine(cfg.augmentation)
-
+        require_engine(cfg.augmentation)  # an engine this install lacks: also before the folder
         load_data(cfg)  # missing or bad data, an impossible split: refused before the folder
         cv_dir = new_run_dir(Path(cfg.outputs.root) / CV_DIR, cfg.outputs.run_name)
         write_config(cv_dir, cfg)
