@@ -11,7 +11,9 @@ where the KeyError was), and for real with ``pytest -m slow``, shrunk with ``--s
 from __future__ import annotations
 
 import csv
+import json
 import runpy
+import subprocess
 import sys
 from pathlib import Path
 
@@ -130,3 +132,81 @@ def test_patient_split_keeps_each_patient_on_one_side(synth_root: Path, in_tmp: 
         with open(in_tmp / "halves" / f"{part}.csv", newline="") as fh:
             sides.append({r["patient"] for r in csv.DictReader(fh)})
     assert sides[0] and sides[1] and not sides[0] & sides[1]
+
+
+def _run(outputs: Path, kind: str, name: str, *, finished: bool, stamp: str = "20261206-000000",
+         model: str = "") -> Path:
+    """A training run folder as busi leaves it: only state.json matters to the chain."""
+    run = outputs / kind / model / f"{stamp}-{name}"
+    run.mkdir(parents=True)
+    (run / "state.json").write_text(json.dumps({"finished": finished}))
+    return run
+
+
+def _chain_inputs(tmp_path: Path) -> list[str]:
+    (tmp_path / "busi").mkdir()
+    (tmp_path / "mobilenet.weights.h5").touch()
+    return ["--data", str(tmp_path / "busi"),
+            "--mobilenet-weights", str(tmp_path / "mobilenet.weights.h5")]
+
+
+def test_paper_end_to_end_resumes_a_stopped_stage_and_keeps_finished_ones(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The chain outlives a working session: run again, it continues where it stopped."""
+    chain = load_script("paper_end_to_end")
+    out = tmp_path / "outputs"
+    args = [*_chain_inputs(tmp_path), "--outputs", str(out), "--no-cpu", "--dry-run"]
+
+    def planned() -> list[str]:
+        assert chain.main(args) == 0
+        return capsys.readouterr().out.splitlines()
+
+    assert planned()[0].startswith("busi train-seg --config paper_bce_dice --data ")
+    seg = _run(out, "seg", "paper_bce_dice", finished=False)
+    _run(out, "seg", "paper", finished=True, stamp="20261206-010000")  # another config's chain
+    assert planned()[0] == f"busi train-seg --resume {seg}"
+
+    (seg / "state.json").write_text(json.dumps({"finished": True}))
+    mobilenet = _run(out, "cls", "paper_bce_dice", finished=True, model="mobilenet")
+    lines = planned()
+    assert "--model cnn" in lines[0] and f"--seg-run {seg}" in lines[0]
+    assert not any("--model mobilenet" in line for line in lines)
+    evaluations = [line for line in lines if line.startswith("busi evaluate")]
+    assert len(evaluations) == 2 and all(str(mobilenet) in e for e in evaluations)
+    assert "--model vgg19" in lines[-2] and "model.classifier.weights=none" in lines[-2]
+
+
+def test_paper_end_to_end_runs_each_stage_once_in_order_and_stops_at_a_failure(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    chain = load_script("paper_end_to_end")
+    out = tmp_path / "outputs"
+    ran: list[list[str]] = []
+    fail = {"cnn"}
+
+    def fake_busi(cmd: list[str]) -> subprocess.CompletedProcess[str]:
+        ran.append(cmd)
+        if cmd[1] != "evaluate":
+            model = cmd[cmd.index("--model") + 1] if "--model" in cmd else ""
+            if model in fail:
+                return subprocess.CompletedProcess(cmd, 2)
+            kind = "seg" if cmd[1] == "train-seg" else "cls"
+            _run(out, kind, cmd[cmd.index("--name") + 1], finished=True, model=model,
+                 stamp=f"20261206-{len(ran):06d}")
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(chain.subprocess, "run", fake_busi)
+    args = [*_chain_inputs(tmp_path), "--outputs", str(out), "--no-cpu"]
+    assert chain.main([*args, "--site", str(tmp_path / "site.csv")]) == 2  # not there
+    assert ran == []  # refused before the first stage, not hours into the chain
+    (tmp_path / "site.csv").touch()
+    args += ["--site", str(tmp_path / "site.csv")]
+    assert chain.main(args) == 2  # the CNN's exit code: the chain stops there
+    assert [c[1] for c in ran] == ["train-seg", "train-cls", "train-cls"]
+
+    fail.clear()
+    ran.clear()
+    assert chain.main(args) == 0  # again: the U-Net and MobileNet are kept
+    steps = [c[1] if c[1] != "train-cls" else c[c.index("--model") + 1] for c in ran]
+    assert steps == ["cnn", "evaluate", "evaluate", "vgg19", "evaluate"]
+    assert "--data" in ran[1] and "--data" not in ran[2] and "--data" not in ran[4]
+    assert sum(str(a).endswith("-paper_bce_dice") for a in ran[4]) == 4  # 3 classifiers + U-Net
