@@ -90,3 +90,13 @@ def test_rerun_on_another_machine_trains_in_the_recorded_precision(
     import seg_eval
 
     assert seg_eval.main([str(run), "--part", "test"]) == 0
+
+
+def test_a_float32_run_is_told_when_auto_would_train_in_bfloat16(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """paper.yaml pins float32: on a CPU with native bfloat16 that is hours at its width."""
+    machine(monkeypatch, "mixed_bfloat16")
+    assert "--set runtime.precision=auto" in runtime.precision_hint("float32")
+    assert runtime.precision_hint("mixed_bfloat16") == ""  # already fast
+    machine(monkeypatch, "float32")  # bfloat16 emulated: float32 is the fast one
+    assert runtime.precision_hint("float32") == ""

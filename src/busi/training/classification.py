@@ -239,7 +239,8 @@ def train_classifier(cfg: Config, *, seg_run: str | None = None, resume: str | N
     y = keras.utils.to_categorical(ds.labels, len(ds.classes)).astype("float32")
     print(f"busi train-cls: {c.name} run {run_dir}\n  masks: {c.masks} ({c.mask_mode})"
           f"{f' from {seg_path}' if seg_path else ''}; train {len(idx['train'])}, "
-          f"val {len(idx['val'])}, test {len(idx['test'])}; precision {precision}")
+          f"val {len(idx['val'])}, test {len(idx['test'])}; precision {precision}"
+          f"{'' if resume else runtime.precision_hint(precision)}")
 
     t = cfg.training.cls
     with runtime.model_scope():

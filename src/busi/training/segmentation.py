@@ -248,7 +248,7 @@ def train_segmentation(cfg: Config, *, resume: str | None = None,
                           **{k: len(v) for k, v in idx.items()}, **data_record(ds, cfg)})
     print(f"busi train-seg: run {run_dir}\n  data {ds.location}: train {len(idx['train'])}, "
           f"val {len(idx['val'])}, test {len(idx['test'])} (manifest {manifest.path}); "
-          f"precision {precision}")
+          f"precision {precision}{'' if resume else runtime.precision_hint(precision)}")
 
     t = cfg.training.seg
     hint = f"busi train-seg --resume {run_dir}"
