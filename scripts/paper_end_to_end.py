@@ -201,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         while todo := [(c, st) for c, st in plan(args) if c not in done]:
             cmd, stage = todo[0]
             print(f"+ {shlex.join(cmd)}", flush=True)
-            rc = subprocess.run(cmd).returncode
+            # this interpreter's busi, whether or not its venv is on PATH
+            rc = subprocess.run([sys.executable, "-m", "busi.cli", *cmd[1:]]).returncode
             if rc != 0:
                 print(f"stopped: that stage exited {rc}; run this script again to continue",
                       file=sys.stderr)

@@ -183,7 +183,9 @@ def test_paper_end_to_end_runs_each_stage_once_in_order_and_stops_at_a_failure(
     ran: list[list[str]] = []
     fail = {"cnn"}
 
-    def fake_busi(cmd: list[str]) -> subprocess.CompletedProcess[str]:
+    def fake_busi(argv: list[str]) -> subprocess.CompletedProcess[str]:
+        assert argv[:3] == [sys.executable, "-m", "busi.cli"]
+        cmd = ["busi", *argv[3:]]
         ran.append(cmd)
         if cmd[1] != "evaluate":
             model = cmd[cmd.index("--model") + 1] if "--model" in cmd else ""
