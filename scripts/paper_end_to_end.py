@@ -2,7 +2,7 @@
 
     python scripts/paper_end_to_end.py --data D [--config paper_bce_dice]
         [--site bus-uclm-dev/manifest.csv] [--outputs outputs] [--precision auto]
-        [--mobilenet-weights F] [--effnet-weights F] [--no-cpu] [--dry-run]
+        [--mobilenet-weights F] [--effnet-weights F] [--set KEY=VALUE] [--no-cpu] [--dry-run]
 
 The stages, in this order, each a plain ``busi`` command (printed before it runs):
 
@@ -92,7 +92,7 @@ def _run_or_placeholder(stage: Stage, outputs: Path) -> str:
 
 def build_stages(args: argparse.Namespace) -> dict[str, Stage]:
     """The chain's training runs, keyed by what they are, in the order they run."""
-    precision = [f"runtime.precision={args.precision}"]
+    precision = [f"runtime.precision={args.precision}", *args.set]
     name = Path(args.config).stem  # paper_bce_dice, or paper: both can share an outputs root
     useg = Stage("seg", name, args.config, sets=precision)
     stages = {
@@ -144,7 +144,7 @@ def check_inputs(args: argparse.Namespace) -> None:
                       "the EfficientNet-Lite0 ImageNet file (README 'Pretrained weights'), "
                       "or --no-cpu"))
     if args.site:
-        files.append((args.site, "--site", "a CSV manifest (image,mask,label[,patient])"))
+        files.append((args.site, "--site", "a CSV manifest (image,mask,label[,patient]) or folder"))
     for path, flag, what in files:
         if path not in ("imagenet", "none") and not Path(path).exists():
             raise BusiError(f"{path} does not exist", where=flag, fix=f"pass {what}")
@@ -179,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="paper_bce_dice",
                    help="the paper's config, a path or a name in configs/ "
                         "(default: paper_bce_dice; paper for the paper as printed)")
-    p.add_argument("--site", help="a second site's CSV manifest: the U-Nets are measured there")
+    p.add_argument("--site", help="a second site's images (CSV manifest or BUSI-layout folder): "
+                                  "the U-Nets are measured there")
     p.add_argument("--outputs", type=Path, default=Path("outputs"), help="outputs root")
     p.add_argument("--precision", default="auto",
                    help="runtime.precision of new runs (default auto; the configs say float32)")
@@ -188,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
                         "and cpu.yaml's U-Net encoder (README 'Pretrained weights')")
     p.add_argument("--effnet-weights", default="data/weights/efficientnet_lite0_notop.npz",
                    help="EfficientNet-Lite0 ImageNet file: cpu.yaml's classifier")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for every new run, e.g. augmentation.engine=layers "
+                        "where TensorFlow is not installed (repeatable)")
     p.add_argument("--no-cpu", dest="cpu", action="store_false",
                    help="leave out configs/cpu.yaml's U-Net and classifier")
     p.add_argument("--dry-run", action="store_true", help="print the commands still to run")

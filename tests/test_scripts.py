@@ -175,6 +175,10 @@ def test_paper_end_to_end_resumes_a_stopped_stage_and_keeps_finished_ones(
     assert len(evaluations) == 2 and all(str(mobilenet) in e for e in evaluations)
     assert "--model vgg19" in lines[-2] and "model.classifier.weights=none" in lines[-2]
 
+    args += ["--set", "augmentation.engine=layers"]  # e.g. a GPU machine without TensorFlow
+    trainings = [line for line in planned() if line.startswith("busi train-cls --config")]
+    assert len(trainings) == 2 and all("--set augmentation.engine=layers" in t for t in trainings)
+
 
 def test_paper_end_to_end_runs_each_stage_once_in_order_and_stops_at_a_failure(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
