@@ -92,26 +92,26 @@ def _run_or_placeholder(stage: Stage, outputs: Path) -> str:
 
 def build_stages(args: argparse.Namespace) -> dict[str, Stage]:
     """The chain's training runs, keyed by what they are, in the order they run."""
-    precision = [f"runtime.precision={args.precision}", *args.set]
+    every_run = [f"runtime.precision={args.precision}", *args.set]  # new runs only
     name = Path(args.config).stem  # paper_bce_dice, or paper: both can share an outputs root
-    useg = Stage("seg", name, args.config, sets=precision)
+    useg = Stage("seg", name, args.config, sets=every_run)
     stages = {
         "unet": useg,
         "mobilenet": Stage("cls", name, args.config, "mobilenet", useg,
-                           precision + [f"model.classifier.weights={args.mobilenet_weights}"]),
-        "cnn": Stage("cls", name, args.config, "cnn", useg, precision),
+                           every_run + [f"model.classifier.weights={args.mobilenet_weights}"]),
+        "cnn": Stage("cls", name, args.config, "cnn", useg, every_run),
     }
     if args.cpu:
         cpu_config = str(find_config(CPU))
         cseg = Stage("seg", CPU, cpu_config,
-                     sets=precision + [f"model.unet.encoder_weights={args.mobilenet_weights}"])
+                     sets=every_run + [f"model.unet.encoder_weights={args.mobilenet_weights}"])
         family = load_config(cpu_config).model.classifier.name
         stages["cpu_unet"] = cseg
         stages["cpu_classifier"] = Stage(
             "cls", CPU, cpu_config, family, cseg,
-            precision + [f"model.classifier.weights={args.effnet_weights}"])
+            every_run + [f"model.classifier.weights={args.effnet_weights}"])
     stages["vgg19"] = Stage("cls", name, args.config, "vgg19", useg,
-                            precision + ["model.classifier.weights=none"])
+                            every_run + ["model.classifier.weights=none"])
     return stages
 
 
