@@ -8,12 +8,15 @@ The stages, in this order, each a plain ``busi`` command (printed before it runs
 
 1. the config's U-Net (the paper's: 31.0 M parameters, 100 epochs), run name the config's
    (``paper_bce_dice``; ``paper`` for the paper as printed);
-2. its MobileNet (the ImageNet file) and its CNN (150 epochs) on that U-Net's masks;
-3. ``configs/cpu.yaml``'s U-Net and classifier on the same split, run name ``cpu``
-   (``--no-cpu`` leaves them out);
-4. ``busi evaluate``: both U-Nets at a second site (``--site``, segmentation only), then
-   the classifiers and both U-Nets on BUSI's test split, beside the paper's Tables 1-3;
-5. VGG19 from scratch (no ImageNet VGG19 file exists offline; hours on 2 cores, so last),
+2. ``configs/cpu.yaml``'s U-Net on the same split, run name ``cpu`` (``--no-cpu`` leaves
+   it and its classifier out);
+3. ``busi evaluate``: the U-Nets alone, at a second site (``--site``) and side by side on
+   BUSI's test split (paired Dice): minutes, so they come before the classifiers' hours;
+4. the paper's MobileNet (the ImageNet file) and CNN (150 epochs) on the first U-Net's
+   masks, and cpu.yaml's classifier on its U-Net's;
+5. ``busi evaluate``: the classifiers and both U-Nets on BUSI's test split, beside the
+   paper's Tables 1-3;
+6. VGG19 from scratch (no ImageNet VGG19 file exists offline; hours on 2 cores, so last),
    then ``busi evaluate`` again with it.
 
 Why a script: the chain is about 8 h on 2 CPU cores, longer than a working session, and
@@ -65,11 +68,15 @@ class Stage:
         runs = [r for r in list_runs(self.parent(outputs)) if mine.fullmatch(r.name)]
         return runs[-1] if runs else None
 
+    def finished(self, outputs: Path) -> bool:
+        run = self.run(outputs)
+        return run is not None and is_finished(run)
+
     def command(self, outputs: Path, data: str) -> list[str]:
         """What to run now: nothing if finished, ``--resume`` if stopped, else a new run."""
         run = self.run(outputs)
         verb = "train-seg" if self.kind == "seg" else "train-cls"
-        if run is not None and is_finished(run):
+        if self.finished(outputs):
             return []
         if run is not None:
             return ["busi", verb, "--resume", str(run)]
@@ -117,7 +124,11 @@ def build_stages(args: argparse.Namespace) -> dict[str, Stage]:
 
 def evaluate_commands(stages: dict[str, Stage], args: argparse.Namespace,
                       classifiers: list[str], *, site: bool) -> list[list[str]]:
-    """``busi evaluate`` at the second site (U-Nets alone), then on BUSI's test split."""
+    """``busi evaluate`` at the second site (U-Nets alone), then on BUSI's test split.
+
+    With no ``classifiers``, the BUSI evaluation is the U-Nets alone (side by side, paired
+    Dice) while no classifier run of the outputs root has finished.
+    """
     out = args.outputs
     segs = [x for k in ("unet", "cpu_unet") if k in stages
             for x in ("--seg-run", _run_or_placeholder(stages[k], out))]
@@ -160,15 +171,27 @@ def plan(args: argparse.Namespace) -> list[Step]:
     stage's command names the run folder the stage before it made.
     """
     stages = build_stages(args)
-    classifiers = [k for k in stages if k not in ("unet", "cpu_unet", "vgg19")]
-    steps: list[Step] = [(c, st) for k, st in stages.items()
-                         if k != "vgg19" and (c := st.command(args.outputs, args.data))]
-    vgg = stages["vgg19"].command(args.outputs, args.data)
+    out = args.outputs
+    segs = [k for k in ("unet", "cpu_unet") if k in stages]
+    classifiers = [k for k in stages if k not in segs and k != "vgg19"]
+
+    def train(keys: list[str]) -> list[Step]:
+        return [(c, stages[k]) for k in keys if (c := stages[k].command(out, args.data))]
+
+    steps = train(segs)
+    site = True  # the second site's evaluation goes with the first evaluation planned
+    if not any(stages[k].finished(out) for k in [*classifiers, "vgg19"]):
+        # the U-Nets' comparisons take minutes: have them before the classifiers' hours
+        steps += [(c, None) for c in evaluate_commands(stages, args, [], site=True)]
+        site = False
+    steps += train(classifiers)
+    vgg = stages["vgg19"].command(out, args.data)
     if vgg:  # VGG19 takes hours: evaluate the others first
-        steps += [(c, None) for c in evaluate_commands(stages, args, classifiers, site=True)]
+        steps += [(c, None) for c in evaluate_commands(stages, args, classifiers, site=site)]
         steps.append((vgg, stages["vgg19"]))
+        site = False
     steps += [(c, None) for c in
-              evaluate_commands(stages, args, [*classifiers, "vgg19"], site=not vgg)]
+              evaluate_commands(stages, args, [*classifiers, "vgg19"], site=site)]
     return steps
 
 

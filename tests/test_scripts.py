@@ -180,6 +180,25 @@ def test_paper_end_to_end_resumes_a_stopped_stage_and_keeps_finished_ones(
     assert len(trainings) == 2 and all("--set augmentation.engine=layers" in t for t in trainings)
 
 
+def test_paper_end_to_end_compares_the_u_nets_before_the_classifiers_hours(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    chain = load_script("paper_end_to_end")
+    (tmp_path / "effnet.npz").touch()
+    (tmp_path / "site.csv").touch()
+    assert chain.main([*_chain_inputs(tmp_path), "--outputs", str(tmp_path / "outputs"),
+                       "--effnet-weights", str(tmp_path / "effnet.npz"),
+                       "--site", str(tmp_path / "site.csv"), "--dry-run"]) == 0
+    steps = []
+    for line in capsys.readouterr().out.splitlines():
+        cmd = line.split()
+        what = cmd[cmd.index("--model") + 1] if "--model" in cmd else cmd[1]
+        steps.append(what + ("@site" if "--data" in cmd and what == "evaluate" else ""))
+        if what == "train-seg":
+            steps[-1] = cmd[cmd.index("--name") + 1]
+    assert steps == ["paper_bce_dice", "cpu", "evaluate@site", "evaluate", "mobilenet", "cnn",
+                     "efficientnet_lite0", "evaluate", "vgg19", "evaluate"]
+
+
 def test_paper_end_to_end_runs_each_stage_once_in_order_and_stops_at_a_failure(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     chain = load_script("paper_end_to_end")
@@ -207,7 +226,10 @@ def test_paper_end_to_end_runs_each_stage_once_in_order_and_stops_at_a_failure(
     (tmp_path / "site.csv").touch()
     args += ["--site", str(tmp_path / "site.csv")]
     assert chain.main(args) == 2  # the CNN's exit code: the chain stops there
-    assert [c[1] for c in ran] == ["train-seg", "train-cls", "train-cls"]
+    assert [c[1] for c in ran] == ["train-seg", "evaluate", "evaluate", "train-cls", "train-cls"]
+    seg = ran[0][ran[0].index("--name") + 1]
+    assert ran[1][-2:] == ran[2][-2:] and ran[2][-2].startswith("--seg-run")  # the U-Net alone
+    assert "--data" in ran[1] and len(ran[2]) == 6 and ran[2][-1].endswith(f"-{seg}")
 
     fail.clear()
     ran.clear()
