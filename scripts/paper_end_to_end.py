@@ -76,7 +76,7 @@ class Stage:
         """What to run now: nothing if finished, ``--resume`` if stopped, else a new run."""
         run = self.run(outputs)
         verb = "train-seg" if self.kind == "seg" else "train-cls"
-        if self.finished(outputs):
+        if run is not None and is_finished(run):
             return []
         if run is not None:
             return ["busi", verb, "--resume", str(run)]
@@ -126,8 +126,8 @@ def evaluate_commands(stages: dict[str, Stage], args: argparse.Namespace,
                       classifiers: list[str], *, site: bool) -> list[list[str]]:
     """``busi evaluate`` at the second site (U-Nets alone), then on BUSI's test split.
 
-    With no ``classifiers``, the BUSI evaluation is the U-Nets alone (side by side, paired
-    Dice) while no classifier run of the outputs root has finished.
+    With no ``classifiers``, ``busi evaluate`` finds none yet (``plan`` asks for this only
+    before any classifier has finished), so the BUSI evaluation is the U-Nets alone.
     """
     out = args.outputs
     segs = [x for k in ("unet", "cpu_unet") if k in stages
