@@ -330,3 +330,21 @@ def test_the_demo_keeps_an_outputs_folder_with_a_hash_in_its_name(
     assert (cfg.data.root, cfg.outputs.root) == (str(work / "data"), str(work))
     assert (cfg.data.cache_dir, cfg.split.manifest_dir) == (str(work / "cache"),
                                                             str(work / "splits"))
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["evaluate", "--data", "site.csv", "--cls-run", "A", "--cls-run", "B"], "--cls-run"),
+    (["predict", "x.png", "--cls-run", "A", "--cls-run", "B"], "--cls-run"),
+    (["predict", "x.png", "--seg-run", "A", "--seg-run", "B"], "--seg-run")])
+def test_a_run_flag_that_names_one_run_refuses_a_second(
+        argv: list[str], flag: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Beside evaluate's repeatable --seg-run and --data, `--cls-run A --cls-run B` used to
+    evaluate B alone, silently (found running issue 27's three classifiers at BUS-UCLM):
+    now it is exit 2 naming both runs and the fix, before any work."""
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{flag} names one run; it was given twice (A, B)" in err and "Fix: " in err
+    again = [a if a != "B" else "A" for a in argv]  # the same run twice is harmless
+    assert getattr(build_parser().parse_args(again), flag[2:].replace("-", "_")) == "A"

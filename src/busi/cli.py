@@ -53,6 +53,23 @@ class _DeprecatedAlias(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
+class _Once(argparse.Action):
+    """A run flag that names one run: given twice, one clear error instead of argparse's
+    silent "last one wins" -- beside repeatable flags (``--seg-run``, ``--data``) a user
+    who repeats it expects both runs, and would otherwise get a report of one."""
+
+    def __init__(self, option_strings, dest, fix: str = "", **kwargs):
+        self.fix = fix
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        before = getattr(namespace, self.dest, None)
+        if before is not None and before != values:
+            parser.error(f"{option_string} names one run; it was given twice ({before}, "
+                         f"{values}). Fix: {self.fix}")
+        setattr(namespace, self.dest, values)
+
+
 def _add_outputs_arg(p: argparse.ArgumentParser, default: str | None = None,
                      aliases: tuple[str, ...] = ()) -> None:
     """``--outputs DIR``: the one name, on every command, for the outputs root -- where runs
@@ -459,9 +476,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "only --seg-run -> segmentation only; neither -> the newest finished "
                         "classifier. Intervals resample the CSV's patients (without a patient "
                         "column: near-duplicate groups)")
-    p.add_argument("--cls-run", metavar="RUN_DIR",
+    p.add_argument("--cls-run", metavar="RUN_DIR", action=_Once,
+                   fix="run `busi evaluate --data ... --cls-run RUN` once per classifier",
                    help="with --data: the classifier run (default: the newest finished, "
-                        "unless --seg-run alone asks for segmentation only)")
+                        "unless --seg-run alone asks for segmentation only); one per command")
     p.add_argument("--allow-overlap", action="store_true",
                    help="with --data: evaluate a site even though some of its images are the "
                         "runs' own training or validation images (same pixels or pHash near "
@@ -555,9 +573,11 @@ def build_parser() -> argparse.ArgumentParser:
             busi predict scans/ --min-confidence 0.8  # flag calls under 80%
         """))
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
-    p.add_argument("--seg-run", metavar="RUN_DIR",
+    p.add_argument("--seg-run", metavar="RUN_DIR", action=_Once,
+                   fix="give one U-Net; run `busi predict` once per U-Net to compare them",
                    help="U-Net run (default: the one the classifier was trained with)")
-    p.add_argument("--cls-run", metavar="RUN_DIR",
+    p.add_argument("--cls-run", metavar="RUN_DIR", action=_Once,
+                   fix="give one classifier; run `busi predict` once per classifier",
                    help="classifier run (default: the latest finished)")
     p.add_argument("--out", metavar="DIR", help="this exact new or empty folder instead "
                                                 "(default: <outputs>/predict/<timestamp>)")
