@@ -58,7 +58,7 @@ class _Once(argparse.Action):
     silent "last one wins" -- beside repeatable flags (``--seg-run``, ``--data``) a user
     who repeats it expects both runs, and would otherwise get a report of one."""
 
-    def __init__(self, option_strings, dest, fix: str = "", **kwargs):
+    def __init__(self, option_strings, dest, *, fix: str, **kwargs):
         self.fix = fix
         super().__init__(option_strings, dest, **kwargs)
 
